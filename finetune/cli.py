@@ -1,0 +1,100 @@
+"""The `finetune` command: parse arguments, load the pipeline, call the layer that does the work."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+EXIT_CONFIG = 2
+EXIT_DATA = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune pretrained models on your data with Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fine-tune as a pipeline file says")
+    train.add_argument("pipeline", help="pipeline YAML file")
+    train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=3e-5")
+    train.add_argument("--run-dir", help="where results go (default: a new folder under runs/)")
+
+    validate = commands.add_parser("validate", help="check a pipeline file without running it")
+    validate.add_argument("pipeline")
+    validate.add_argument("overrides", nargs="*")
+
+    evaluate = commands.add_parser("evaluate", help="metrics of a run's best model on a split")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
+
+    predict = commands.add_parser("predict", help="labels for texts or image files")
+    predict.add_argument("run_dir")
+    predict.add_argument("inputs", nargs="+", help="texts (text models) or image paths (image models)")
+    return parser
+
+
+def _data_error(error: BaseException):
+    """The DataError behind an exception, also when Ray wrapped it in a task or worker error."""
+    from finetune.data import DataError
+
+    seen = set()
+    stack = [error]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, DataError):
+            return current
+        stack += [current.__cause__, current.__context__]
+        stack += list(getattr(current, "worker_failures", {}).values())
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console()
+    from finetune import config as config_module
+
+    try:
+        if args.command in ("train", "validate"):
+            from finetune.validate import load_pipeline
+
+            cfg = load_pipeline(args.pipeline, args.overrides)
+            if args.command == "validate":
+                console.print(f"{args.pipeline}: valid")
+                return 0
+            from finetune.train.run import default_run_dir, run
+
+            run(cfg, Path(args.run_dir) if args.run_dir else default_run_dir(cfg), console)
+        elif args.command == "evaluate":
+            from finetune.inference import evaluate_run
+
+            console.print_json(json.dumps(evaluate_run(args.run_dir, args.split)))
+        elif args.command == "predict":
+            from finetune.inference import predict
+
+            for row in predict(args.run_dir, args.inputs):
+                console.print(f"{row['label']}\t{row['probability']:.3f}\t{row['input']}")
+    except config_module.ConfigError as error:
+        console.print("[bold red]invalid pipeline:[/]", highlight=False)
+        for problem in error.problems:
+            console.print(f"  - {problem}", highlight=False, markup=False, soft_wrap=True)
+        return EXIT_CONFIG
+    except FileNotFoundError as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        return EXIT_CONFIG
+    except Exception as error:
+        data_error = _data_error(error)
+        if data_error is None:
+            raise
+        console.print(f"[bold red]data error:[/] {data_error}", highlight=False)
+        return EXIT_DATA
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

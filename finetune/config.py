@@ -1,0 +1,278 @@
+"""One typed schema for a pipeline file, YAML loading and `a.b=c` overrides.
+
+A pipeline is validated here, before Ray starts: a wrong key, type or value raises
+one `ConfigError` listing every problem with its dotted key and what is allowed.
+This module is a leaf: it imports nothing else from `finetune`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A pipeline that cannot run; `problems` holds one line per mistake."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class Section(BaseModel):
+    # Unknown keys are mistakes (a typo would otherwise be silently ignored).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: str = Field(
+        description="A builtin dataset (rotten_tomatoes, fashion_mnist) or a path/URI to CSV, "
+        "JSONL or Parquet file(s), or an image folder laid out as root/<class>/*.png|jpg."
+    )
+    format: Literal["auto", "csv", "jsonl", "parquet", "image_folder"] = Field(
+        "auto", description="File format of `source`; auto infers it from the extension."
+    )
+    val_source: str | None = Field(
+        None, description="Explicit validation file(s); when unset, a seeded split of `source`."
+    )
+    test_source: str | None = Field(
+        None, description="Explicit test file(s); when unset, a seeded split of `source`."
+    )
+    text_column: str = Field("text", description="Column holding the input text (text tasks).")
+    image_column: str = Field("image", description="Column holding image bytes or paths (image tasks).")
+    label_column: str = Field("label", description="Column holding the class label.")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of `source` held out for validation.")
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of `source` held out for test.")
+    max_train_samples: int | None = Field(
+        None, gt=0, description="Use at most this many training rows (after the split); unset = all."
+    )
+    max_eval_samples: int | None = Field(
+        None, gt=0, description="Use at most this many validation and test rows each; unset = all."
+    )
+    max_length: int = Field(128, ge=8, le=8192, description="Tokens per text; longer texts are truncated.")
+    image_size: int | None = Field(
+        None, ge=16, le=1024, description="Square side images are resized to; unset = the model's own."
+    )
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"data.val_fraction ({self.val_fraction}) + data.test_fraction ({self.test_fraction}) "
+                "must be below 1 so that training data remains"
+            )
+        return self
+
+
+class ModelConfig(Section):
+    name: str = Field(
+        description="Model to fine-tune: minilm-l6 or efficientnet-lite0 (packaged, offline), "
+        "hf:<hub id or local path> or torchvision:<architecture>."
+    )
+    weights: str | None = Field(
+        None,
+        description="torchvision only: a weights enum name (e.g. IMAGENET1K_V1, needs internet), "
+        "a local weights file, or `none` for random initialisation. Default: the model's default weights.",
+    )
+
+
+class FullStrategyConfig(Section):
+    name: Literal["full"] = Field("full", description="full: every parameter trains.")
+
+
+class OptimConfig(Section):
+    name: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(5e-5, gt=0.0, le=10.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.01, ge=0.0, description="Decoupled (AdamW) or L2 (SGD) weight decay.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+
+
+class ScheduleConfig(Section):
+    name: Literal["constant", "linear", "cosine"] = Field(
+        "linear", description="Learning-rate decay after warmup, to 0 at the last step (constant: none)."
+    )
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of all steps spent in linear warmup.")
+
+
+class LossConfig(Section):
+    name: Literal["cross_entropy"] = Field("cross_entropy", description="Training loss.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Cross-entropy label smoothing.")
+
+
+class TrainConfig(Section):
+    epochs: int = Field(3, ge=1, le=10_000, description="Passes over the training split.")
+    batch_size: int = Field(32, ge=1, description="Samples per optimizer micro-step on each worker.")
+    eval_batch_size: int = Field(64, ge=1, description="Samples per evaluation step on each worker.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="Clip gradients to this global norm; null = off.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Autocast dtype. auto: bf16 where the device supports it (recent CPUs, Ampere+ GPUs), "
+        "else fp32. fp16 needs a GPU.",
+    )
+    seed: int = Field(0, description="Seeds the split, the head initialisation, shuffling and dropout.")
+    torch_threads: int | None = Field(
+        None, ge=1, description="Intra-op threads per worker; unset = the machine's cores / workers on it."
+    )
+    log_every_steps: int = Field(10, ge=1, description="Progress update interval in optimizer steps.")
+
+
+class ScalingConfig(Section):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP processes).")
+    use_gpu: bool = Field(False, description="One GPU per worker (nccl); CPU workers use gloo.")
+    cpus_per_worker: float = Field(
+        0.5,
+        gt=0.0,
+        description="Logical CPUs each worker reserves. Keep some CPUs unreserved: Ray Data needs "
+        "them for preprocessing, and a run whose workers take every CPU hangs.",
+    )
+    gpus_per_worker: float = Field(1.0, gt=0.0, description="GPUs per worker when use_gpu is true.")
+
+
+class CheckpointConfig(Section):
+    metric: Literal["val/accuracy", "val/macro_f1", "val/loss"] = Field(
+        "val/accuracy", description="Validation metric that ranks checkpoints and picks the best."
+    )
+    mode: Literal["max", "min"] | None = Field(
+        None, description="Whether a higher or lower metric is better; unset = min for loss, else max."
+    )
+    num_to_keep: int = Field(2, ge=1, description="Best checkpoints kept in storage.")
+    storage_path: str | None = Field(
+        None, description="Where Ray Train stores checkpoints; unset = <run dir>/ray. Multi-node: shared storage."
+    )
+
+    @model_validator(mode="after")
+    def _mode_matches_metric(self) -> "CheckpointConfig":
+        expected = "min" if self.metric.endswith("loss") else "max"
+        if self.mode is None:
+            self.mode = expected
+        elif self.mode != expected:
+            raise ValueError(
+                f"checkpoint.mode={self.mode} with checkpoint.metric={self.metric}: "
+                f"{self.metric} is better when {'lower' if expected == 'min' else 'higher'}; use mode={expected}"
+            )
+        return self
+
+
+class PipelineConfig(Section):
+    name: str = Field("finetune", description="Names the run folder and the Ray Train run.")
+    data: DataConfig
+    model: ModelConfig
+    strategy: FullStrategyConfig = Field(default_factory=FullStrategyConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _precision_fits_device(self) -> "PipelineConfig":
+        if self.train.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError(
+                "train.precision=fp16 with scaling.use_gpu=false: fp16 autocast needs a GPU; use bf16 or fp32 on CPU"
+            )
+        return self
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set `a.b=c` overrides in a raw YAML mapping; values are parsed as YAML scalars."""
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r}: expected key.sub=value")
+            continue
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                problems.append(f"override {item!r}: {part} is a value, not a section")
+                break
+            node = child
+        else:
+            node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    if problems:
+        raise ConfigError(problems)
+    return raw
+
+
+def describe_errors(error: ValidationError) -> list[str]:
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            problems.append(f"{key}: unknown key")
+        elif item["type"] == "missing":
+            problems.append(f"{key}: required, not set")
+        elif item["type"] == "value_error":
+            message = str(item["ctx"]["error"]) if "ctx" in item else item["msg"]
+            problems.append(f"{key}: {message}" if key else message)
+        else:
+            problems.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+    return problems
+
+
+def _unknown_key_hints(raw: dict[str, Any]) -> dict[str, str]:
+    """For each unknown key, the keys its section does allow."""
+    hints: dict[str, str] = {}
+
+    def walk(model: type[BaseModel], node: Any, prefix: str) -> None:
+        if not isinstance(node, dict):
+            return
+        for key, value in node.items():
+            path = f"{prefix}{key}"
+            field = model.model_fields.get(key)
+            if field is None:
+                hints[path] = ", ".join(model.model_fields)
+                continue
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, value, path + ".")
+
+    walk(PipelineConfig, raw, "")
+    return hints
+
+
+def parse(raw: dict[str, Any]) -> PipelineConfig:
+    """Validate a raw mapping into a `PipelineConfig`, or raise `ConfigError` with every problem."""
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        hints = _unknown_key_hints(raw)
+        problems = [
+            f"{line} (allowed: {hints[line.split(':')[0]]})" if line.endswith("unknown key") else line
+            for line in describe_errors(error)
+        ]
+        raise ConfigError(problems) from None
+
+
+def read_raw(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The pipeline file as a mapping, overrides applied, not yet validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"pipeline file {path} does not exist"])
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError([f"{path} is not valid YAML: {error}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: a pipeline file is a mapping of sections (data, model, train, ...)"])
+    return apply_overrides(raw, overrides or [])
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a pipeline YAML file, apply overrides, validate."""
+    return parse(read_raw(path, overrides))
+
+
+def save(config: PipelineConfig, path: str | Path) -> None:
+    """Write the resolved config (every default filled in) as YAML."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

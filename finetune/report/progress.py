@@ -1,0 +1,72 @@
+"""Live training progress in the terminal (rich): one bar over all steps, a line per epoch."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class TrainingProgress:
+    def __init__(self, console: Console, epochs: int, steps_per_epoch: int):
+        self.console = console
+        self.epochs = epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[speed]} samples/s"),
+            TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = self.progress.add_task(
+            "train", total=epochs * steps_per_epoch, epoch=0, epochs=epochs, loss="-", speed="-"
+        )
+
+    def __enter__(self) -> "TrainingProgress":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def step(self, latest: dict) -> None:
+        done = latest["epoch"] * self.steps_per_epoch + latest["step"]
+        self.progress.update(
+            self.task,
+            completed=done,
+            epoch=latest["epoch"] + 1,
+            loss=f"{latest['loss']:.4f}",
+            speed=f"{latest['samples_per_s']:.1f}",
+        )
+
+    def event(self, kind: str, metrics: dict) -> None:
+        if kind == "baseline":
+            self.console.print(
+                f"baseline (new head only): test accuracy {metrics['baseline_test/accuracy']:.4f}, "
+                f"macro-F1 {metrics['baseline_test/macro_f1']:.4f}"
+            )
+        elif kind == "epoch":
+            self.console.print(
+                f"epoch {metrics['epoch'] + 1}/{self.epochs}: train loss {metrics['train/loss']:.4f}, "
+                f"val accuracy {metrics['val/accuracy']:.4f}, val macro-F1 {metrics['val/macro_f1']:.4f}, "
+                f"val loss {metrics['val/loss']:.4f}, {metrics['train/samples_per_s']:.1f} samples/s"
+            )
+
+
+def summary_table(summary: dict) -> Table:
+    table = Table(title="finetune summary", show_header=True)
+    table.add_column("")
+    table.add_column("before (new head only)", justify="right")
+    table.add_column("after fine-tuning", justify="right")
+    table.add_row("test accuracy", f"{summary['baseline_test_accuracy']:.4f}", f"{summary['test_accuracy']:.4f}")
+    table.add_row("test macro-F1", f"{summary['baseline_test_macro_f1']:.4f}", f"{summary['test_macro_f1']:.4f}")
+    table.add_row("best epoch (val)", "", f"{summary['best_epoch'] + 1} of {summary['epochs']}")
+    table.add_row("train samples/s", "", f"{summary['train_samples_per_s']:.1f}")
+    table.add_row("wall time", "", f"{summary['wall_s']:.0f} s")
+    return table

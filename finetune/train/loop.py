@@ -1,0 +1,170 @@
+"""The Ray Train worker loop: what every DDP worker runs, top to bottom.
+
+  1. build the model and the strategy's param groups, wrap in DDP
+  2. evaluate the untouched model (new head only) on test: the baseline
+  3. per epoch: strategy hook, train on this worker's shard, evaluate on val,
+     report metrics + checkpoint to Ray Train
+  4. evaluate the best epoch's weights on test, report the final metrics
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from finetune import models
+from finetune.config import PipelineConfig
+from finetune.strategies import build_strategy
+from finetune.train import steps
+
+TRAIN_STATE_FILE = "train_state.pt"
+
+
+def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        # gloo reduces float64 on CPU; nccl needs the tensor on the GPU.
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        work = tensor.to(device) if device is not None else tensor
+        dist.all_reduce(work)
+        return work.cpu()
+    return tensor
+
+
+def _evaluate(model, split: str, cfg: PipelineConfig, num_labels, loss_fn, device, precision) -> dict[str, float]:
+    shard = ray.train.get_dataset_shard(split)
+    batches = shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, prefetch_batches=2)
+    # The unwrapped module: evaluation needs no DDP collectives, and ranks may differ in batch count.
+    module = getattr(model, "module", model)
+    counts = steps.evaluate_counts(module, batches, num_labels, loss_fn, device=device, precision=precision)
+    return steps.metrics_from_counts(_all_reduce(counts), num_labels, split)
+
+
+def _threads_per_worker(cfg: PipelineConfig) -> int:
+    if cfg.train.torch_threads:
+        return cfg.train.torch_threads
+    # Ray sets OMP_NUM_THREADS to the worker's (possibly fractional) CPU reservation, which
+    # leaves cores idle; split the node's cores among its workers instead.
+    local_workers = ray.train.get_context().get_local_world_size()
+    return max(1, (os.cpu_count() or 1) // max(local_workers, 1))
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg = PipelineConfig.model_validate(loop_config["pipeline"])
+    label_names: list[str] = loop_config["label_names"]
+    # Optimizer steps per epoch, the same on every rank (equal shards, full batches only).
+    steps_per_epoch: int = loop_config["batches_per_epoch"] // cfg.train.grad_accum_steps
+    image_size: int = loop_config["image_size"]
+    monitor = loop_config.get("monitor")
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+
+    torch.set_num_threads(_threads_per_worker(cfg))
+    torch.manual_seed(cfg.train.seed)  # same new-head init on every rank
+    device = ray.train.torch.get_device()
+    precision = steps.resolve_precision(cfg.train.precision, device)
+
+    # ---- 1. model, strategy, optimizer -------------------------------------------------------
+    model = models.build_model(cfg.model, len(label_names), image_size)
+    preprocessor = models.build_preprocessor(cfg.model, cfg.data)
+    strategy = build_strategy(cfg.strategy)
+    param_groups = strategy.setup(model)
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": strategy.freezes}
+    )
+    optimizer = steps.build_optimizer(param_groups, cfg.optim)
+    total_steps = steps_per_epoch * cfg.train.epochs
+    scheduler = steps.build_scheduler(optimizer, cfg.schedule, total_steps)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    loss_fn = steps.build_loss(cfg.loss)
+    num_labels = len(label_names)
+    module = getattr(model, "module", model)
+
+    start_epoch, best = 0, {"metric": None, "epoch": None, "state": None}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
+        module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best = state["epoch"] + 1, state["best"]
+        if best["state"] is None:
+            best["state"] = state["model"]
+
+    # ---- 2. baseline: the pretrained backbone with its untrained head -----------------------
+    baseline = {}
+    if start_epoch == 0:
+        baseline = _evaluate(model, "test", cfg, num_labels, loss_fn, device, precision)
+        baseline = {f"baseline_{k}": v for k, v in baseline.items()}
+        if monitor and rank == 0:
+            monitor.record.remote("baseline", baseline)
+
+    # ---- 3. epochs -----------------------------------------------------------------------
+    train_shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch, cfg.train.epochs):
+        strategy.on_epoch_start(epoch, module, optimizer)
+        batches = train_shard.iter_torch_batches(
+            batch_size=cfg.train.batch_size,
+            drop_last=True,  # equal step counts on every rank, or DDP waits forever
+            local_shuffle_buffer_size=cfg.train.batch_size * 8,
+            local_shuffle_seed=cfg.train.seed + epoch,
+            prefetch_batches=2,
+        )
+
+        def on_step(step: int, loss: float, stats: steps.EpochStats, epoch=epoch) -> None:
+            if monitor and rank == 0 and (step % cfg.train.log_every_steps == 0 or step == steps_per_epoch):
+                monitor.progress.remote(epoch, step, steps_per_epoch, loss, stats.samples_per_s * world_size)
+
+        stats = steps.train_epoch(
+            model, batches, optimizer, scheduler, loss_fn,
+            device=device, precision=precision, max_steps=steps_per_epoch,
+            grad_accum_steps=cfg.train.grad_accum_steps, max_grad_norm=cfg.train.max_grad_norm,
+            scaler=scaler, on_step=on_step,
+        )  # fmt: skip
+        metrics = {
+            "epoch": epoch,
+            "train/loss": stats.loss,
+            "train/samples": stats.samples * world_size,
+            "train/samples_per_s": stats.samples_per_s * world_size,
+            "train/seconds": stats.seconds,
+            "train/data_wait_fraction": stats.data_wait_seconds / max(stats.seconds, 1e-9),
+            "train/lr": scheduler.get_last_lr()[0],
+            **_evaluate(model, "val", cfg, num_labels, loss_fn, device, precision),
+        }
+        score = metrics[cfg.checkpoint.metric]
+        if best["metric"] is None or (score > best["metric"] if cfg.checkpoint.mode == "max" else score < best["metric"]):
+            best = {"metric": score, "epoch": epoch,
+                    "state": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}}  # fmt: skip
+        metrics["best_epoch"] = best["epoch"]
+        if monitor and rank == 0:
+            monitor.record.remote("epoch", metrics)
+
+        with tempfile.TemporaryDirectory() as directory:
+            ckpt = None
+            if rank == 0:  # one copy of the weights is enough; every rank holds the same
+                models.save_model(module, directory, cfg.model, preprocessor, label_names, image_size)
+                torch.save(
+                    {"model": module.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch,
+                     # the best weights only when they differ from this epoch's (saves a copy)
+                     "best": {**best, "state": best["state"] if best["epoch"] != epoch else None}},
+                    Path(directory) / TRAIN_STATE_FILE,
+                )  # fmt: skip
+                ckpt = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    # ---- 4. test the best epoch's weights ------------------------------------------------
+    if best["state"] is not None:
+        module.load_state_dict(best["state"])
+    final = _evaluate(model, "test", cfg, num_labels, loss_fn, device, precision)
+    final.update(baseline)
+    if monitor and rank == 0:
+        monitor.record.remote("final", final)
+    ray.train.report(final, checkpoint=None)

@@ -1,0 +1,176 @@
+"""`finetune train` on the driver: data, TorchTrainer, live progress, run directory, summary."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+from rich.console import Console
+
+from finetune import config as config_module
+from finetune import models
+from finetune.config import PipelineConfig
+from finetune.data import DataError, build_datasets
+from finetune.report.progress import TrainingProgress, summary_table
+from finetune.train.loop import TRAIN_STATE_FILE, train_loop_per_worker
+from finetune.train.monitor import RunMonitor
+
+
+def default_run_dir(cfg: PipelineConfig, root: str | Path = "runs") -> Path:
+    return Path(root) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def ensure_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (a submitted job), else start an embedded local Ray."""
+    if ray.is_initialized():
+        return
+    # Workers' own logs (model loading, Ray Train internals) stay in Ray's session folder;
+    # the driver shows progress and errors. Worker exceptions still reach the driver.
+    ray.init(log_to_driver=False, logging_level="WARNING", configure_logging=True)
+
+
+def _quiet_ray_data() -> None:
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
+def _best_checkpoint(result: ray.train.Result, cfg: PipelineConfig) -> ray.train.Checkpoint | None:
+    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if cfg.checkpoint.metric in m]
+    if not ranked:
+        return result.checkpoint
+    pick = max if cfg.checkpoint.mode == "max" else min
+    return pick(ranked, key=lambda item: item[1][cfg.checkpoint.metric])[0]
+
+
+def _export_best(checkpoint: ray.train.Checkpoint, destination: Path) -> None:
+    """The best epoch's model, without the optimizer state that only resuming needs."""
+    with checkpoint.as_directory() as directory:
+        shutil.copytree(directory, destination, ignore=shutil.ignore_patterns(TRAIN_STATE_FILE), dirs_exist_ok=True)
+
+
+def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> dict:
+    """Fine-tune as configured; returns the summary also written to RUN_DIR/summary.json."""
+    console = console or Console()
+    started = time.time()
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_module.save(cfg, run_dir / "config.yaml")
+    console.print(f"run directory: {run_dir}")
+
+    ensure_ray()
+    _quiet_ray_data()
+    preprocessor = models.build_preprocessor(cfg.model, cfg.data)
+    datasets = build_datasets(cfg.data, preprocessor, cfg.train.seed)
+    train_rows = datasets.train.count()
+    batches_per_epoch = (train_rows // cfg.scaling.num_workers) // cfg.train.batch_size
+    steps_per_epoch = batches_per_epoch // cfg.train.grad_accum_steps
+    if steps_per_epoch < 1:
+        raise DataError(
+            f"the training split has {train_rows} rows: too few for {cfg.scaling.num_workers} worker(s) x "
+            f"train.batch_size={cfg.train.batch_size} x train.grad_accum_steps={cfg.train.grad_accum_steps}"
+        )
+    console.print(
+        f"{train_rows} training rows, {len(datasets.label_names)} labels, {cfg.scaling.num_workers} worker(s), "
+        f"{steps_per_epoch} steps/epoch"
+    )
+
+    monitor = RunMonitor.remote()
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "pipeline": cfg.model_dump(mode="json"),
+            "label_names": datasets.label_names,
+            "batches_per_epoch": batches_per_epoch,
+            "image_size": models.image_size_for(cfg.data),
+            "monitor": monitor,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_dir.name,
+            storage_path=cfg.checkpoint.storage_path or str(run_dir / "ray"),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.checkpoint.num_to_keep,
+                checkpoint_score_attribute=cfg.checkpoint.metric,
+                checkpoint_score_order=cfg.checkpoint.mode,
+            ),
+        ),
+        datasets=datasets.as_dict(),
+    )
+
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # noqa: BLE001 - re-raised on the main thread
+            outcome["error"] = error
+
+    events: dict[str, dict] = {"epochs": []}
+    with (run_dir / "metrics.jsonl").open("w") as metrics_file, TrainingProgress(
+        console, cfg.train.epochs, steps_per_epoch
+    ) as progress:
+        thread = threading.Thread(target=fit, name="finetune-fit", daemon=True)
+        thread.start()
+        seen = 0
+        while True:
+            finished = not thread.is_alive()
+            latest, new_events = ray.get(monitor.poll.remote(seen))
+            seen += len(new_events)
+            if latest:
+                progress.step(latest)
+            for kind, metrics in new_events:
+                progress.event(kind, metrics)
+                if kind == "epoch":
+                    metrics_file.write(json.dumps(metrics) + "\n")
+                    metrics_file.flush()
+                    events["epochs"].append(metrics)
+                else:
+                    events[kind] = metrics
+            if finished:
+                break
+            thread.join(timeout=0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+
+    best = _best_checkpoint(outcome["result"], cfg)
+    if best is not None:
+        _export_best(best, run_dir / "best")
+    final, epochs = events.get("final", {}), events["epochs"]
+    best_epoch = epochs[-1]["best_epoch"] if epochs else None
+    train_seconds = sum(e["train/seconds"] for e in epochs)
+    summary = {
+        "test_accuracy": final.get("test/accuracy"),
+        "test_macro_f1": final.get("test/macro_f1"),
+        "test_loss": final.get("test/loss"),
+        "test_samples": final.get("test/samples"),
+        "baseline_test_accuracy": final.get("baseline_test/accuracy"),
+        "baseline_test_macro_f1": final.get("baseline_test/macro_f1"),
+        "best_epoch": best_epoch,
+        "best_val_metric": next(
+            ({cfg.checkpoint.metric: e[cfg.checkpoint.metric]} for e in epochs if e["epoch"] == best_epoch), None
+        ),
+        "epochs": cfg.train.epochs,
+        "train_rows": train_rows,
+        "num_workers": cfg.scaling.num_workers,
+        "train_samples_per_s": sum(e["train/samples"] for e in epochs) / train_seconds if train_seconds else None,
+        "wall_s": time.time() - started,
+        "run_dir": str(run_dir),
+        "best_checkpoint": str(run_dir / "best") if best is not None else None,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    console.print(summary_table(summary))
+    console.print(f"best model: {summary['best_checkpoint']}\nrun directory: {run_dir}")
+    return summary

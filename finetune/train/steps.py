@@ -1,0 +1,195 @@
+"""The per-step training code, plain PyTorch: no Ray import, so it runs and is measured
+anywhere (a GPU box without Ray, a benchmark's bare loop) exactly as in a Ray Train worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from finetune.config import LossConfig, OptimConfig, ScheduleConfig
+from finetune.data.preprocess import trim_padding
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` means bf16 where the hardware runs it natively, else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    mkldnn_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return "bf16" if mkldnn_bf16 is not None and mkldnn_bf16() else "fp32"
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def build_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.name]
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+    kwargs = {} if name == "constant_with_warmup" else {"num_training_steps": total_steps}
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, **kwargs)
+
+
+def build_loss(cfg: LossConfig) -> nn.Module:
+    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+
+def split_batch(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Model inputs (padding trimmed) and labels, on the training device."""
+    batch = trim_padding(batch)
+    labels = batch["label"].to(device, non_blocking=True)
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "label"}
+    return inputs, labels
+
+
+@dataclass
+class EpochStats:
+    steps: int = 0  # optimizer steps
+    samples: int = 0
+    loss_sum: float = 0.0
+    seconds: float = 0.0
+    data_wait_seconds: float = 0.0  # time blocked on the next batch
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.steps, 1)
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds else 0.0
+
+
+def _timed(batches: Iterable, stats: EpochStats) -> Iterator:
+    iterator = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        stats.data_wait_seconds += time.perf_counter() - start
+        yield batch
+
+
+def train_epoch(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    loss_fn: nn.Module,
+    *,
+    device: torch.device,
+    precision: str,
+    max_steps: int,
+    grad_accum_steps: int = 1,
+    max_grad_norm: float | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    on_step: Callable[[int, float, EpochStats], None] | None = None,
+) -> EpochStats:
+    """One pass: forward, backward, (accumulate), clip, step. After `max_steps` optimizer steps
+    the remaining batches are drained unused, so every DDP rank takes the same number of
+    collective steps and the data iterator still ends its epoch cleanly."""
+    model.train()
+    stats = EpochStats()
+    start = time.perf_counter()
+    micro = 0
+    window_loss = 0.0
+    for batch in _timed(batches, stats):
+        if stats.steps >= max_steps:
+            continue
+        inputs, labels = split_batch(batch, device)
+        last_micro = (micro + 1) % grad_accum_steps == 0
+        # DDP: gradients are all-reduced only on the micro-step that ends an accumulation window.
+        sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(precision, device):
+                logits = model(**inputs)
+            loss = loss_fn(logits.float(), labels) / grad_accum_steps
+            (scaler.scale(loss) if scaler else loss).backward()
+        window_loss += loss.item()
+        stats.samples += len(labels)
+        micro += 1
+        if not last_micro:
+            continue
+        if scaler:
+            scaler.unscale_(optimizer)
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        stats.steps += 1
+        stats.loss_sum += window_loss
+        window_loss = 0.0
+        stats.seconds = time.perf_counter() - start
+        if on_step:
+            on_step(stats.steps, stats.loss_sum / stats.steps, stats)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+@torch.no_grad()
+def evaluate_counts(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    num_labels: int,
+    loss_fn: nn.Module,
+    *,
+    device: torch.device,
+    precision: str,
+) -> torch.Tensor:
+    """Sums that add up across DDP ranks: [confusion matrix (flattened), loss_sum, count]."""
+    model.eval()
+    confusion = torch.zeros(num_labels, num_labels, dtype=torch.float64)
+    loss_sum, count = 0.0, 0
+    for batch in batches:
+        inputs, labels = split_batch(batch, device)
+        with autocast(precision, device):
+            logits = model(**inputs)
+        loss_sum += loss_fn(logits.float(), labels).item() * len(labels)
+        count += len(labels)
+        predictions = logits.argmax(dim=-1).cpu()
+        confusion += torch.bincount(
+            labels.cpu() * num_labels + predictions, minlength=num_labels * num_labels
+        ).reshape(num_labels, num_labels)
+    return torch.cat([confusion.flatten(), torch.tensor([loss_sum, float(count)], dtype=torch.float64)])
+
+
+def metrics_from_counts(counts: torch.Tensor, num_labels: int, prefix: str) -> dict[str, float]:
+    """accuracy, macro-F1 (over classes present in labels or predictions) and mean loss."""
+    confusion = counts[: num_labels * num_labels].reshape(num_labels, num_labels)
+    loss_sum, count = counts[-2].item(), counts[-1].item()
+    true_positive = confusion.diag()
+    support = confusion.sum(dim=1)
+    predicted = confusion.sum(dim=0)
+    denominator = support + predicted
+    present = denominator > 0
+    f1 = 2 * true_positive[present] / denominator[present]
+    return {
+        f"{prefix}/accuracy": (true_positive.sum() / max(count, 1)).item(),
+        f"{prefix}/macro_f1": f1.mean().item() if present.any() else 0.0,
+        f"{prefix}/loss": loss_sum / max(count, 1),
+        f"{prefix}/samples": int(count),
+    }
