@@ -189,12 +189,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             continue
         node = raw
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
-                problems.append(f"override {item!r}: {part} is a value, not a section")
+                problems.append(f"override {item!r}: {'.'.join(parts[: depth + 1])} is a value, not a section")
                 break
             node = child
         else:

@@ -121,13 +121,13 @@ def _load_rotten_tomatoes(cfg: DataConfig, seed: int) -> Source:
 
 
 def _load_fashion_mnist(cfg: DataConfig, seed: int) -> Source:
-    # The official 10k test set stays the test split; validation comes out of the 60k train set.
+    # The official 10k test set stays the test split (data.test_fraction does not apply);
+    # data.val_fraction of the official 60k train set becomes validation.
     images, labels = _fashion_mnist_split("train")
     index = np.arange(len(labels))
-    val_share = cfg.val_fraction / (1.0 - cfg.test_fraction) if cfg.test_fraction < 1 else 0.0
     splits = {}
     for split in ("train", "val"):
-        mask = split_mask(index, seed, split, val_share, 0.0)
+        mask = split_mask(index, seed, split, cfg.val_fraction, 0.0)
         splits[split] = ray.data.from_arrow(_image_table(images[mask], labels[mask]))
     test_images, test_labels = _fashion_mnist_split("t10k")
     splits["test"] = ray.data.from_arrow(_image_table(test_images, test_labels))

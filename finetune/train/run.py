@@ -27,6 +27,20 @@ def default_run_dir(cfg: PipelineConfig, root: str | Path = "runs") -> Path:
     return Path(root) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
+class ShardingConfig(ray.train.DataConfig):
+    """Training shards are equal (DDP needs the same step count on every rank); validation and
+    test shards keep every row, so metrics cover the whole split whatever the worker count."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        train = {name: ds for name, ds in datasets.items() if name == "train"}
+        shards = super().configure(train, world_size, worker_handles, worker_node_ids, **kwargs)
+        for name, ds in datasets.items():
+            if name != "train":
+                for rank, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                    shards[rank][name] = split
+        return shards
+
+
 def ensure_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (a submitted job), else start an embedded local Ray."""
     if ray.is_initialized():
@@ -108,6 +122,7 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> d
             ),
         ),
         datasets=datasets.as_dict(),
+        dataset_config=ShardingConfig(),
     )
 
     outcome: dict = {}

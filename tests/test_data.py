@@ -1,0 +1,156 @@
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from conftest import sentiment_rows, write_csv, write_jsonl
+from finetune.config import DataConfig
+from finetune.data import DataError, ImagePreprocessor, TextPreprocessor, build_datasets, load_source, trim_padding
+from finetune.data.sources import FASHION_MNIST_DIRS, infer_format
+from finetune.data.splits import split_mask
+
+
+def rows_of(ds) -> list[dict]:
+    return ds.take_all()
+
+
+def texts(source, split) -> set[str]:
+    return {r["text"] for r in rows_of(source.splits[split])}
+
+
+def text_cfg(path, **extra) -> DataConfig:
+    return DataConfig(source=str(path), text_column="review", label_column="sentiment", **extra)
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    keys = [f"row {i}" for i in range(5000)]
+    masks = {s: split_mask(keys, 7, s, 0.1, 0.2) for s in ("train", "val", "test")}
+    assert (masks["train"].astype(int) + masks["val"] + masks["test"] == 1).all()
+    assert abs(masks["test"].mean() - 0.2) < 0.02 and abs(masks["val"].mean() - 0.1) < 0.02
+    assert (split_mask(keys, 7, "test", 0.1, 0.2) == masks["test"]).all()
+    assert (split_mask(keys, 8, "test", 0.1, 0.2) != masks["test"]).any()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_table_files_split_by_seed(ray_session, tmp_path, fmt):
+    rows = sentiment_rows(300)
+    path = tmp_path / f"reviews.{fmt}"
+    if fmt == "csv":
+        write_csv(path, rows)
+    elif fmt == "jsonl":
+        write_jsonl(path, rows)
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    assert infer_format(str(path)) == fmt
+    source = load_source(text_cfg(path, val_fraction=0.2, test_fraction=0.2), seed=3)
+    assert source.kind == "text"
+    assert source.label_names == ["neg", "pos"]
+    parts = {split: texts(source, split) for split in ("train", "val", "test")}
+    assert not (parts["train"] & parts["val"]) and not (parts["train"] & parts["test"]) and not (parts["val"] & parts["test"])
+    assert set().union(*parts.values()) == {r["review"] for r in rows}
+    assert 30 < len(parts["test"]) < 90
+    again = load_source(text_cfg(path, val_fraction=0.2, test_fraction=0.2), seed=3)
+    assert texts(again, "test") == parts["test"]
+    label_of = {r["review"]: r["sentiment"] for r in rows}
+    for row in rows_of(source.splits["val"]):
+        assert source.label_names[row["label"]] == label_of[row["text"]]
+
+
+def test_explicit_val_and_test_files(ray_session, tmp_path):
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(100, seed=1))
+    val = write_csv(tmp_path / "val.csv", sentiment_rows(20, seed=2))
+    test = write_csv(tmp_path / "test.csv", sentiment_rows(30, seed=3))
+    source = load_source(text_cfg(train, val_source=str(val), test_source=str(test)), seed=0)
+    assert source.splits["train"].count() == 100
+    assert source.splits["val"].count() == 20
+    assert source.splits["test"].count() == 30
+
+
+def test_missing_column_names_the_file_and_columns(ray_session, sentiment_csv):
+    with pytest.raises(DataError, match=r"reviews.csv: column 'body' not found; its columns are review, sentiment"):
+        load_source(DataConfig(source=str(sentiment_csv), text_column="body", label_column="sentiment"), seed=0)
+
+
+def test_unknown_label_in_test_file_is_a_data_error(ray_session, tmp_path):
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(40))
+    test = write_csv(tmp_path / "test.csv", [{"review": "good film", "sentiment": "meh"}])
+    source = load_source(text_cfg(train, test_source=str(test)), seed=0)
+    with pytest.raises(Exception) as error:
+        source.splits["test"].take_all()
+    assert "label 'meh' is not one of the training labels ['neg', 'pos']" in str(error.value)
+
+
+def test_empty_labels_are_refused(ray_session, tmp_path):
+    path = write_csv(tmp_path / "train.csv", [{"review": "good", "sentiment": "pos"}, {"review": "bad", "sentiment": ""}])
+    with pytest.raises(DataError, match="label column has empty values"):
+        load_source(text_cfg(path), seed=0)
+
+
+def test_numeric_labels_sort_as_numbers(ray_session, tmp_path):
+    rows = [{"review": f"text {i}", "sentiment": [2, 10, 1][i % 3]} for i in range(30)]
+    source = load_source(text_cfg(write_csv(tmp_path / "n.csv", rows)), seed=0)
+    assert source.label_names == ["1", "2", "10"]
+
+
+def test_image_folder(ray_session, tmp_path):
+    root = tmp_path / "images"
+    for name, color in (("cat", (200, 30, 30)), ("dog", (30, 30, 200))):
+        (root / name).mkdir(parents=True)
+        for i in range(12):
+            Image.new("RGB", (20 + i, 16), color).save(root / name / f"{i}.png")
+    cfg = DataConfig(source=str(root), val_fraction=0.25, test_fraction=0.25)
+    assert infer_format(str(root)) == "image_folder"
+    preprocessor = ImagePreprocessor(8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    datasets = build_datasets(cfg, preprocessor, seed=0)
+    assert datasets.label_names == ["cat", "dog"]
+    counts = {s: ds.count() for s, ds in datasets.as_dict().items()}
+    assert sum(counts.values()) == 24 and min(counts.values()) > 0
+    batch = next(iter(datasets.train.iter_torch_batches(batch_size=4)))
+    assert batch["pixel_values"].shape == (4, 3, 8, 8)
+    # red images are cats: their red channel is high after normalisation
+    for pixels, label in zip(batch["pixel_values"], batch["label"]):
+        assert (pixels[0].mean() > pixels[2].mean()) == (label.item() == 0)
+
+
+def test_max_samples_cap_each_split(ray_session, sentiment_csv):
+    source = load_source(text_cfg(sentiment_csv, max_train_samples=50, max_eval_samples=10), seed=0)
+    assert [source.splits[s].count() for s in ("train", "val", "test")] == [50, 10, 10]
+
+
+def test_text_preprocessing_and_dynamic_padding(tiny_bert_dir):
+    preprocessor = TextPreprocessor(str(tiny_bert_dir), max_length=16)
+    out = preprocessor({"text": np.array(["good movie", "the plot was really quite dull"], dtype=object), "label": np.array([1, 0])})
+    assert out["input_ids"].shape == (2, 16)
+    trimmed = trim_padding({k: torch.from_numpy(v) for k, v in out.items()})
+    assert trimmed["input_ids"].shape == (2, 8)  # [CLS] + 6 words + [SEP]
+    assert trimmed["attention_mask"][0].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert trimmed["label"].tolist() == [1, 0]
+
+
+def test_image_preprocessing_normalises_grey_arrays():
+    preprocessor = ImagePreprocessor(4, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    grey = np.full((2, 6, 6), 255, dtype=np.uint8)
+    out = preprocessor({"image": grey, "label": np.array([0, 1])})
+    assert out["pixel_values"].shape == (2, 3, 4, 4)
+    assert np.allclose(out["pixel_values"], 2.0)
+
+
+def test_rotten_tomatoes_catalog(ray_session):
+    source = load_source(DataConfig(source="rotten_tomatoes"), seed=0)
+    assert source.kind == "text" and source.label_names == ["fresh", "rotten"]
+    counts = {s: ds.count() for s, ds in source.splits.items()}
+    assert 12000 < sum(counts.values()) <= 12808
+    assert 1100 < counts["test"] < 1500
+
+
+@pytest.mark.skipif(not any(Path(d).is_dir() for d in FASHION_MNIST_DIRS), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_catalog(ray_session):
+    source = load_source(DataConfig(source="fashion_mnist", max_eval_samples=100), seed=0)
+    assert source.kind == "image" and len(source.label_names) == 10
+    assert source.splits["train"].count() == pytest.approx(54000, abs=300)  # 10% of train is val
+    row = source.splits["test"].take(1)[0]
+    assert row["image"].shape == (28, 28) and row["image"].dtype == np.uint8
