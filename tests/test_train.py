@@ -103,4 +103,4 @@ def test_two_worker_run_learns_and_its_checkpoint_reloads(ray_session, tmp_path,
 
     assert main(["predict", str(run_dir), "a great movie", "an awful boring film"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split("\t")[0] for line in lines] == ["pos", "neg"]
+    assert [line.split()[0] for line in lines] == ["pos", "neg"]

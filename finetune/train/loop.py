@@ -139,7 +139,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             **_evaluate(model, "val", cfg, num_labels, loss_fn, device, precision),
         }
         score = metrics[cfg.checkpoint.metric]
-        if best["metric"] is None or (score > best["metric"] if cfg.checkpoint.mode == "max" else score < best["metric"]):
+        # Ties go to the later epoch, as in Ray Train's checkpoint ranking, so the weights tested
+        # here are the checkpoint Ray keeps as best.
+        if best["metric"] is None or (score >= best["metric"] if cfg.checkpoint.mode == "max" else score <= best["metric"]):
             best = {"metric": score, "epoch": epoch,
                     "state": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}}  # fmt: skip
         metrics["best_epoch"] = best["epoch"]

@@ -56,12 +56,12 @@ def _quiet_ray_data() -> None:
     context.print_on_execution_start = False
 
 
-def _best_checkpoint(result: ray.train.Result, cfg: PipelineConfig) -> ray.train.Checkpoint | None:
-    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if cfg.checkpoint.metric in m]
-    if not ranked:
-        return result.checkpoint
-    pick = max if cfg.checkpoint.mode == "max" else min
-    return pick(ranked, key=lambda item: item[1][cfg.checkpoint.metric])[0]
+def _best_checkpoint(result: ray.train.Result, best_epoch: int | None) -> ray.train.Checkpoint | None:
+    """The checkpoint of the epoch the workers tested as best (Ray ranks checkpoints the same way)."""
+    for checkpoint, metrics in result.best_checkpoints or []:
+        if metrics.get("epoch") == best_epoch:
+            return checkpoint
+    return None
 
 
 def _export_best(checkpoint: ray.train.Checkpoint, destination: Path) -> None:
@@ -160,11 +160,11 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> d
     if "error" in outcome:
         raise outcome["error"]
 
-    best = _best_checkpoint(outcome["result"], cfg)
-    if best is not None:
-        _export_best(best, run_dir / "best")
     final, epochs = events.get("final", {}), events["epochs"]
     best_epoch = epochs[-1]["best_epoch"] if epochs else None
+    best = _best_checkpoint(outcome["result"], best_epoch)
+    if best is not None:
+        _export_best(best, run_dir / "best")
     train_seconds = sum(e["train/seconds"] for e in epochs)
     summary = {
         "test_accuracy": final.get("test/accuracy"),
