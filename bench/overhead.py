@@ -1,0 +1,162 @@
+"""The cost of Ray itself: one Ray Train worker fed by Ray Data vs a bare PyTorch loop.
+
+Both train the same model (MiniLM-L6 by default) on the same Rotten Tomatoes rows with the
+same batch size for the same number of steps, through the same `train_epoch` step code, and
+both tokenize their batches with the same preprocessor (Ray Data in its own tasks, the bare
+loop inline). Steady-state throughput excludes the first `--warmup-steps` steps; start-up
+(process/actor start, model build, first batch) is reported apart.
+
+    .venv/bin/python bench/overhead.py                  # MiniLM, 80 steps of 32
+    .venv/bin/python bench/overhead.py --steps 20 --model hf:/path/to/tiny-bert
+
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finetune import models
+from finetune.config import DataConfig, LossConfig, ModelConfig, OptimConfig, ScheduleConfig
+from finetune.data import load_source
+from finetune.train import steps
+
+
+def _parts(model_name: str, max_length: int, total_steps: int):
+    model_cfg = ModelConfig(name=model_name)
+    torch.manual_seed(0)
+    model = models.build_model(model_cfg, num_labels=2)
+    preprocessor = models.build_preprocessor(model_cfg, DataConfig(source="rotten_tomatoes", max_length=max_length))
+    optimizer = steps.build_optimizer([{"params": list(model.parameters())}], OptimConfig(lr=5e-5))
+    scheduler = steps.build_scheduler(optimizer, ScheduleConfig(name="linear", warmup_ratio=0.1), total_steps)
+    return model, preprocessor, optimizer, scheduler, steps.build_loss(LossConfig())
+
+
+def _timed_run(model, batches, optimizer, scheduler, loss_fn, args, device=torch.device("cpu")) -> list[float]:
+    """Runs `args.steps` steps; returns the time at which each step ended."""
+    step_ends: list[float] = []
+    steps.train_epoch(
+        model, batches, optimizer, scheduler, loss_fn,
+        device=device, precision=steps.resolve_precision(args.precision, device), max_steps=args.steps,
+        max_grad_norm=1.0, on_step=lambda step, loss, stats: step_ends.append(time.perf_counter()),
+    )  # fmt: skip
+    return step_ends
+
+
+def _steady_samples_per_s(step_ends: list[float], warmup: int, batch_size: int) -> float:
+    measured = step_ends[warmup:]
+    return (len(measured) - 1) * batch_size / (measured[-1] - measured[0])
+
+
+def bare_torch(rows: list[dict], args) -> dict:
+    started = time.perf_counter()
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, preprocessor, optimizer, scheduler, loss_fn = _parts(args.model, args.max_length, args.steps)
+
+    def batches():
+        for i in range(0, len(rows) - args.batch_size + 1, args.batch_size):
+            chunk = rows[i : i + args.batch_size]
+            encoded = preprocessor({"text": np.array([r["text"] for r in chunk], dtype=object),
+                                    "label": np.array([r["label"] for r in chunk])})  # fmt: skip
+            yield {k: torch.from_numpy(v) for k, v in encoded.items()}
+
+    step_ends = _timed_run(model, batches(), optimizer, scheduler, loss_fn, args)
+    return {"startup_s": step_ends[0] - started, "step_ends": step_ends}
+
+
+def _ray_worker(config: dict) -> None:
+    import ray.train
+
+    args = argparse.Namespace(**config["args"])
+    started = time.perf_counter()
+    torch.set_num_threads(config["threads"] or (os.cpu_count() or 1))
+    model, _, optimizer, scheduler, loss_fn = _parts(args.model, args.max_length, args.steps)
+    model = ray.train.torch.prepare_model(model)
+    shard = ray.train.get_dataset_shard("train")
+    batches = shard.iter_torch_batches(batch_size=args.batch_size, drop_last=True, prefetch_batches=2)
+    step_ends = _timed_run(model, batches, optimizer, scheduler, loss_fn, args)
+    Path(config["out"]).write_text(json.dumps({
+        "startup_s": step_ends[0] - started, "step_ends": step_ends, "torch_threads": torch.get_num_threads(),
+    }))  # fmt: skip
+
+
+def ray_train(source, args) -> dict:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from finetune.data import preprocess
+
+    preprocessor = models.build_preprocessor(
+        ModelConfig(name=args.model), DataConfig(source="rotten_tomatoes", max_length=args.max_length)
+    )
+    train = preprocess(source.splits["train"].limit(args.steps * args.batch_size), preprocessor)
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory) / "ray.json"
+        trainer = TorchTrainer(
+            _ray_worker,
+            train_loop_config={"args": vars(args), "out": str(out), "threads": args.ray_threads},
+            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": args.ray_cpus}),
+            run_config=ray.train.RunConfig(storage_path=directory, name="overhead"),
+            datasets={"train": train},
+        )
+        fit_started = time.perf_counter()
+        trainer.fit()
+        fit_s = time.perf_counter() - fit_started
+        result = json.loads(out.read_text())
+    result["fit_s"] = fit_s
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm-l6")
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs the Ray Train worker reserves")
+    parser.add_argument("--ray-threads", type=int, default=0, help="torch threads in the worker; 0 = all cores")
+    args = parser.parse_args()
+
+    import ray
+
+    init_started = time.perf_counter()
+    ray.init(log_to_driver=False, logging_level="WARNING")
+    ray_init_s = time.perf_counter() - init_started
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    source = load_source(DataConfig(source="rotten_tomatoes"), seed=0)
+    rows = source.splits["train"].limit(args.steps * args.batch_size).take_all()
+
+    torch_result = bare_torch(rows, args)
+    ray_result = ray_train(source, args)
+    ray.shutdown()
+
+    torch_speed = _steady_samples_per_s(torch_result["step_ends"], args.warmup_steps, args.batch_size)
+    ray_speed = _steady_samples_per_s(ray_result["step_ends"], args.warmup_steps, args.batch_size)
+    print(json.dumps({
+        "model": args.model, "steps": args.steps, "batch_size": args.batch_size, "warmup_steps": args.warmup_steps,
+        "precision": steps.resolve_precision(args.precision, torch.device("cpu")), "cpus": os.cpu_count(),
+        "ray_worker_cpus": args.ray_cpus, "ray_worker_torch_threads": ray_result["torch_threads"],
+        "samples_per_s_ray": round(ray_speed, 2), "samples_per_s_torch": round(torch_speed, 2),
+        "ratio": round(ray_speed / torch_speed, 3),
+        "startup_s_ray_init": round(ray_init_s, 2),
+        # fit() time outside the training steps: worker group start, model build, first batch, teardown
+        "fit_overhead_s_ray": round(ray_result["fit_s"] - (ray_result["step_ends"][-1] - ray_result["step_ends"][0]), 2),
+        "startup_s_worker_to_first_step": round(ray_result["startup_s"], 2),
+        "startup_s_torch_to_first_step": round(torch_result["startup_s"], 2),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
