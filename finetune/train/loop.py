@@ -86,7 +86,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     num_labels = len(label_names)
     module = getattr(model, "module", model)
 
-    start_epoch, best = 0, {"metric": None, "epoch": None, "state": None}
+    start_epoch, best, baseline = 0, {"metric": None, "epoch": None, "state": None}, {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
@@ -94,12 +94,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best = state["epoch"] + 1, state["best"]
+        start_epoch, best, baseline = state["epoch"] + 1, state["best"], state["baseline"]
         if best["state"] is None:
             best["state"] = state["model"]
 
     # ---- 2. baseline: the pretrained backbone with its untrained head -----------------------
-    baseline = {}
     if start_epoch == 0:
         baseline = _evaluate(model, "test", cfg, num_labels, loss_fn, device, precision)
         baseline = {f"baseline_{k}": v for k, v in baseline.items()}
@@ -126,7 +125,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             model, batches, optimizer, scheduler, loss_fn,
             device=device, precision=precision, max_steps=steps_per_epoch,
             grad_accum_steps=cfg.train.grad_accum_steps, max_grad_norm=cfg.train.max_grad_norm,
-            scaler=scaler, on_step=on_step,
+            scaler=scaler, penalty=lambda: strategy.penalty(module), on_step=on_step,
         )  # fmt: skip
         metrics = {
             "epoch": epoch,
@@ -154,7 +153,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 models.save_model(module, directory, cfg.model, preprocessor, label_names, image_size)
                 torch.save(
                     {"model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch,
+                     "scheduler": scheduler.state_dict(), "epoch": epoch, "baseline": baseline,
                      # the best weights only when they differ from this epoch's (saves a copy)
                      "best": {**best, "state": best["state"] if best["epoch"] != epoch else None}},
                     Path(directory) / TRAIN_STATE_FILE,

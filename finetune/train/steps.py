@@ -102,6 +102,7 @@ def train_epoch(
     grad_accum_steps: int = 1,
     max_grad_norm: float | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    penalty: Callable[[], torch.Tensor | None] | None = None,
     on_step: Callable[[int, float, EpochStats], None] | None = None,
 ) -> EpochStats:
     """One pass: forward, backward, (accumulate), clip, step. After `max_steps` optimizer steps
@@ -122,7 +123,11 @@ def train_epoch(
         with sync:
             with autocast(precision, device):
                 logits = model(**inputs)
-            loss = loss_fn(logits.float(), labels) / grad_accum_steps
+            loss = loss_fn(logits.float(), labels)
+            extra = penalty() if penalty else None  # a strategy's regulariser, e.g. L2-SP
+            if extra is not None:
+                loss = loss + extra
+            loss = loss / grad_accum_steps
             (scaler.scale(loss) if scaler else loss).backward()
         window_loss += loss.item()
         stats.samples += len(labels)
