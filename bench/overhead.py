@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs the Ray Train worker reserves")
     parser.add_argument("--ray-threads", type=int, default=0, help="torch threads in the worker; 0 = all cores")
+    parser.add_argument("--no-dashboard", dest="dashboard", action="store_false", help="ray.init without the dashboard")
     parser.add_argument("--materialize", action="store_true", help="tokenize before training (diagnostic)")
     args = parser.parse_args()
 
@@ -143,9 +144,12 @@ def main() -> None:
     import ray
 
     init_started = time.perf_counter()
-    ray.init(log_to_driver=False, logging_level="WARNING")
+    ray.init(log_to_driver=False, logging_level="WARNING", include_dashboard=args.dashboard)
     ray_init_s = time.perf_counter() - init_started
     ray.data.DataContext.get_current().enable_progress_bars = False
+    # The same bare loop as a plain Ray task: Ray core's share of the cost, apart from Train and Data.
+    task = ray.remote(num_cpus=args.ray_cpus)(bare_torch)
+    in_task = ray.get(task.remote(rows, args))
     ray_result = ray_train(rows, args)
     ray.shutdown()
     torch_after = bare_torch(rows, args)
@@ -154,14 +158,17 @@ def main() -> None:
         _steady_samples_per_s(r["step_ends"], args.warmup_steps, args.batch_size) for r in (torch_before, torch_after)
     ]
     torch_speed = sum(torch_speeds) / 2
+    task_speed = _steady_samples_per_s(in_task["step_ends"], args.warmup_steps, args.batch_size)
     ray_speed = _steady_samples_per_s(ray_result["step_ends"], args.warmup_steps, args.batch_size)
     print(json.dumps({
         "model": args.model, "steps": args.steps, "batch_size": args.batch_size, "warmup_steps": args.warmup_steps,
         "precision": steps.resolve_precision(args.precision, torch.device("cpu")), "cpus": os.cpu_count(),
         "ray_worker_cpus": args.ray_cpus, "ray_worker_torch_threads": ray_result["torch_threads"],
         "samples_per_s_ray": round(ray_speed, 2), "samples_per_s_torch": round(torch_speed, 2),
-        "samples_per_s_torch_before_after": [round(v, 2) for v in torch_speeds], "materialized": args.materialize,
+        "samples_per_s_torch_before_after": [round(v, 2) for v in torch_speeds], "materialized": args.materialize, "dashboard": args.dashboard,
         "ratio": round(ray_speed / torch_speed, 3),
+        "samples_per_s_bare_loop_in_ray_task": round(task_speed, 2),
+        "ratio_bare_loop_in_ray_task": round(task_speed / torch_speed, 3),
         "startup_s_ray_init": round(ray_init_s, 2),
         # fit() time outside the training steps: worker group start, model build, first batch, teardown
         "fit_overhead_s_ray": round(ray_result["fit_s"] - (ray_result["step_ends"][-1] - ray_result["step_ends"][0]), 2),

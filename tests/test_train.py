@@ -66,8 +66,7 @@ def test_train_epoch_accumulates_and_learns():
     assert steps.metrics_from_counts(counts, 2, "val")["val/accuracy"] > 0.9
 
 
-def test_two_worker_run_learns_and_its_checkpoint_reloads(ray_session, tmp_path, tiny_bert_dir, capsys):
-    """The real path: CLI -> Ray Data -> TorchTrainer with 2 DDP workers -> run directory."""
+def tiny_pipeline(tmp_path, tiny_bert_dir):
     data = write_csv(tmp_path / "reviews.csv", sentiment_rows(640))
     pipeline = tmp_path / "tiny.yaml"
     pipeline.write_text(yaml.safe_dump({
@@ -79,6 +78,12 @@ def test_two_worker_run_learns_and_its_checkpoint_reloads(ray_session, tmp_path,
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
         "checkpoint": {"num_to_keep": 1},
     }))  # fmt: skip
+    return pipeline
+
+
+def test_two_worker_run_learns_and_its_checkpoint_reloads(ray_session, tmp_path, tiny_bert_dir, capsys):
+    """The real path: CLI -> Ray Data -> TorchTrainer with 2 DDP workers -> run directory."""
+    pipeline = tiny_pipeline(tmp_path, tiny_bert_dir)
     run_dir = tmp_path / "run"
     assert main(["train", str(pipeline), "--run-dir", str(run_dir)]) == 0
 
@@ -104,3 +109,14 @@ def test_two_worker_run_learns_and_its_checkpoint_reloads(ray_session, tmp_path,
     assert main(["predict", str(run_dir), "a great movie", "an awful boring film"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == ["pos", "neg"]
+
+
+def test_same_seed_same_run(ray_session, tmp_path, tiny_bert_dir):
+    """Seeds fix the split, head init, shuffling and dropout: a rerun retraces the first run."""
+    pipeline = tiny_pipeline(tmp_path, tiny_bert_dir)
+    losses = []
+    for name in ("first", "second"):
+        assert main(["train", str(pipeline), "train.epochs=2", "--run-dir", str(tmp_path / name)]) == 0
+        epochs = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses.append([value for e in epochs for value in (e["train/loss"], e["val/loss"])])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
