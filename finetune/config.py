@@ -114,7 +114,12 @@ class TrainConfig(Section):
         description="Autocast dtype. auto: bf16 where the device supports it (recent CPUs, Ampere+ GPUs), "
         "else fp32. fp16 needs a GPU.",
     )
-    seed: int = Field(0, description="Seeds the split, the head initialisation, shuffling and dropout.")
+    seed: int = Field(
+        0,
+        description="Seeds the split, the head initialisation, shuffling and dropout. A one-worker run "
+        "repeats exactly; with several workers Ray Data assigns blocks to workers as they ask, so batch "
+        "order (not the split or the data) can differ between runs.",
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="Intra-op threads per worker; unset = the machine's cores / workers on it."
     )

@@ -57,6 +57,9 @@ def _quiet_ray_data() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
+    # Blocks reach the training loop in a fixed order, so a seeded run repeats exactly on one
+    # worker. (With several, Ray's streaming split hands blocks to whichever worker asks first.)
+    context.execution_options.preserve_order = True
 
 
 def _best_checkpoint(result: ray.train.Result, best_epoch: int | None) -> ray.train.Checkpoint | None:
