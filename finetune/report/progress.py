@@ -18,14 +18,15 @@ class TrainingProgress:
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"),
             TextColumn("{task.fields[speed]} samples/s"),
+            TextColumn("elapsed"),
             TimeElapsedColumn(),
-            TextColumn("left"),
             TimeRemainingColumn(),
+            TextColumn("left"),
             console=console,
             transient=False,
         )
         self.task = self.progress.add_task(
-            "train", total=epochs * steps_per_epoch, epoch=0, epochs=epochs, loss="-", speed="-"
+            "train", total=epochs * steps_per_epoch, epoch=1, epochs=epochs, loss="-", speed="-"
         )
 
     def __enter__(self) -> "TrainingProgress":
