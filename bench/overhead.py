@@ -81,7 +81,7 @@ def _ray_worker(config: dict) -> None:
     model, _, optimizer, scheduler, loss_fn = _parts(args.model, args.max_length, args.steps)
     model = ray.train.torch.prepare_model(model)
     shard = ray.train.get_dataset_shard("train")
-    batches = shard.iter_torch_batches(batch_size=args.batch_size, drop_last=True, prefetch_batches=2)
+    batches = shard.iter_torch_batches(batch_size=args.batch_size, drop_last=True, prefetch_batches=args.prefetch_batches)
     step_ends = _timed_run(model, batches, optimizer, scheduler, loss_fn, args)
     Path(config["out"]).write_text(json.dumps({
         "startup_s": step_ends[0] - started, "step_ends": step_ends, "torch_threads": torch.get_num_threads(),
@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs the Ray Train worker reserves")
     parser.add_argument("--ray-threads", type=int, default=0, help="torch threads in the worker; 0 = all cores")
     parser.add_argument("--no-dashboard", dest="dashboard", action="store_false", help="ray.init without the dashboard")
+    parser.add_argument("--prefetch-batches", type=int, default=2, help="iter_torch_batches prefetch (the loop's: 2)")
     parser.add_argument("--materialize", action="store_true", help="tokenize before training (diagnostic)")
     args = parser.parse_args()
 
@@ -165,7 +166,7 @@ def main() -> None:
         "precision": steps.resolve_precision(args.precision, torch.device("cpu")), "cpus": os.cpu_count(),
         "ray_worker_cpus": args.ray_cpus, "ray_worker_torch_threads": ray_result["torch_threads"],
         "samples_per_s_ray": round(ray_speed, 2), "samples_per_s_torch": round(torch_speed, 2),
-        "samples_per_s_torch_before_after": [round(v, 2) for v in torch_speeds], "materialized": args.materialize, "dashboard": args.dashboard,
+        "samples_per_s_torch_before_after": [round(v, 2) for v in torch_speeds], "materialized": args.materialize, "prefetch_batches": args.prefetch_batches, "dashboard": args.dashboard,
         "ratio": round(ray_speed / torch_speed, 3),
         "samples_per_s_bare_loop_in_ray_task": round(task_speed, 2),
         "ratio_bare_loop_in_ray_task": round(task_speed / torch_speed, 3),
