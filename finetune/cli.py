@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 EXIT_CONFIG = 2
 EXIT_DATA = 1
@@ -37,10 +38,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _data_error(error: BaseException):
-    """The DataError behind an exception, also when Ray wrapped it in a task or worker error."""
+    """The DataError behind an exception, also when Ray wrapped it in task, actor or worker errors.
+
+    Across actor boundaries (Ray Data's split coordinator) Ray keeps only the formatted
+    traceback of the original exception, so its text is searched as a last resort.
+    """
     from finetune.data import DataError
 
-    seen = set()
+    seen, chain = set(), []
     stack = [error]
     while stack:
         current = stack.pop()
@@ -49,8 +54,13 @@ def _data_error(error: BaseException):
         seen.add(id(current))
         if isinstance(current, DataError):
             return current
-        stack += [current.__cause__, current.__context__]
-        stack += list(getattr(current, "worker_failures", {}).values())
+        chain.append(current)
+        stack += [current.__cause__, current.__context__, *getattr(current, "worker_failures", {}).values()]
+    for current in chain:
+        for line in str(current).splitlines():
+            _, marker, message = line.partition("DataError: ")
+            if marker and message.strip():
+                return DataError(message.strip())
     return None
 
 
@@ -85,13 +95,13 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"  - {problem}", highlight=False, markup=False, soft_wrap=True)
         return EXIT_CONFIG
     except FileNotFoundError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         return EXIT_CONFIG
     except Exception as error:
         data_error = _data_error(error)
         if data_error is None:
             raise
-        console.print(f"[bold red]data error:[/] {data_error}", highlight=False)
+        console.print(f"[bold red]data error:[/] {escape(str(data_error))}", highlight=False, soft_wrap=True)
         return EXIT_DATA
     return 0
 

@@ -121,3 +121,13 @@ def test_same_seed_same_run(ray_session, tmp_path, tiny_bert_dir):
         epochs = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         losses.append([value for e in epochs for value in (e["train/loss"], e["val/loss"])])
     assert losses[0] == losses[1]
+
+
+def test_bad_label_in_test_file_is_a_data_error_not_a_traceback(ray_session, tmp_path, tiny_bert_dir, capsys):
+    pipeline = tiny_pipeline(tmp_path, tiny_bert_dir)
+    test_file = write_csv(tmp_path / "test.csv", [{"review": "good film", "sentiment": "meh"}] * 4)
+    code = main(["train", str(pipeline), f"data.test_source={test_file}", "--run-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "data error:" in out and "label 'meh' is not one of the training labels ['neg', 'pos']" in out
+    assert "Traceback" not in out

@@ -102,6 +102,7 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> d
         f"{steps_per_epoch} steps/epoch"
     )
 
+    storage_path = cfg.checkpoint.storage_path or str(run_dir / "ray")
     monitor = RunMonitor.remote()
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
@@ -120,7 +121,7 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> d
         ),
         run_config=ray.train.RunConfig(
             name=run_dir.name,
-            storage_path=cfg.checkpoint.storage_path or str(run_dir / "ray"),
+            storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.checkpoint.num_to_keep,
                 checkpoint_score_attribute=cfg.checkpoint.metric,
@@ -164,6 +165,9 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> d
                 break
             thread.join(timeout=0.5)
     if "error" in outcome:
+        kept = sorted(Path(storage_path, run_dir.name).glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
+        if kept:
+            console.print(f"training failed; the last good checkpoint is kept at {kept[-1]}", soft_wrap=True)
         raise outcome["error"]
 
     final, epochs = events.get("final", {}), events["epochs"]
