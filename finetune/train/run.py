@@ -76,6 +76,69 @@ def _export_best(checkpoint: ray.train.Checkpoint, destination: Path) -> None:
         shutil.copytree(directory, destination, ignore=shutil.ignore_patterns(TRAIN_STATE_FILE), dirs_exist_ok=True)
 
 
+def _fit_with_progress(trainer, monitor, console, cfg, steps_per_epoch, run_dir) -> tuple[ray.train.Result, dict]:
+    """Run fit() in a thread while the main thread shows progress and writes metrics.jsonl."""
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # noqa: BLE001 - re-raised on the main thread
+            outcome["error"] = error
+
+    events: dict = {"epochs": []}
+    with (run_dir / "metrics.jsonl").open("w") as metrics_file, TrainingProgress(
+        console, cfg.train.epochs, steps_per_epoch
+    ) as progress:
+        thread = threading.Thread(target=fit, name="finetune-fit", daemon=True)
+        thread.start()
+        seen = 0
+        while True:
+            finished = not thread.is_alive()
+            latest, new_events = ray.get(monitor.poll.remote(seen))
+            seen += len(new_events)
+            if latest:
+                progress.step(latest)
+            for kind, metrics in new_events:
+                progress.event(kind, metrics)
+                if kind == "epoch":
+                    metrics_file.write(json.dumps(metrics) + "\n")
+                    metrics_file.flush()
+                    events["epochs"].append(metrics)
+                else:
+                    events[kind] = metrics
+            if finished:
+                break
+            thread.join(timeout=0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"], events
+
+
+def _summary(cfg, events, best_epoch, train_rows, wall_s, run_dir, has_best) -> dict:
+    final, epochs = events.get("final", {}), events["epochs"]
+    train_seconds = sum(e["train/seconds"] for e in epochs)
+    return {
+        "test_accuracy": final.get("test/accuracy"),
+        "test_macro_f1": final.get("test/macro_f1"),
+        "test_loss": final.get("test/loss"),
+        "test_samples": final.get("test/samples"),
+        "baseline_test_accuracy": final.get("baseline_test/accuracy"),
+        "baseline_test_macro_f1": final.get("baseline_test/macro_f1"),
+        "best_epoch": best_epoch,
+        "best_val_metric": next(
+            ({cfg.checkpoint.metric: e[cfg.checkpoint.metric]} for e in epochs if e["epoch"] == best_epoch), None
+        ),
+        "epochs": cfg.train.epochs,
+        "train_rows": train_rows,
+        "num_workers": cfg.scaling.num_workers,
+        "train_samples_per_s": sum(e["train/samples"] for e in epochs) / train_seconds if train_seconds else None,
+        "wall_s": wall_s,
+        "run_dir": str(run_dir),
+        "best_checkpoint": str(run_dir / "best") if has_best else None,
+    }
+
+
 def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> dict:
     """Fine-tune as configured; returns the summary also written to RUN_DIR/summary.json."""
     console = console or Console()
@@ -132,69 +195,22 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> d
         dataset_config=ShardingConfig(),
     )
 
-    outcome: dict = {}
-
-    def fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as error:  # noqa: BLE001 - re-raised on the main thread
-            outcome["error"] = error
-
-    events: dict[str, dict] = {"epochs": []}
-    with (run_dir / "metrics.jsonl").open("w") as metrics_file, TrainingProgress(
-        console, cfg.train.epochs, steps_per_epoch
-    ) as progress:
-        thread = threading.Thread(target=fit, name="finetune-fit", daemon=True)
-        thread.start()
-        seen = 0
-        while True:
-            finished = not thread.is_alive()
-            latest, new_events = ray.get(monitor.poll.remote(seen))
-            seen += len(new_events)
-            if latest:
-                progress.step(latest)
-            for kind, metrics in new_events:
-                progress.event(kind, metrics)
-                if kind == "epoch":
-                    metrics_file.write(json.dumps(metrics) + "\n")
-                    metrics_file.flush()
-                    events["epochs"].append(metrics)
-                else:
-                    events[kind] = metrics
-            if finished:
-                break
-            thread.join(timeout=0.5)
-    if "error" in outcome:
+    try:
+        result, events = _fit_with_progress(trainer, monitor, console, cfg, steps_per_epoch, run_dir)
+    except BaseException:
         kept = sorted(Path(storage_path, run_dir.name).glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
         if kept:
             console.print(f"training failed; the last good checkpoint is kept at {kept[-1]}", soft_wrap=True)
-        raise outcome["error"]
+        raise
+    finally:
+        ray.kill(monitor)
 
-    final, epochs = events.get("final", {}), events["epochs"]
+    epochs = events["epochs"]
     best_epoch = epochs[-1]["best_epoch"] if epochs else None
-    best = _best_checkpoint(outcome["result"], best_epoch)
+    best = _best_checkpoint(result, best_epoch)
     if best is not None:
         _export_best(best, run_dir / "best")
-    train_seconds = sum(e["train/seconds"] for e in epochs)
-    summary = {
-        "test_accuracy": final.get("test/accuracy"),
-        "test_macro_f1": final.get("test/macro_f1"),
-        "test_loss": final.get("test/loss"),
-        "test_samples": final.get("test/samples"),
-        "baseline_test_accuracy": final.get("baseline_test/accuracy"),
-        "baseline_test_macro_f1": final.get("baseline_test/macro_f1"),
-        "best_epoch": best_epoch,
-        "best_val_metric": next(
-            ({cfg.checkpoint.metric: e[cfg.checkpoint.metric]} for e in epochs if e["epoch"] == best_epoch), None
-        ),
-        "epochs": cfg.train.epochs,
-        "train_rows": train_rows,
-        "num_workers": cfg.scaling.num_workers,
-        "train_samples_per_s": sum(e["train/samples"] for e in epochs) / train_seconds if train_seconds else None,
-        "wall_s": time.time() - started,
-        "run_dir": str(run_dir),
-        "best_checkpoint": str(run_dir / "best") if best is not None else None,
-    }
+    summary = _summary(cfg, events, best_epoch, train_rows, time.time() - started, run_dir, best is not None)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(summary_table(summary))
     console.print(f"best model: {summary['best_checkpoint']}\nrun directory: {run_dir}")

@@ -1,0 +1,84 @@
+"""`layer_groups(model)`: a classifier's parameters as named groups, ordered input -> output.
+
+Strategies see models only through these groups (stem/embeddings, blocks..., neck, head), so
+one strategy serves BERT, ResNet, MobileNet, EfficientNet, ViT and EfficientNet-Lite alike.
+The blocks are found structurally: ResNet-style `layer1..layerN` stages, else the largest
+ModuleList/Sequential of blocks (BERT's encoder.layer, torchvision's `features` or
+`encoder.layers`, EfficientNet-Lite's `_blocks`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from finetune.models.text import TextClassifier
+from finetune.models.vision import ImageClassifier, classifier_head_name
+
+
+@dataclass
+class LayerGroup:
+    name: str
+    params: dict[str, nn.Parameter] = field(default_factory=dict)  # qualified name -> parameter
+
+    @property
+    def size(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+
+class UnknownArchitecture(ValueError):
+    """The model's blocks could not be found; its layer groups must be declared."""
+
+
+def _head_prefix(model: nn.Module) -> str:
+    if isinstance(model, TextClassifier):
+        base = model.hf_model.base_model_prefix
+        # Everything outside the pretrained base model is the task head (classifier, pre_classifier).
+        names = [n for n, _ in model.hf_model.named_children() if n != base]
+        return "|".join(re.escape(f"hf_model.{n}.") for n in names)
+    if isinstance(model, ImageClassifier):
+        return re.escape(f"net.{classifier_head_name(model.net)}.")
+    raise UnknownArchitecture(f"{type(model).__name__} is not a classifier built by finetune.models")
+
+
+def _block_prefixes(model: nn.Module) -> list[str]:
+    """Qualified name prefixes of the blocks, in order."""
+    stages = [n for n, _ in model.named_modules() if re.fullmatch(r"(.*\.)?layer\d+", n)]
+    if len(stages) >= 2:
+        return [f"{n}." for n in stages]
+    containers = [
+        (sum(p.numel() for p in module.parameters()), name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2
+    ]
+    if not containers:
+        raise UnknownArchitecture(f"{type(model).__name__}: no sequence of blocks found")
+    _, name, module = max(containers, key=lambda item: item[0])
+    return [f"{name}.{child}." for child, sub in module.named_children() if any(True for _ in sub.parameters())]
+
+
+def layer_groups(model: nn.Module) -> list[LayerGroup]:
+    """Groups in input -> output order: stem, each block, neck (if any), head."""
+    head = re.compile(_head_prefix(model))
+    blocks = _block_prefixes(model)
+    groups = {"stem": LayerGroup("stem")}
+    # Display names without the wrapper's attribute: "layer1", "features.3", "bert.encoder.layer.0".
+    groups.update({prefix.rstrip("."): LayerGroup(prefix.rstrip(".").split(".", 1)[1]) for prefix in blocks})
+    groups["neck"] = LayerGroup("neck")
+    groups["head"] = LayerGroup("head")
+    seen_block = False
+    for name, param in model.named_parameters():
+        if head.match(name):
+            groups["head"].params[name] = param
+            continue
+        block = next((prefix for prefix in blocks if name.startswith(prefix)), None)
+        if block:
+            seen_block = True
+            groups[block.rstrip(".")].params[name] = param
+        else:
+            groups["neck" if seen_block else "stem"].params[name] = param
+    if not groups["head"].params:
+        raise UnknownArchitecture(f"{type(model).__name__}: no classification head found")
+    return [group for group in groups.values() if group.params]
