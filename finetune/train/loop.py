@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from finetune import models
 from finetune.config import PipelineConfig
+from finetune.models.groups import layer_groups
 from finetune.strategies import build_strategy
 from finetune.train import steps
 
@@ -55,6 +56,35 @@ def _threads_per_worker(cfg: PipelineConfig) -> int:
     return max(1, (os.cpu_count() or 1) // max(local_workers, 1))
 
 
+def _prepare_ddp(model, param_groups: list[dict], freezes: bool):
+    """DDP over every parameter the optimizer may ever step, then the strategy's freezing.
+
+    DDP only synchronises parameters that require grad when it is built, so a parameter a
+    strategy unfreezes later must be trainable at that moment; while frozen it has no
+    gradient, which `find_unused_parameters` tells DDP to expect.
+    """
+    frozen_now = {id(p): not p.requires_grad for p in model.parameters()}
+    in_optimizer = {id(p) for group in param_groups for p in group["params"]}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in in_optimizer)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": freezes})
+    for param in model.parameters():
+        if frozen_now[id(param)]:
+            param.requires_grad_(False)
+    return model
+
+
+def describe_groups(groups, param_groups: list[dict]) -> list[dict]:
+    """One row per layer group: its learning rate (None: frozen for good) and size."""
+    lrs = {id(p): g["lr"] for g in param_groups for p in g["params"]}
+    return [
+        {"group": group.name, "params": group.size,
+         "lr": next((lrs[id(p)] for p in group.params.values() if id(p) in lrs), None),
+         "trainable_now": sum(p.numel() for p in group.params.values() if p.requires_grad)}
+        for group in groups
+    ]  # fmt: skip
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = PipelineConfig.model_validate(loop_config["pipeline"])
     label_names: list[str] = loop_config["label_names"]
@@ -73,12 +103,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # ---- 1. model, strategy, optimizer -------------------------------------------------------
     model = models.build_model(cfg.model, len(label_names), image_size)
     preprocessor = models.build_preprocessor(cfg.model, cfg.data)
+    groups = layer_groups(model)
     strategy = build_strategy(cfg.strategy)
-    param_groups = strategy.setup(model)
-    model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": strategy.freezes}
-    )
+    param_groups = strategy.setup(model, groups, cfg.optim.lr)
+    model = _prepare_ddp(model, param_groups, strategy.freezes)
     optimizer = steps.build_optimizer(param_groups, cfg.optim)
+    if monitor and rank == 0:
+        monitor.record.remote("groups", describe_groups(groups, param_groups))
     total_steps = steps_per_epoch * cfg.train.epochs
     scheduler = steps.build_scheduler(optimizer, cfg.schedule, total_steps)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None

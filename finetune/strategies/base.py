@@ -1,0 +1,42 @@
+"""Plain functions the strategies share; usable without a trainer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from finetune.models.groups import LayerGroup
+
+
+def set_trainable(model: nn.Module, trainable: set[str]) -> None:
+    """requires_grad on exactly the named parameters; every other parameter is frozen."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+
+
+def group_lr_scales(groups: list[LayerGroup], layer_decay: float | None) -> list[float]:
+    """lr multiplier per group: layer_decay ** (groups between it and the head); 1 without decay."""
+    last = len(groups) - 1
+    return [1.0 if layer_decay is None else layer_decay ** (last - i) for i in range(len(groups))]
+
+
+def param_groups(groups: list[LayerGroup], lr: float, scales: list[float], only: set[str] | None = None) -> list[dict]:
+    """One optimizer group per layer group (named, with its lr), keeping only `only` names if given."""
+    out = []
+    for group, scale in zip(groups, scales):
+        params = [p for name, p in group.params.items() if only is None or name in only]
+        if params:
+            out.append({"params": params, "lr": lr * scale, "name": group.name})
+    return out
+
+
+class NoHooks:
+    """Defaults for the optional hooks."""
+
+    freezes = False
+
+    def on_epoch_start(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        return None

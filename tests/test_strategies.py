@@ -1,0 +1,188 @@
+"""Each strategy's defining property, on a tiny real BERT trained for real steps."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import sentiment_rows
+from finetune import config, models
+from finetune.cli import main
+from finetune.config import ModelConfig, OptimConfig, ScheduleConfig
+from finetune.data import TextPreprocessor
+from finetune.models.groups import layer_groups
+from finetune.strategies import build_strategy
+from finetune.train import steps
+
+LR = 1e-2
+
+
+def strategy_cfg(**section):
+    return config.parse({"data": {"source": "x"}, "model": {"name": "m"}, "strategy": section}).strategy
+
+
+@pytest.fixture
+def tiny(tiny_bert_dir):
+    torch.manual_seed(0)
+    model = models.build_model(ModelConfig(name=f"hf:{tiny_bert_dir}"), num_labels=2)
+    rows = sentiment_rows(64)
+    preprocessor = TextPreprocessor(str(tiny_bert_dir), 16)
+    encoded = preprocessor.encode([r["review"] for r in rows])
+    labels = torch.tensor([int(r["sentiment"] == "pos") for r in rows])
+    batches = [
+        {"input_ids": encoded["input_ids"][i : i + 16], "attention_mask": encoded["attention_mask"][i : i + 16],
+         "label": labels[i : i + 16]}
+        for i in range(0, 64, 16)
+    ]  # fmt: skip
+    return model, batches
+
+
+def train(model, batches, strategy, epochs=1):
+    groups = layer_groups(model)
+    param_groups = strategy.setup(model, groups, LR)
+    optimizer = steps.build_optimizer(param_groups, OptimConfig(lr=LR))
+    scheduler = steps.build_scheduler(optimizer, ScheduleConfig(name="constant", warmup_ratio=0.0), 100)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable_by_epoch = []
+    for epoch in range(epochs):
+        strategy.on_epoch_start(epoch, model, optimizer)
+        trainable_by_epoch.append({n for n, p in model.named_parameters() if p.requires_grad})
+        steps.train_epoch(
+            model, batches, optimizer, scheduler, torch.nn.CrossEntropyLoss(), device=torch.device("cpu"),
+            precision="fp32", max_steps=len(batches), penalty=lambda: strategy.penalty(model),
+        )  # fmt: skip
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    return groups, optimizer, moved, trainable_by_epoch
+
+
+def all_names(model):
+    return {n for n, _ in model.named_parameters()}
+
+
+def test_full_trains_everything(tiny):
+    model, batches = tiny
+    _, optimizer, moved, _ = train(model, batches, build_strategy(strategy_cfg(name="full")))
+    assert moved == all_names(model)
+    assert {g["lr"] for g in optimizer.param_groups} == {LR}
+
+
+def test_linear_probe_trains_only_the_head(tiny):
+    model, batches = tiny
+    groups, optimizer, moved, _ = train(model, batches, build_strategy(strategy_cfg(name="linear_probe")))
+    assert moved == set(groups[-1].params) == {"hf_model.classifier.weight", "hf_model.classifier.bias"}
+    assert [g["name"] for g in optimizer.param_groups] == ["head"]
+
+
+def test_partial_freezes_the_first_groups(tiny):
+    model, batches = tiny
+    groups, _, moved, _ = train(model, batches, build_strategy(strategy_cfg(name="partial", freeze_groups=2)))
+    frozen = set(groups[0].params) | set(groups[1].params)
+    assert moved == all_names(model) - frozen
+
+
+def test_partial_freezes_by_regex(tiny):
+    model, batches = tiny
+    _, _, moved, _ = train(model, batches, build_strategy(strategy_cfg(name="partial", freeze_regex=r"\.attention\.")))
+    assert moved and not any(".attention." in n for n in moved)
+    assert all(".attention." in n for n in all_names(model) - moved)
+
+
+def test_partial_refuses_to_freeze_the_head(tiny):
+    model, _ = tiny
+    strategy = build_strategy(strategy_cfg(name="partial", freeze_groups=5))
+    with pytest.raises(ValueError, match="this model has 5 layer groups"):
+        strategy.setup(model, layer_groups(model), LR)
+
+
+def test_bitfit_trains_biases_and_head(tiny):
+    model, batches = tiny
+    groups, _, moved, _ = train(model, batches, build_strategy(strategy_cfg(name="bitfit")))
+    assert moved == {n for n in all_names(model) if n.endswith("bias")} | set(groups[-1].params)
+
+
+def test_discriminative_rates_decay_from_the_head(tiny):
+    model, batches = tiny
+    groups, optimizer, moved, _ = train(model, batches, build_strategy(strategy_cfg(name="discriminative", layer_decay=0.5)))
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    names = [g.name for g in groups]
+    assert lrs == {name: LR * 0.5 ** (len(names) - 1 - i) for i, name in enumerate(names)}
+    assert moved == all_names(model)
+
+
+def test_gradual_unfreezing_follows_the_schedule(tiny):
+    model, batches = tiny
+    strategy = build_strategy(strategy_cfg(name="gradual_unfreeze", every_epochs=2))
+    groups, _, moved, trainable = train(model, batches, strategy, epochs=4)
+    top = lambda k: {n for g in groups[-k:] for n in g.params}  # noqa: E731
+    assert trainable == [top(1), top(1), top(2), top(2)]
+    assert moved == top(2)  # groups below were never unfrozen: bit-identical
+
+
+def test_gradual_resumes_mid_schedule(tiny):
+    model, _ = tiny
+    strategy = build_strategy(strategy_cfg(name="gradual_unfreeze", every_epochs=1))
+    groups = layer_groups(model)
+    strategy.setup(model, groups, LR)
+    strategy.on_epoch_start(3, model, None)  # a run resumed at epoch 3
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for g in groups[-4:] for n in g.params}
+
+
+def test_l2sp_penalty_and_gradient_equal_the_formula(tiny):
+    model, _ = tiny
+    strategy = build_strategy(strategy_cfg(name="l2sp", alpha=0.3, beta=0.7))
+    groups = layer_groups(model)
+    param_groups = strategy.setup(model, groups, LR)
+    assert {g["weight_decay"] for g in param_groups} == {0.0}
+    pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    head = set(groups[-1].params)
+    params = dict(model.named_parameters())
+    expected = sum(
+        0.7 / 2 * (p**2).sum() if n in head else 0.3 / 2 * ((p - pretrained[n]) ** 2).sum() for n, p in params.items()
+    )
+    penalty = strategy.penalty(model)
+    assert penalty.item() == pytest.approx(expected.item(), rel=1e-6)
+    penalty.backward()
+    for n, p in params.items():
+        want = 0.7 * p if n in head else 0.3 * (p - pretrained[n])
+        torch.testing.assert_close(p.grad, want.detach())
+
+
+@pytest.mark.parametrize("scheme", ["zeros", "normal", "xavier", "kaiming"])
+def test_head_init_schemes(tiny_bert_dir, scheme):
+    torch.manual_seed(0)
+    model = models.build_model(ModelConfig(name=f"hf:{tiny_bert_dir}", head_init=scheme), num_labels=2)
+    weight, bias = model.hf_model.classifier.weight, model.hf_model.classifier.bias
+    assert torch.count_nonzero(bias) == 0
+    if scheme == "zeros":
+        assert torch.count_nonzero(weight) == 0
+    elif scheme == "normal":
+        assert 0.01 < weight.std().item() < 0.03
+    else:
+        fan_in, fan_out = weight.shape[1], weight.shape[0]
+        std = (2 / (fan_in + fan_out)) ** 0.5 if scheme == "xavier" else (1 / fan_in) ** 0.5
+        assert 0.5 * std < weight.std().item() < 1.5 * std
+
+
+def test_gradual_unfreeze_under_ddp_with_two_workers(ray_session, tmp_path, tiny_bert_dir):
+    """Parameters that join training later are synchronised by DDP; groups never unfrozen stay pretrained."""
+    from test_train import tiny_pipeline
+
+    pipeline = tiny_pipeline(tmp_path, tiny_bert_dir)
+    run_dir = tmp_path / "run"
+    overrides = ["strategy.name=gradual_unfreeze", "train.epochs=2", "model.head_init=zeros", "--run-dir", str(run_dir)]
+    assert main(["train", str(pipeline), *overrides]) == 0
+    saved = load_file(run_dir / "best" / "model.safetensors")
+    pretrained = load_file(tiny_bert_dir / "model.safetensors")
+    # epoch 0 trains the head, epoch 1 head + neck (the pooler); the layers and embeddings never train
+    for name, tensor in pretrained.items():
+        ours = saved.get(f"hf_model.{name}")
+        if ours is not None and ("encoder.layer" in name or "embeddings" in name):
+            assert torch.equal(ours, tensor), name
+    assert not torch.equal(saved["hf_model.bert.pooler.dense.weight"], pretrained["bert.pooler.dense.weight"])
+    assert json.loads((run_dir / "summary.json").read_text())["test_accuracy"] is not None
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["strategy"]["name"] == "gradual_unfreeze"
