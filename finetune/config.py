@@ -143,9 +143,24 @@ class BitFitConfig(Section):
     name: Literal["bitfit"] = Field(description="bitfit: only biases (and the new head) train.")
 
 
+class LoRAConfig(Section):
+    name: Literal["lora"] = Field(
+        description="lora: low-rank adapters (peft) on the backbone's linear and convolution layers; the "
+        "new head trains fully; adapters are merged into the weights on export."
+    )
+    r: int = Field(8, ge=1, le=1024, description="Adapter rank.")
+    alpha: float = Field(16.0, gt=0.0, description="Adapter scaling: updates are scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module names (or name suffixes, e.g. [query, value]) to adapt; unset = every Linear "
+        "and (non-depthwise) Conv2d layer outside the head.",
+    )
+
+
 StrategyConfig = Annotated[
     FullStrategyConfig | LinearProbeConfig | PartialConfig | GradualUnfreezeConfig | DiscriminativeConfig
-    | L2SPConfig | BitFitConfig,
+    | L2SPConfig | BitFitConfig | LoRAConfig,
     Field(discriminator="name"),
 ]
 

@@ -186,3 +186,62 @@ def test_gradual_unfreeze_under_ddp_with_two_workers(ray_session, tmp_path, tiny
     assert not torch.equal(saved["hf_model.bert.pooler.dense.weight"], pretrained["bert.pooler.dense.weight"])
     assert json.loads((run_dir / "summary.json").read_text())["test_accuracy"] is not None
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["strategy"]["name"] == "gradual_unfreeze"
+
+
+def test_lora_trains_only_adapters_and_head(tiny):
+    model, batches = tiny
+    strategy = build_strategy(strategy_cfg(name="lora", r=4))
+    strategy.adapt(model)
+    groups, _, moved, _ = train(model, batches, strategy)
+    assert any("lora_" in n for n in moved)
+    assert moved == {n for n in all_names(model) if "lora_B" in n or "lora_A" in n} | set(groups[-1].params)
+    # every adapted weight is still the pretrained one; the update lives in the adapters
+    assert not any(n.endswith("base_layer.weight") for n in moved)
+
+
+def test_lora_merges_into_plain_weights_on_export(tiny, tmp_path, tiny_bert_dir):
+    model, batches = tiny
+    strategy = build_strategy(strategy_cfg(name="lora", r=4, target_modules=["query", "value"]))
+    strategy.adapt(model)
+    train(model, batches, strategy)
+    model.eval()
+    preprocessor = TextPreprocessor(str(tiny_bert_dir), 16)
+    models.save_model(model, tmp_path / "saved", ModelConfig(name=f"hf:{tiny_bert_dir}"), preprocessor, ["neg", "pos"])
+    saved = models.load_model(tmp_path / "saved")
+    assert not any("lora" in n for n, _ in saved.model.named_parameters())
+    inputs = preprocessor.encode(["a great film", "dull and boring"])
+    with torch.no_grad():
+        torch.testing.assert_close(saved.model(**inputs), model(**inputs), rtol=1e-4, atol=1e-5)
+
+
+def test_lora_on_a_vision_model_adapts_convolutions(tmp_path):
+    model = models.build_model(ModelConfig(name="torchvision:resnet18", weights="none"), num_labels=3)
+    strategy = build_strategy(strategy_cfg(name="lora", r=2))
+    strategy.adapt(model)
+    groups = layer_groups(model)
+    strategy.setup(model, groups, LR)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("layer4.1.conv2.lora_A" in n for n in trainable)
+    assert trainable - set(groups[-1].params) == {n for n in trainable if "lora_" in n}
+    assert groups[-1].name == "head" and set(groups[-1].params) == {"net.fc.weight", "net.fc.bias"}
+    assert model(pixel_values=torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_lora_explains_models_it_cannot_adapt():
+    model = models.build_model(ModelConfig(name="efficientnet-lite0"), num_labels=3, image_size=32)
+    with pytest.raises(ValueError, match="EfficientNet has no plain Linear or Conv2d layer outside its head"):
+        build_strategy(strategy_cfg(name="lora")).adapt(model)
+
+
+def test_lora_under_ddp_exports_a_merged_model(ray_session, tmp_path, tiny_bert_dir, capsys):
+    from test_train import tiny_pipeline
+
+    pipeline = tiny_pipeline(tmp_path, tiny_bert_dir)
+    run_dir = tmp_path / "run"
+    overrides = ["strategy.name=lora", "strategy.r=4", "train.epochs=2", "--run-dir", str(run_dir)]
+    assert main(["train", str(pipeline), *overrides]) == 0
+    assert not any("lora" in key for key in load_file(run_dir / "best" / "model.safetensors"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["evaluate", str(run_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["test/accuracy"] == pytest.approx(summary["test_accuracy"])

@@ -22,6 +22,7 @@ from torch import nn
 from finetune.config import DataConfig, ModelConfig
 from finetune.data.preprocess import ImagePreprocessor, Preprocessor, TextPreprocessor
 from finetune.models import text, vision
+from finetune.models.adapters import merge_adapters
 from finetune.models.groups import LayerGroup, init_head, layer_groups
 
 PACKAGED = {
@@ -121,6 +122,7 @@ def save_model(
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    model = merge_adapters(model)
     architecture = _architecture(model_cfg, len(label_names), image_size)
     (directory / "model.json").write_text(json.dumps(architecture, indent=2))
     (directory / "labels.json").write_text(json.dumps(label_names, indent=2))

@@ -33,6 +33,11 @@ class UnknownArchitecture(ValueError):
     """The model's blocks could not be found; its layer groups must be declared."""
 
 
+def head_prefix(model: nn.Module) -> re.Pattern:
+    """Matches the qualified names (`name.`) of the new classification head's parameters and modules."""
+    return re.compile(_head_prefix(model))
+
+
 def _head_prefix(model: nn.Module) -> str:
     if isinstance(model, TextClassifier):
         base = model.hf_model.base_model_prefix
@@ -62,7 +67,7 @@ def _block_prefixes(model: nn.Module) -> list[str]:
 
 def layer_groups(model: nn.Module) -> list[LayerGroup]:
     """Groups in input -> output order: stem, each block, neck (if any), head."""
-    head = re.compile(_head_prefix(model))
+    head = head_prefix(model)
     blocks = _block_prefixes(model)
     groups = {"stem": LayerGroup("stem")}
     # Display names without the wrapper's attribute: "layer1", "features.3", "bert.encoder.layer.0".

@@ -1,6 +1,7 @@
 """Fine-tuning strategies: small objects with optional hooks the training loop calls.
 
 Hooks (see `Strategy`):
+  adapt(model)                                        structural changes first, e.g. LoRA adapters
   setup(model, groups, lr) -> optimizer param groups   what trains, at which learning rate
   on_epoch_start(epoch, model, optimizer)             e.g. gradual unfreezing
   penalty(model) -> Tensor | None                     e.g. L2-SP toward the pretrained weights
@@ -23,11 +24,14 @@ from finetune.strategies.discriminative import DiscriminativeStrategy
 from finetune.strategies.full import FullStrategy
 from finetune.strategies.gradual import GradualUnfreezeStrategy
 from finetune.strategies.l2sp import L2SPStrategy
+from finetune.strategies.lora import LoRAStrategy
 from finetune.strategies.subsets import BitFitStrategy, LinearProbeStrategy, PartialStrategy
 
 
 class Strategy(Protocol):
     freezes: bool
+
+    def adapt(self, model: nn.Module) -> None: ...
 
     def setup(self, model: nn.Module, groups: list[LayerGroup], lr: float) -> list[dict]: ...
 
@@ -44,6 +48,7 @@ REGISTRY: dict[str, type] = {
     "discriminative": DiscriminativeStrategy,
     "gradual_unfreeze": GradualUnfreezeStrategy,
     "l2sp": L2SPStrategy,
+    "lora": LoRAStrategy,
 }
 
 

@@ -35,6 +35,9 @@ class NoHooks:
 
     freezes = False
 
+    def adapt(self, model: nn.Module) -> None:
+        """Change the model's structure before its layer groups are read (e.g. add adapters)."""
+
     def on_epoch_start(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         pass
 

@@ -103,8 +103,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # ---- 1. model, strategy, optimizer -------------------------------------------------------
     model = models.build_model(cfg.model, len(label_names), image_size)
     preprocessor = models.build_preprocessor(cfg.model, cfg.data)
-    groups = layer_groups(model)
     strategy = build_strategy(cfg.strategy)
+    strategy.adapt(model)
+    groups = layer_groups(model)
     param_groups = strategy.setup(model, groups, cfg.optim.lr)
     model = _prepare_ddp(model, param_groups, strategy.freezes)
     optimizer = steps.build_optimizer(param_groups, cfg.optim)
