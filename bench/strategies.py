@@ -1,0 +1,175 @@
+"""Every fine-tuning strategy side by side on both offline tasks, low-data and larger, 3 seeds.
+
+    .venv/bin/python bench/strategies.py                       # everything (about 1.5 h on 2 cores)
+    .venv/bin/python bench/strategies.py --tasks text --sizes 500 --seeds 0
+
+Tasks: MiniLM-L6 on Rotten Tomatoes; EfficientNet-Lite0 on Fashion-MNIST (64 px). Each run
+trains `--epochs` epochs on N labelled samples (same samples, order and head init for every
+strategy at a given seed) and reports accuracy on the same 1,000 test samples, the number of
+parameters the optimizer updates, and wall time. Runs happen in this process with the step
+code a Ray Train worker uses (`finetune.train.steps`): strategies are the variable here, Ray's
+own cost is bench/overhead.py's subject.
+
+Each finished run is appended to --results as one JSON line; runs already there are skipped,
+so an interrupted benchmark resumes. The last line printed is one JSON object (the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from finetune import models
+from finetune.config import DataConfig, LossConfig, ModelConfig, OptimConfig, ScheduleConfig, parse
+from finetune.data import load_source
+from finetune.models.groups import layer_groups
+from finetune.strategies import build_strategy
+from finetune.train import steps
+
+TASKS = {
+    "text": {"source": "rotten_tomatoes", "model": "minilm-l6", "max_length": 64},
+    "image": {"source": "fashion_mnist", "model": "efficientnet-lite0", "image_size": 64},
+}
+# Learning rates by what trains: whole networks want small steps, a head or adapters larger ones.
+LEARNING_RATES = {
+    "text": {"full": 1e-4, "partial": 1e-4, "gradual_unfreeze": 1e-4, "discriminative": 1e-4, "l2sp": 1e-4,
+             "linear_probe": 2e-3, "bitfit": 1e-3, "lora": 5e-4},
+    "image": {"full": 1e-3, "partial": 1e-3, "gradual_unfreeze": 1e-3, "discriminative": 1e-3, "l2sp": 1e-3,
+              "linear_probe": 1e-2, "bitfit": 5e-3, "lora": 2e-3},
+}  # fmt: skip
+STRATEGIES = {
+    "full": {"name": "full"},
+    "linear_probe": {"name": "linear_probe"},
+    "partial": {"name": "partial", "freeze_groups": 3},
+    "gradual_unfreeze": {"name": "gradual_unfreeze", "every_epochs": 1},
+    "discriminative": {"name": "discriminative", "layer_decay": 0.8},
+    "l2sp": {"name": "l2sp", "alpha": 0.01, "beta": 0.01},
+    "bitfit": {"name": "bitfit"},
+    "lora": {"name": "lora", "r": 8, "alpha": 16},
+}
+TEST_SAMPLES = 1000
+
+
+def _task_data(task: str, size: int) -> tuple[dict, dict, int, object]:
+    """Preprocessed train (first `size` rows of the seeded split) and test tensors."""
+    spec = TASKS[task]
+    data_cfg = DataConfig(source=spec["source"], max_length=spec.get("max_length", 128), image_size=spec.get("image_size"))
+    model_cfg = ModelConfig(name=spec["model"])
+    source = load_source(data_cfg, seed=0)
+    preprocessor = models.build_preprocessor(model_cfg, data_cfg)
+    tensors = {}
+    for split, count in (("train", size), ("test", TEST_SAMPLES)):
+        rows = source.splits[split].limit(count).take_batch(count, batch_format="numpy")
+        tensors[split] = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in preprocessor(rows).items()}
+    return tensors["train"], tensors["test"], len(source.label_names), model_cfg
+
+
+def _batches(data: dict, batch_size: int, order: torch.Tensor):
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        index = order[start : start + batch_size]
+        yield {k: v[index] for k, v in data.items()}
+
+
+def run_one(task: str, size: int, strategy_name: str, seed: int, args, data) -> dict:
+    train, test, num_labels, model_cfg = data
+    started = time.perf_counter()
+    strategy_cfg = parse({"data": {"source": "x"}, "model": {"name": "x"}, "strategy": STRATEGIES[strategy_name]}).strategy
+    torch.manual_seed(seed)
+    model = models.build_model(model_cfg, num_labels, TASKS[task].get("image_size", 224))
+    strategy = build_strategy(strategy_cfg)
+    strategy.adapt(model)
+    groups = layer_groups(model)
+    lr = LEARNING_RATES[task][strategy_name]
+    param_groups = strategy.setup(model, groups, lr)
+    optimizer = steps.build_optimizer(param_groups, OptimConfig(lr=lr))
+    steps_per_epoch = size // args.batch_size
+    scheduler = steps.build_scheduler(optimizer, ScheduleConfig(name="linear", warmup_ratio=0.1), steps_per_epoch * args.epochs)
+    loss_fn = steps.build_loss(LossConfig())
+    device = torch.device("cpu")
+    precision = steps.resolve_precision("auto", device)
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(args.epochs):
+        strategy.on_epoch_start(epoch, model, optimizer)
+        order = torch.randperm(size, generator=generator)
+        steps.train_epoch(
+            model, _batches(train, args.batch_size, order), optimizer, scheduler, loss_fn, device=device,
+            precision=precision, max_steps=steps_per_epoch, max_grad_norm=1.0, penalty=lambda: strategy.penalty(model),
+        )  # fmt: skip
+    counts = steps.evaluate_counts(
+        model, _batches(test, 100, torch.arange(TEST_SAMPLES)), num_labels, loss_fn, device=device, precision=precision
+    )
+    metrics = steps.metrics_from_counts(counts, num_labels, "test")
+    in_optimizer = {id(p) for g in param_groups for p in g["params"]}
+    return {
+        "task": task, "size": size, "strategy": strategy_name, "seed": seed, "lr": lr, "epochs": args.epochs,
+        "test_accuracy": metrics["test/accuracy"], "test_macro_f1": metrics["test/macro_f1"],
+        "trainable_params": sum(p.numel() for p in model.parameters() if id(p) in in_optimizer),
+        "total_params": sum(p.numel() for p in model.parameters()), "wall_s": time.perf_counter() - started,
+    }  # fmt: skip
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    table = {}
+    for row in rows:
+        table.setdefault((row["task"], row["size"], row["strategy"]), []).append(row)
+    out = []
+    for (task, size, strategy), runs in sorted(table.items()):
+        accuracies = [r["test_accuracy"] for r in runs]
+        out.append({
+            "task": task, "size": size, "strategy": strategy, "seeds": len(runs),
+            "test_accuracy_mean": round(statistics.mean(accuracies), 4),
+            "test_accuracy_std": round(statistics.stdev(accuracies), 4) if len(runs) > 1 else None,
+            "trainable_params": runs[0]["trainable_params"],
+            "wall_s_mean": round(statistics.mean(r["wall_s"] for r in runs), 1),
+        })  # fmt: skip
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=[500, 2000])
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--results", default="bench/results/strategies.jsonl")
+    args = parser.parse_args()
+
+    import ray
+
+    ray.init(log_to_driver=False, logging_level="WARNING", include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    finished = {(r["task"], r["size"], r["strategy"], r["seed"], r["epochs"]) for r in done}
+    for task in args.tasks:
+        for size in args.sizes:
+            data = None
+            for seed in args.seeds:
+                for strategy in args.strategies:
+                    if (task, size, strategy, seed, args.epochs) in finished:
+                        continue
+                    data = data or _task_data(task, size)
+                    try:
+                        row = run_one(task, size, strategy, seed, args, data)
+                    except ValueError as error:  # a strategy this model cannot take (e.g. lora on Lite)
+                        print(json.dumps({"task": task, "strategy": strategy, "skipped": str(error)}), flush=True)
+                        continue
+                    print(json.dumps(row), flush=True)
+                    with results.open("a") as handle:
+                        handle.write(json.dumps(row) + "\n")
+                    done.append(row)
+    ray.shutdown()
+    print(json.dumps(summarise([r for r in done if r["epochs"] == args.epochs])))
+
+
+if __name__ == "__main__":
+    main()
