@@ -39,7 +39,7 @@ TASKS = {
 # Learning rates by what trains: whole networks want small steps, a head or adapters larger ones.
 LEARNING_RATES = {
     "text": {"full": 1e-4, "partial": 1e-4, "gradual_unfreeze": 1e-4, "discriminative": 1e-4, "l2sp": 1e-4,
-             "linear_probe": 2e-3, "bitfit": 1e-3, "lora": 5e-4},
+             "linear_probe": 1e-2, "bitfit": 2e-3, "lora": 1e-3},
     "image": {"full": 1e-3, "partial": 1e-3, "gradual_unfreeze": 1e-3, "discriminative": 1e-3, "l2sp": 1e-3,
               "linear_probe": 1e-2, "bitfit": 5e-3, "lora": 2e-3},
 }  # fmt: skip
