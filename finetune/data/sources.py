@@ -190,11 +190,12 @@ def _read_image_folder(source: str) -> ray.data.Dataset:
     return ds.map_batches(add_label, batch_format="numpy")
 
 
-def _read_file_source(source: str, fmt: str, cfg: DataConfig) -> tuple[ray.data.Dataset, str]:
-    """Raw rows of one file source, with its input column renamed to text/image."""
+def _read_file_source(source: str, fmt: str, cfg: DataConfig) -> tuple[ray.data.Dataset, str, str]:
+    """Raw rows of one file source, its input column renamed to text/image, and the column
+    whose value decides a row's split (image files by path, everything else by content)."""
     fmt = infer_format(source) if fmt == "auto" else fmt
     if fmt == "image_folder":
-        return _read_image_folder(source), "image"
+        return _read_image_folder(source), "image", "path"
     ds = _read_table_files(source, fmt)
     columns = ds.schema().names
     kind = "image" if cfg.image_column in columns and cfg.text_column not in columns else "text"
@@ -207,7 +208,7 @@ def _read_file_source(source: str, fmt: str, cfg: DataConfig) -> tuple[ray.data.
         )
     renames = {input_column: kind, cfg.label_column: "label"}
     ds = ds.select_columns([input_column, cfg.label_column]).rename_columns(renames)
-    return ds, kind
+    return ds, kind, kind
 
 
 def _discover_labels(datasets: list[ray.data.Dataset], source: str) -> list[str]:
@@ -240,12 +241,10 @@ def _encode_labels(ds: ray.data.Dataset, label_names: list[str], source: str) ->
 
 
 def _hash_split(
-    ds: ray.data.Dataset, kind: str, split: str, val_fraction: float, test_fraction: float, seed: int
+    ds: ray.data.Dataset, key_column: str, split: str, val_fraction: float, test_fraction: float, seed: int
 ) -> ray.data.Dataset:
-    key_column = "path" if kind == "image" and "path" in ds.schema().names else kind
-
     def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keys = batch[key_column] if kind == "text" or key_column == "path" else [bytes(k) for k in batch[key_column]]
+        keys = batch[key_column] if key_column in ("text", "path") else [bytes(k) for k in batch[key_column]]
         mask = split_mask(keys, seed, split, val_fraction, test_fraction)
         return {name: column[mask] for name, column in batch.items()}
 
@@ -253,12 +252,12 @@ def _hash_split(
 
 
 def _load_files(cfg: DataConfig, seed: int) -> Source:
-    train_raw, kind = _read_file_source(cfg.source, cfg.format, cfg)
+    train_raw, kind, key_column = _read_file_source(cfg.source, cfg.format, cfg)
     explicit = {"val": cfg.val_source, "test": cfg.test_source}
     raw = {"train": train_raw}
     for split, path in explicit.items():
         if path:
-            raw[split], split_kind = _read_file_source(path, cfg.format, cfg)
+            raw[split], split_kind, _ = _read_file_source(path, cfg.format, cfg)
             if split_kind != kind:
                 raise DataError(f"data.{split}_source {path} holds {split_kind} data but data.source holds {kind}")
     label_names = _discover_labels([raw["train"]], cfg.source)
@@ -270,7 +269,7 @@ def _load_files(cfg: DataConfig, seed: int) -> Source:
         if explicit.get(split):
             ds, origin = raw[split], explicit[split]
         else:
-            ds, origin = _hash_split(raw["train"], kind, split, val_fraction, test_fraction, seed), cfg.source
+            ds, origin = _hash_split(raw["train"], key_column, split, val_fraction, test_fraction, seed), cfg.source
         splits[split] = _encode_labels(ds, label_names, origin).select_columns([kind, "label"])
     return Source(kind, label_names, splits)
 
