@@ -10,8 +10,15 @@ parameters the optimizer updates, and wall time. Runs happen in this process wit
 code a Ray Train worker uses (`finetune.train.steps`): strategies are the variable here, Ray's
 own cost is bench/overhead.py's subject.
 
-Each finished run is appended to --results as one JSON line; runs already there are skipped,
-so an interrupted benchmark resumes. The last line printed is one JSON object (the table).
+Each finished run is appended to --results as one JSON line; runs already there (same
+settings) are skipped, so an interrupted benchmark resumes. The last line printed is one JSON
+object (the table).
+
+Settings were chosen on the validation split, never the test split, at 500 samples, seed 0:
+
+    .venv/bin/python bench/strategies.py --eval-split val --sizes 500 --seeds 0 \
+        --strategies discriminative --lr 3e-4 --options '{"layer_decay": 0.9}' \
+        --results bench/results/strategy_selection.jsonl
 """
 
 from __future__ import annotations
@@ -47,7 +54,8 @@ STRATEGIES = {
     "full": {"name": "full"},
     "linear_probe": {"name": "linear_probe"},
     "partial": {"name": "partial", "freeze_groups": 3},
-    "gradual_unfreeze": {"name": "gradual_unfreeze", "every_epochs": 1},
+    # every_steps left out: the bench spreads the unfreezing over the first half of the run.
+    "gradual_unfreeze": {"name": "gradual_unfreeze"},
     "discriminative": {"name": "discriminative", "layer_decay": 0.8},
     "l2sp": {"name": "l2sp", "alpha": 0.01, "beta": 0.01},
     "bitfit": {"name": "bitfit"},
@@ -56,18 +64,18 @@ STRATEGIES = {
 TEST_SAMPLES = 1000
 
 
-def _task_data(task: str, size: int) -> tuple[dict, dict, int, object]:
-    """Preprocessed train (first `size` rows of the seeded split) and test tensors."""
+def _task_data(task: str, size: int, eval_split: str) -> tuple[dict, dict, int, object]:
+    """Preprocessed train (first `size` rows of the seeded split) and evaluation tensors."""
     spec = TASKS[task]
     data_cfg = DataConfig(source=spec["source"], max_length=spec.get("max_length", 128), image_size=spec.get("image_size"))
     model_cfg = ModelConfig(name=spec["model"])
     source = load_source(data_cfg, seed=0)
     preprocessor = models.build_preprocessor(model_cfg, data_cfg)
     tensors = {}
-    for split, count in (("train", size), ("test", TEST_SAMPLES)):
+    for split, count in (("train", size), (eval_split, TEST_SAMPLES)):
         rows = source.splits[split].limit(count).take_batch(count, batch_format="numpy")
         tensors[split] = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in preprocessor(rows).items()}
-    return tensors["train"], tensors["test"], len(source.label_names), model_cfg
+    return tensors["train"], tensors[eval_split], len(source.label_names), model_cfg
 
 
 def _batches(data: dict, batch_size: int, order: torch.Tensor):
@@ -76,43 +84,64 @@ def _batches(data: dict, batch_size: int, order: torch.Tensor):
         yield {k: v[index] for k, v in data.items()}
 
 
+def settings(task: str, strategy_name: str, args) -> tuple[float, dict]:
+    """The learning rate and strategy section a run uses: the tables above unless --lr/--options say otherwise."""
+    lr = args.lr or LEARNING_RATES[task][strategy_name]
+    return lr, {**STRATEGIES[strategy_name], **json.loads(args.options or "{}")}
+
+
+def same_settings(row: dict, args) -> bool:
+    lr, section = settings(row["task"], row["strategy"], args)
+    return (row["epochs"], row["lr"], row.get("strategy_section"), row.get("eval_split", "test")) == (
+        args.epochs, lr, section, args.eval_split)  # fmt: skip
+
+
 def run_one(task: str, size: int, strategy_name: str, seed: int, args, data) -> dict:
     train, test, num_labels, model_cfg = data
     started = time.perf_counter()
-    strategy_cfg = parse({"data": {"source": "x"}, "model": {"name": "x"}, "strategy": STRATEGIES[strategy_name]}).strategy
+    lr, section = settings(task, strategy_name, args)
+    steps_per_epoch = size // args.batch_size
     torch.manual_seed(seed)
     model = models.build_model(model_cfg, num_labels, TASKS[task].get("image_size", 224))
+    resolved = dict(section)
+    if strategy_name == "gradual_unfreeze" and "every_epochs" not in section and "every_steps" not in section:
+        resolved["every_steps"] = max(1, steps_per_epoch * args.epochs // (2 * len(layer_groups(model))))
+    strategy_cfg = parse({"data": {"source": "x"}, "model": {"name": "x"}, "strategy": resolved}).strategy
     strategy = build_strategy(strategy_cfg)
     strategy.adapt(model)
     groups = layer_groups(model)
-    lr = LEARNING_RATES[task][strategy_name]
     param_groups = strategy.setup(model, groups, lr)
     optimizer = steps.build_optimizer(param_groups, OptimConfig(lr=lr))
-    steps_per_epoch = size // args.batch_size
     scheduler = steps.build_scheduler(optimizer, ScheduleConfig(name="linear", warmup_ratio=0.1), steps_per_epoch * args.epochs)
     loss_fn = steps.build_loss(LossConfig())
     device = torch.device("cpu")
     precision = steps.resolve_precision("auto", device)
     generator = torch.Generator().manual_seed(seed)
     ever_trained: set[int] = set()
+
+    def before_step(epoch: int, step: int) -> None:
+        strategy.before_step(epoch, epoch * steps_per_epoch + step, model)
+        ever_trained.update(id(p) for p in model.parameters() if p.requires_grad)
+
     for epoch in range(args.epochs):
-        strategy.on_epoch_start(epoch, model, optimizer)
-        ever_trained |= {id(p) for p in model.parameters() if p.requires_grad}
         order = torch.randperm(size, generator=generator)
         steps.train_epoch(
             model, _batches(train, args.batch_size, order), optimizer, scheduler, loss_fn, device=device,
             precision=precision, max_steps=steps_per_epoch, max_grad_norm=1.0, penalty=lambda: strategy.penalty(model),
+            before_step=lambda step, epoch=epoch: before_step(epoch, step),
         )  # fmt: skip
     counts = steps.evaluate_counts(
         model, _batches(test, 100, torch.arange(TEST_SAMPLES)), num_labels, loss_fn, device=device, precision=precision
     )
-    metrics = steps.metrics_from_counts(counts, num_labels, "test")
+    metrics = steps.metrics_from_counts(counts, num_labels, "eval")
     # Parameters the optimizer held and that were unfrozen at some epoch (gradual unfreezing
     # never reaches its lowest groups in a short run).
     in_optimizer = {id(p) for g in param_groups for p in g["params"]} & ever_trained
     return {
         "task": task, "size": size, "strategy": strategy_name, "seed": seed, "lr": lr, "epochs": args.epochs,
-        "test_accuracy": metrics["test/accuracy"], "test_macro_f1": metrics["test/macro_f1"],
+        "strategy_section": section, "resolved": strategy_cfg.model_dump(), "eval_split": args.eval_split,
+        # named test_* whatever the split, so selection runs and final runs share one table
+        "test_accuracy": metrics["eval/accuracy"], "test_macro_f1": metrics["eval/macro_f1"],
         "trainable_params": sum(p.numel() for p in model.parameters() if id(p) in in_optimizer),
         "total_params": sum(p.numel() for p in model.parameters()), "wall_s": time.perf_counter() - started,
     }  # fmt: skip
@@ -156,12 +185,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--results", default="bench/results/strategies.jsonl")
+    parser.add_argument("--eval-split", default="test", choices=["test", "val"], help="val: for choosing settings")
+    parser.add_argument("--lr", type=float, help="learning rate for every strategy run (default: the table)")
+    parser.add_argument("--options", help='JSON merged into the strategy section, e.g. \'{"layer_decay": 0.9}\'')
     parser.add_argument("--report", action="store_true", help="print the markdown table of --results and stop")
     args = parser.parse_args()
     results = Path(args.results)
     if args.report:
         rows = [json.loads(line) for line in results.read_text().splitlines()]
-        print(markdown(summarise([r for r in rows if r["epochs"] == args.epochs])))
+        print(markdown(summarise([r for r in rows if same_settings(r, args)])))
         return
 
     import ray
@@ -170,15 +202,16 @@ def main() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     results.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    finished = {(r["task"], r["size"], r["strategy"], r["seed"], r["epochs"]) for r in done}
+    done = [r for r in done if same_settings(r, args)]  # rows from other settings are history
+    finished = {(r["task"], r["size"], r["strategy"], r["seed"]) for r in done}
     for task in args.tasks:
         for size in args.sizes:
             data = None
             for seed in args.seeds:
                 for strategy in args.strategies:
-                    if (task, size, strategy, seed, args.epochs) in finished:
+                    if (task, size, strategy, seed) in finished:
                         continue
-                    data = data or _task_data(task, size)
+                    data = data or _task_data(task, size, args.eval_split)
                     try:
                         row = run_one(task, size, strategy, seed, args, data)
                     except ValueError as error:  # a strategy this model cannot take (e.g. lora on Lite)
@@ -189,7 +222,7 @@ def main() -> None:
                         handle.write(json.dumps(row) + "\n")
                     done.append(row)
     ray.shutdown()
-    print(json.dumps(summarise([r for r in done if r["epochs"] == args.epochs])))
+    print(json.dumps(summarise(done)))
 
 
 if __name__ == "__main__":

@@ -83,6 +83,21 @@ class ModelConfig(Section):
         description="Initialisation of the new classification head: the library's default, xavier (uniform), "
         "kaiming (normal, fan_in), normal (std 0.02), or zeros; biases start at zero.",
     )
+    layer_groups: list[str] | None = Field(
+        None,
+        description="The model's layer groups, input -> output, as regexes over parameter names (a parameter "
+        "joins the first group that matches; the new head is its own last group). Default: found from the "
+        "architecture (BERT-family, ResNet, MobileNet, EfficientNet, ViT, EfficientNet-Lite).",
+    )
+
+    @model_validator(mode="after")
+    def _groups_are_regexes(self) -> "ModelConfig":
+        for pattern in self.layer_groups or []:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"model.layer_groups: {pattern!r} is not a regex: {error}") from None
+        return self
 
 
 class FullStrategyConfig(Section):
@@ -115,12 +130,25 @@ class PartialConfig(Section):
 class GradualUnfreezeConfig(Section):
     name: Literal["gradual_unfreeze"] = Field(
         description="gradual_unfreeze (ULMFiT): start with the head, unfreeze one more group from the top "
-        "every `every_epochs` epochs."
+        "every `every_epochs` epochs or every `every_steps` optimizer steps."
     )
-    every_epochs: int = Field(1, ge=1, description="Epochs between two unfreezings.")
+    every_epochs: int | None = Field(
+        None, ge=1, description="Epochs between two unfreezings (the default, 1, when every_steps is not set)."
+    )
+    every_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps between two unfreezings, for short runs where epochs are too coarse."
+    )
     layer_decay: float | None = Field(
         None, gt=0.0, le=1.0, description="Also use discriminative rates: lr * layer_decay^(groups from the head)."
     )
+
+    @model_validator(mode="after")
+    def _one_period(self) -> "GradualUnfreezeConfig":
+        if self.every_epochs is not None and self.every_steps is not None:
+            raise ValueError("strategy.every_epochs and strategy.every_steps: set at most one of them")
+        if self.every_steps is None and self.every_epochs is None:
+            self.every_epochs = 1
+        return self
 
 
 class DiscriminativeConfig(Section):

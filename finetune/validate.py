@@ -8,14 +8,37 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from pydantic import ValidationError
 
 from finetune import config as config_module
+from finetune import models
 from finetune.config import ConfigError, DataConfig, ModelConfig, PipelineConfig
 from finetune.data import check_source
 from finetune.models import check_model
+from finetune.models.groups import layer_groups
+from finetune.strategies import build_strategy
 
 SECTION_CHECKS = (("data", DataConfig, check_source), ("model", ModelConfig, check_model))
+
+
+def check_strategy(cfg: PipelineConfig) -> list[str]:
+    """Apply the strategy to the model's structure on the meta device (no weights, no memory):
+    undeclarable layer groups, freeze_groups beyond the model's groups, a freeze regex or LoRA
+    target that matches nothing all show here instead of inside a Ray worker."""
+    ref = models.resolve(cfg.model.name)
+    try:
+        with torch.device("meta"):
+            model = models.build_architecture(ref.family, ref.target, 2, models.image_size_for(cfg.data))
+    except OSError:
+        return []  # the config is not reachable from here (hub offline): the workers will say so
+    strategy = build_strategy(cfg.strategy)
+    try:
+        strategy.adapt(model)
+        strategy.setup(model, layer_groups(model, cfg.model.layer_groups), cfg.optim.lr)
+    except ValueError as error:  # UnknownArchitecture included
+        return [str(error)]
+    return []
 
 
 def _registry_problems(raw: dict) -> list[str]:
@@ -37,6 +60,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     except ConfigError as error:
         raise ConfigError(error.problems + _registry_problems(raw)) from None
     problems = _registry_problems(raw)
+    if not problems:
+        problems = check_strategy(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg

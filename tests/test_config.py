@@ -102,3 +102,16 @@ def test_cli_exits_2_with_a_message_and_no_traceback(tmp_path, capsys):
 def test_cli_missing_pipeline_file(capsys):
     assert main(["validate", "/no/pipeline.yaml"]) == 2
     assert "pipeline file /no/pipeline.yaml does not exist" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [(["strategy.name=partial", "strategy.freeze_groups=12"], "strategy.freeze_groups=12: this model has 9 layer groups"),
+     (["strategy.name=partial", "strategy.freeze_regex=nothing"], "strategy.freeze_regex='nothing' matches no parameter"),
+     (["model.layer_groups=[embeddings]"], "model.layer_groups: 98 parameters match no group"),
+     (["model.layer_groups=['(']"], "model.layer_groups: '(' is not a regex"),
+     (["model.name=efficientnet-lite0", "strategy.name=lora"], "strategy.name=lora: EfficientNet has no plain Linear")],
+)  # fmt: skip
+def test_strategy_is_checked_against_the_model_before_training(tmp_path, capsys, overrides, message):
+    assert main(["validate", str(write(tmp_path, MINIMAL)), *overrides]) == 2
+    assert message in capsys.readouterr().out

@@ -58,3 +58,50 @@ def test_efficientnet_lite0_groups():
 def test_unknown_architecture_is_a_clear_error():
     with pytest.raises(UnknownArchitecture, match="not a classifier built by finetune.models"):
         layer_groups(nn.Linear(3, 2))
+
+
+class TwoConvNet(nn.Module):
+    """No block sequence to find: its groups must be declared."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.conv2(self.conv1(x))).flatten(1))
+
+
+def test_undetectable_blocks_say_how_to_declare_groups():
+    model = ImageClassifier(replace_head(TwoConvNet(), 3))
+    with pytest.raises(UnknownArchitecture, match=r"model.layer_groups: .*parameter names start net\.conv1\., net\.conv2\."):
+        layer_groups(model)
+
+
+def test_declared_groups_in_order_with_the_head_last():
+    model = ImageClassifier(replace_head(TwoConvNet(), 3))
+    groups = layer_groups(model, [r"^net\.conv1\.", r"^net\.conv2\."])
+    assert [g.name for g in groups] == [r"^net\.conv1\.", r"^net\.conv2\.", "head"]
+    assert set(groups[0].params) == {"net.conv1.weight", "net.conv1.bias"}
+    assert set(groups[-1].params) == {"net.fc.weight", "net.fc.bias"}
+    assert covers_every_parameter_once(model, groups)
+
+
+def test_declared_groups_override_detection_first_match_wins(tiny_bert_dir):
+    model = models.build_model(ModelConfig(name=f"hf:{tiny_bert_dir}"), num_labels=2)
+    groups = layer_groups(model, ["embeddings", r"layer\.0\.", "encoder|pooler"])
+    assert [len(g.params) for g in groups[:2]] == [len(layer_groups(model)[0].params), 16]
+    assert all("layer.0." not in name for name in groups[2].params)
+    assert covers_every_parameter_once(model, groups)
+
+
+@pytest.mark.parametrize(
+    ("patterns", "message"),
+    [(["embeddings"], "parameters match no group, e.g. hf_model.bert.encoder.layer.0"),
+     (["embeddings", "encoder|pooler", "pooler"], r"\['pooler'\] match no parameter")],
+)  # fmt: skip
+def test_declared_groups_must_cover_and_all_match(tiny_bert_dir, patterns, message):
+    model = models.build_model(ModelConfig(name=f"hf:{tiny_bert_dir}"), num_labels=2)
+    with pytest.raises(UnknownArchitecture, match=message):
+        layer_groups(model, patterns)

@@ -39,22 +39,29 @@ def tiny(tiny_bert_dir):
     return model, batches
 
 
-def train(model, batches, strategy, epochs=1):
+def train(model, batches, strategy, epochs=1, grad_accum_steps=1):
+    """Real optimizer steps; returns the groups, the optimizer, the parameters that moved and the
+    trainable set before each optimizer step."""
     groups = layer_groups(model)
     param_groups = strategy.setup(model, groups, LR)
     optimizer = steps.build_optimizer(param_groups, OptimConfig(lr=LR))
     scheduler = steps.build_scheduler(optimizer, ScheduleConfig(name="constant", warmup_ratio=0.0), 100)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainable_by_epoch = []
+    steps_per_epoch = len(batches) // grad_accum_steps
+    trainable_by_step = []
+
+    def before_step(step, epoch):
+        strategy.before_step(epoch, epoch * steps_per_epoch + step, model)
+        trainable_by_step.append({n for n, p in model.named_parameters() if p.requires_grad})
+
     for epoch in range(epochs):
-        strategy.on_epoch_start(epoch, model, optimizer)
-        trainable_by_epoch.append({n for n, p in model.named_parameters() if p.requires_grad})
         steps.train_epoch(
             model, batches, optimizer, scheduler, torch.nn.CrossEntropyLoss(), device=torch.device("cpu"),
-            precision="fp32", max_steps=len(batches), penalty=lambda: strategy.penalty(model),
+            precision="fp32", max_steps=steps_per_epoch, grad_accum_steps=grad_accum_steps,
+            penalty=lambda: strategy.penalty(model), before_step=lambda step, epoch=epoch: before_step(step, epoch),
         )  # fmt: skip
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    return groups, optimizer, moved, trainable_by_epoch
+    return groups, optimizer, moved, trainable_by_step
 
 
 def all_names(model):
@@ -112,21 +119,39 @@ def test_discriminative_rates_decay_from_the_head(tiny):
 
 
 def test_gradual_unfreezing_follows_the_schedule(tiny):
-    model, batches = tiny
+    model, batches = tiny  # 4 batches: 4 optimizer steps per epoch
     strategy = build_strategy(strategy_cfg(name="gradual_unfreeze", every_epochs=2))
     groups, _, moved, trainable = train(model, batches, strategy, epochs=4)
     top = lambda k: {n for g in groups[-k:] for n in g.params}  # noqa: E731
-    assert trainable == [top(1), top(1), top(2), top(2)]
+    assert trainable == [top(1)] * 8 + [top(2)] * 8
     assert moved == top(2)  # groups below were never unfrozen: bit-identical
+
+
+def test_gradual_unfreezing_by_steps_counts_optimizer_steps(tiny):
+    model, batches = tiny  # 4 batches, 2 per optimizer step: 2 steps per epoch
+    strategy = build_strategy(strategy_cfg(name="gradual_unfreeze", every_steps=3))
+    groups, _, moved, trainable = train(model, batches, strategy, epochs=3, grad_accum_steps=2)
+    top = lambda k: {n for g in groups[-k:] for n in g.params}  # noqa: E731
+    assert trainable == [top(1), top(1), top(1), top(2), top(2), top(2)]
+    assert moved == top(2)
 
 
 def test_gradual_resumes_mid_schedule(tiny):
     model, _ = tiny
-    strategy = build_strategy(strategy_cfg(name="gradual_unfreeze", every_epochs=1))
     groups = layer_groups(model)
-    strategy.setup(model, groups, LR)
-    strategy.on_epoch_start(3, model, None)  # a run resumed at epoch 3
+    by_epochs = build_strategy(strategy_cfg(name="gradual_unfreeze", every_epochs=1))
+    by_epochs.setup(model, groups, LR)
+    by_epochs.before_step(3, 120, model)  # a run resumed at epoch 3
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for g in groups[-4:] for n in g.params}
+    by_steps = build_strategy(strategy_cfg(name="gradual_unfreeze", every_steps=50))
+    by_steps.setup(model, groups, LR)
+    by_steps.before_step(3, 120, model)  # global step 120: two periods done
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for g in groups[-3:] for n in g.params}
+
+
+def test_gradual_takes_one_period(tiny):
+    with pytest.raises(config.ConfigError, match="every_epochs and strategy.every_steps"):
+        strategy_cfg(name="gradual_unfreeze", every_epochs=1, every_steps=10)
 
 
 def test_l2sp_penalty_and_gradient_equal_the_formula(tiny):

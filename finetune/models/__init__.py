@@ -103,6 +103,19 @@ def build_model(model_cfg: ModelConfig, num_labels: int, image_size: int = DEFAU
     return model
 
 
+def build_architecture(
+    family: str, target: str, num_labels: int, image_size: int = DEFAULT_IMAGE_SIZE, text_config: str | Path | None = None
+) -> nn.Module:
+    """The classifier's structure without pretrained weights (random init, or none on the meta
+    device): for loading saved weights, and for checking a pipeline before anything downloads.
+    `text_config`: where an hf model's config.json is (default: `target`)."""
+    if family == "hf":
+        return text.rebuild_text_model(text_config or target, num_labels)
+    if family == "efficientnet_lite":
+        return vision.build_efficientnet_lite(num_labels, image_size, pretrained=False)
+    return vision.rebuild_torchvision(target, num_labels)
+
+
 def _architecture(model_cfg: ModelConfig, num_labels: int, image_size: int) -> dict:
     ref = resolve(model_cfg.name)
     return {"name": model_cfg.name, "family": ref.family, "target": ref.target,
@@ -158,13 +171,10 @@ def load_model(directory: str | Path) -> SavedModel:
     architecture = json.loads((directory / "model.json").read_text())
     label_names = json.loads((directory / "labels.json").read_text())
     preprocessing = json.loads((directory / "preprocessing.json").read_text())
-    family, num_labels = architecture["family"], architecture["num_labels"]
-    if family == "hf":
-        model: nn.Module = text.rebuild_text_model(directory)
-    elif family == "efficientnet_lite":
-        model = vision.build_efficientnet_lite(num_labels, architecture["image_size"], pretrained=False)
-    else:
-        model = vision.rebuild_torchvision(architecture["target"], num_labels)
+    model = build_architecture(
+        architecture["family"], architecture["target"], architecture["num_labels"], architecture["image_size"],
+        text_config=directory,
+    )
     load_weights(model, str(directory / "model.safetensors"))
     model.eval()
     if preprocessing["kind"] == "text":

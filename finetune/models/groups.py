@@ -4,7 +4,8 @@ Strategies see models only through these groups (stem/embeddings, blocks..., nec
 one strategy serves BERT, ResNet, MobileNet, EfficientNet, ViT and EfficientNet-Lite alike.
 The blocks are found structurally: ResNet-style `layer1..layerN` stages, else the largest
 ModuleList/Sequential of blocks (BERT's encoder.layer, torchvision's `features` or
-`encoder.layers`, EfficientNet-Lite's `_blocks`).
+`encoder.layers`, EfficientNet-Lite's `_blocks`). A model whose blocks are not found that way
+declares its groups in the pipeline: `model.layer_groups`, one regex per group, input -> output.
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ class LayerGroup:
 
 class UnknownArchitecture(ValueError):
     """The model's blocks could not be found; its layer groups must be declared."""
+
+
+def _declare_hint(model: nn.Module) -> str:
+    prefixes = list(dict.fromkeys(name.rsplit(".", 1)[0] + "." for name, _ in model.named_parameters()))
+    shown = ", ".join(prefixes[:6]) + (", ..." if len(prefixes) > 6 else "")
+    return (
+        "declare the groups in the pipeline, input -> output, one regex per group (the new head is "
+        "found on its own), e.g. model.layer_groups: ['^net\\.stem\\.', '^net\\.blocks\\.[0-3]\\.', "
+        f"'^net\\.blocks\\.'] (a parameter joins the first group that matches it); its parameter names start {shown}"
+    )
 
 
 def head_prefix(model: nn.Module) -> re.Pattern:
@@ -60,24 +71,56 @@ def _block_prefixes(model: nn.Module) -> list[str]:
         if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) >= 2
     ]
     if not containers:
-        raise UnknownArchitecture(f"{type(model).__name__}: no sequence of blocks found")
+        raise UnknownArchitecture(f"{type(model).__name__}: no sequence of blocks found; " + _declare_hint(model))
     _, name, module = max(containers, key=lambda item: item[0])
     return [f"{name}.{child}." for child, sub in module.named_children() if any(True for _ in sub.parameters())]
 
 
-def layer_groups(model: nn.Module) -> list[LayerGroup]:
-    """Groups in input -> output order: stem, each block, neck (if any), head."""
+def _declared_groups(model: nn.Module, head: re.Pattern, patterns: list[str]) -> dict[str, LayerGroup]:
+    groups = {pattern: LayerGroup(pattern) for pattern in patterns}
+    unmatched = []
+    for name, param in model.named_parameters():
+        if head.match(name):
+            continue
+        pattern = next((p for p in patterns if re.search(p, name)), None)
+        if pattern is None:
+            unmatched.append(name)
+        else:
+            groups[pattern].params[name] = param
+    if unmatched:
+        raise UnknownArchitecture(
+            f"model.layer_groups: {len(unmatched)} parameters match no group, e.g. {', '.join(unmatched[:3])}; "
+            "add a pattern for them (every parameter outside the head belongs to one group)"
+        )
+    empty = [p for p, group in groups.items() if not group.params]
+    if empty:
+        raise UnknownArchitecture(f"model.layer_groups: {empty} match no parameter (or only ones an earlier group took)")
+    return groups
+
+
+def layer_groups(model: nn.Module, declared: list[str] | None = None) -> list[LayerGroup]:
+    """Groups in input -> output order: stem, each block, neck (if any), head; or the `declared`
+    regexes (model.layer_groups) followed by the head."""
     head = head_prefix(model)
+    if declared:
+        groups = _declared_groups(model, head, declared)
+    else:
+        groups = _structural_groups(model, head)
+    groups["head"] = LayerGroup("head", {n: p for n, p in model.named_parameters() if head.match(n)})
+    if not groups["head"].params:
+        raise UnknownArchitecture(f"{type(model).__name__}: no classification head found")
+    return [group for group in groups.values() if group.params]
+
+
+def _structural_groups(model: nn.Module, head: re.Pattern) -> dict[str, LayerGroup]:
     blocks = _block_prefixes(model)
     groups = {"stem": LayerGroup("stem")}
     # Display names without the wrapper's attribute: "layer1", "features.3", "bert.encoder.layer.0".
     groups.update({prefix.rstrip("."): LayerGroup(prefix.rstrip(".").split(".", 1)[1]) for prefix in blocks})
     groups["neck"] = LayerGroup("neck")
-    groups["head"] = LayerGroup("head")
     seen_block = False
     for name, param in model.named_parameters():
         if head.match(name):
-            groups["head"].params[name] = param
             continue
         block = next((prefix for prefix in blocks if name.startswith(prefix)), None)
         if block:
@@ -85,16 +128,17 @@ def layer_groups(model: nn.Module) -> list[LayerGroup]:
             groups[block.rstrip(".")].params[name] = param
         else:
             groups["neck" if seen_block else "stem"].params[name] = param
-    if not groups["head"].params:
-        raise UnknownArchitecture(f"{type(model).__name__}: no classification head found")
-    return [group for group in groups.values() if group.params]
+    return groups
 
 
 def init_head(model: nn.Module, scheme: str) -> None:
     """Re-initialise the new head's weights by `scheme`; biases to zero. `default` keeps the library's."""
     if scheme == "default":
         return
-    for name, param in layer_groups(model)[-1].params.items():
+    head = head_prefix(model)
+    for name, param in model.named_parameters():
+        if not head.match(name):
+            continue
         with torch.no_grad():
             if param.dim() < 2:
                 nn.init.zeros_(param)

@@ -40,10 +40,10 @@ def save_text_architecture(model: TextClassifier, directory: Path) -> None:
     model.hf_model.config.save_pretrained(directory)
 
 
-def rebuild_text_model(directory: Path) -> TextClassifier:
-    """The architecture from a saved config.json, without weights (they are loaded after)."""
+def rebuild_text_model(config_source: str | Path, num_labels: int) -> TextClassifier:
+    """The architecture from a config.json (a saved model folder or a hub id), without weights."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     _quiet_transformers()
-    config = AutoConfig.from_pretrained(directory)
+    config = AutoConfig.from_pretrained(config_source, num_labels=num_labels)
     return TextClassifier(AutoModelForSequenceClassification.from_config(config))

@@ -3,7 +3,7 @@
 Hooks (see `Strategy`):
   adapt(model)                                        structural changes first, e.g. LoRA adapters
   setup(model, groups, lr) -> optimizer param groups   what trains, at which learning rate
-  on_epoch_start(epoch, model, optimizer)             e.g. gradual unfreezing
+  before_step(epoch, step, model)                     e.g. gradual unfreezing (step: global optimizer step)
   penalty(model) -> Tensor | None                     e.g. L2-SP toward the pretrained weights
 
 Strategies see a model only through `layer_groups(model)` (stem, blocks..., neck, head).
@@ -35,7 +35,7 @@ class Strategy(Protocol):
 
     def setup(self, model: nn.Module, groups: list[LayerGroup], lr: float) -> list[dict]: ...
 
-    def on_epoch_start(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
+    def before_step(self, epoch: int, step: int, model: nn.Module) -> None: ...
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None: ...
 

@@ -38,8 +38,8 @@ class NoHooks:
     def adapt(self, model: nn.Module) -> None:
         """Change the model's structure before its layer groups are read (e.g. add adapters)."""
 
-    def on_epoch_start(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        pass
+    def before_step(self, epoch: int, step: int, model: nn.Module) -> None:
+        """Called before each optimizer step (its first micro-batch); `step` counts from the run's start."""
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         return None

@@ -1,13 +1,13 @@
-"""gradual_unfreeze (ULMFiT): the head first, then one more group from the top every N epochs.
+"""gradual_unfreeze (ULMFiT): the head first, then one more group from the top every N epochs or steps.
 
 Every group is in the optimizer from the start; a frozen group has no gradient, so the
 optimizer leaves it (and its momentum) alone until it is unfrozen. The unfrozen set is a
-function of the epoch alone, so a run resumed from a checkpoint picks the schedule up where it was.
+function of the epoch (or global step) alone, so a run resumed from a checkpoint picks the
+schedule up where it was.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from finetune.config import GradualUnfreezeConfig
@@ -15,8 +15,10 @@ from finetune.models.groups import LayerGroup
 from finetune.strategies.base import NoHooks, group_lr_scales, param_groups, set_trainable
 
 
-def unfrozen_count(epoch: int, every_epochs: int, total_groups: int) -> int:
-    return min(total_groups, 1 + epoch // every_epochs)
+def unfrozen_count(epoch: int, step: int, cfg: GradualUnfreezeConfig, total_groups: int) -> int:
+    """Groups trainable (counted from the head) at global optimizer `step` of `epoch`."""
+    periods = step // cfg.every_steps if cfg.every_steps else epoch // cfg.every_epochs
+    return min(total_groups, 1 + periods)
 
 
 class GradualUnfreezeStrategy(NoHooks):
@@ -25,12 +27,15 @@ class GradualUnfreezeStrategy(NoHooks):
     def __init__(self, cfg: GradualUnfreezeConfig):
         self.cfg = cfg
         self.groups: list[LayerGroup] = []
+        self.count = 0
 
     def setup(self, model: nn.Module, groups: list[LayerGroup], lr: float) -> list[dict]:
-        self.groups = groups
+        self.groups, self.count = groups, 1
         set_trainable(model, set(groups[-1].params))
         return param_groups(groups, lr, group_lr_scales(groups, self.cfg.layer_decay))
 
-    def on_epoch_start(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        count = unfrozen_count(epoch, self.cfg.every_epochs, len(self.groups))
-        set_trainable(model, {name for group in self.groups[-count:] for name in group.params})
+    def before_step(self, epoch: int, step: int, model: nn.Module) -> None:
+        count = unfrozen_count(epoch, step, self.cfg, len(self.groups))
+        if count != self.count:
+            self.count = count
+            set_trainable(model, {name for group in self.groups[-count:] for name in group.params})

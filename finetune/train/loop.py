@@ -104,7 +104,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     preprocessor = models.build_preprocessor(cfg.model, cfg.data)
     strategy = build_strategy(cfg.strategy)
     strategy.adapt(model)
-    groups = layer_groups(model)
+    groups = layer_groups(model, cfg.model.layer_groups)
     param_groups = strategy.setup(model, groups, cfg.optim.lr)
     model = _prepare_ddp(model, param_groups, strategy.freezes)
     optimizer = steps.build_optimizer(param_groups, cfg.optim)
@@ -139,7 +139,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # ---- 3. epochs -----------------------------------------------------------------------
     train_shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, cfg.train.epochs):
-        strategy.on_epoch_start(epoch, module, optimizer)
         batches = train_shard.iter_torch_batches(
             batch_size=cfg.train.batch_size,
             drop_last=True,  # equal step counts on every rank, or DDP waits forever
@@ -157,6 +156,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             device=device, precision=precision, max_steps=steps_per_epoch,
             grad_accum_steps=cfg.train.grad_accum_steps, max_grad_norm=cfg.train.max_grad_norm,
             scaler=scaler, penalty=lambda: strategy.penalty(module), on_step=on_step,
+            before_step=lambda step, epoch=epoch: strategy.before_step(epoch, epoch * steps_per_epoch + step, module),
         )  # fmt: skip
         metrics = {
             "epoch": epoch,

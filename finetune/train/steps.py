@@ -104,6 +104,7 @@ def train_epoch(
     scaler: torch.amp.GradScaler | None = None,
     penalty: Callable[[], torch.Tensor | None] | None = None,
     on_step: Callable[[int, float, EpochStats], None] | None = None,
+    before_step: Callable[[int], None] | None = None,
 ) -> EpochStats:
     """One pass: forward, backward, (accumulate), clip, step. After `max_steps` optimizer steps
     the remaining batches are drained unused, so every DDP rank takes the same number of
@@ -116,6 +117,8 @@ def train_epoch(
     for batch in _timed(batches, stats):
         if stats.steps >= max_steps:
             continue
+        if before_step and micro % grad_accum_steps == 0:
+            before_step(stats.steps)  # a window's first micro-batch: the trainable set may change here
         inputs, labels = split_batch(batch, device)
         last_micro = (micro + 1) % grad_accum_steps == 0
         # DDP: gradients are all-reduced only on the micro-step that ends an accumulation window.
