@@ -110,7 +110,7 @@ def test_cli_missing_pipeline_file(capsys):
      (["strategy.name=partial", "strategy.freeze_regex=nothing"], "strategy.freeze_regex='nothing' matches no parameter"),
      (["model.layer_groups=[embeddings]"], "model.layer_groups: 98 parameters match no group"),
      (["model.layer_groups=['(']"], "model.layer_groups: '(' is not a regex"),
-     (["model.name=efficientnet-lite0", "strategy.name=lora"], "strategy.name=lora: EfficientNet has no plain Linear")],
+     (["strategy.name=lora", "strategy.target_modules=[qqq]"], "strategy.target_modules=['qqq']: Target modules {'qqq'} not found")],
 )  # fmt: skip
 def test_strategy_is_checked_against_the_model_before_training(tmp_path, capsys, overrides, message):
     assert main(["validate", str(write(tmp_path, MINIMAL)), *overrides]) == 2

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from conftest import sentiment_rows
 from finetune import config, models
 from finetune.cli import main
-from finetune.config import ModelConfig, OptimConfig, ScheduleConfig
+from finetune.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig
 from finetune.data import TextPreprocessor
 from finetune.models.groups import layer_groups
 from finetune.strategies import build_strategy
@@ -252,9 +252,40 @@ def test_lora_on_a_vision_model_adapts_convolutions(tmp_path):
     assert model(pixel_values=torch.randn(2, 3, 32, 32)).shape == (2, 3)
 
 
-def test_lora_explains_models_it_cannot_adapt():
+def test_lora_on_efficientnet_lite_adapts_pointwise_convs_and_merges(tmp_path):
+    torch.manual_seed(0)
     model = models.build_model(ModelConfig(name="efficientnet-lite0"), num_labels=3, image_size=32)
-    with pytest.raises(ValueError, match="EfficientNet has no plain Linear or Conv2d layer outside its head"):
+    pixels = torch.randn(4, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        before = model(pixel_values=pixels)
+    strategy = build_strategy(strategy_cfg(name="lora", r=2))
+    strategy.adapt(model)
+    with torch.no_grad():  # adapters start at zero (lora_B = 0): same function
+        torch.testing.assert_close(model(pixel_values=pixels), before)
+    groups = layer_groups(model)
+    strategy.setup(model, groups, LR)
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, p in model.named_parameters() if ".lora_A" in n}
+    assert "net._blocks.0._project_conv" in adapted and "net._conv_head" in adapted
+    assert "net._conv_stem" not in adapted  # 3x3 'same' padding: left alone
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)  # as if trained
+        adapted_out = model(pixel_values=pixels)
+    assert not torch.allclose(adapted_out, before)
+    preprocessor = models.build_preprocessor(ModelConfig(name="efficientnet-lite0"), DataConfig(source="x", image_size=32))
+    models.save_model(model, tmp_path, ModelConfig(name="efficientnet-lite0"), preprocessor, ["a", "b", "c"], 32)
+    saved = models.load_model(tmp_path)  # the original static-padding classes, merged weights
+    with torch.no_grad():
+        torch.testing.assert_close(saved.model(pixel_values=pixels), adapted_out, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_explains_models_it_cannot_adapt():
+    from finetune.models.vision import ImageClassifier
+
+    model = ImageClassifier(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match="Sequential has no plain Linear or Conv2d layer outside its head"):
         build_strategy(strategy_cfg(name="lora")).adapt(model)
 
 

@@ -80,3 +80,24 @@ def build_efficientnet_lite(num_labels: int, image_size: int, pretrained: bool =
         image_size=image_size,
     )
     return ImageClassifier(net)
+
+
+def plain_pointwise_convs(net: nn.Module) -> int:
+    """Swap EfficientNet-Lite's 1x1, stride-1 'same'-padding convolutions for plain nn.Conv2d.
+
+    Their padding is zero, so the layer computes the same thing with the same parameter names
+    (a saved model loads back into the original class), and peft can put adapters on a plain
+    Conv2d where it cannot rebuild the padded subclass. Returns the number swapped.
+    """
+    from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
+
+    swapped = 0
+    for name, module in list(net.named_modules()):
+        if type(module) is Conv2dStaticSamePadding and module.kernel_size == (1, 1) and tuple(module.stride) == (1, 1):
+            plain = nn.Conv2d(module.in_channels, module.out_channels, 1, groups=module.groups,
+                              bias=module.bias is not None, device=module.weight.device, dtype=module.weight.dtype)  # fmt: skip
+            plain.weight, plain.bias = module.weight, module.bias
+            parent_name, _, attr = name.rpartition(".")
+            setattr(net.get_submodule(parent_name) if parent_name else net, attr, plain)
+            swapped += 1
+    return swapped

@@ -11,6 +11,7 @@ from torch import nn
 
 from finetune.config import LoRAConfig
 from finetune.models.groups import LayerGroup, head_prefix
+from finetune.models.vision import plain_pointwise_convs
 from finetune.strategies.base import NoHooks, param_groups, set_trainable
 
 
@@ -19,7 +20,8 @@ def default_targets(model: nn.Module) -> list[str]:
 
     Exact types only: peft builds a conv adapter as another instance of the base layer's class,
     which fails for subclasses with extra constructor arguments (EfficientNet-Lite's
-    static-padding convolutions).
+    static-padding convolutions: `adapt` first turns its 1x1 ones into plain Conv2d; the 3x3
+    stem conv stays unadapted).
     """
     head = head_prefix(model)
     return [
@@ -39,6 +41,7 @@ class LoRAStrategy(NoHooks):
     def adapt(self, model: nn.Module) -> None:
         from peft import LoraConfig, inject_adapter_in_model
 
+        plain_pointwise_convs(model)  # EfficientNet-Lite: its 1x1 convs become adaptable
         targets = self.cfg.target_modules or default_targets(model)
         if not targets:
             raise ValueError(
