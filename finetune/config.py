@@ -28,6 +28,56 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# ---- training-time image augmentation (torchvision.transforms.v2), one entry per transform
+
+
+class RandomResizedCropAug(Section):
+    name: Literal["random_resized_crop"] = Field(description="Crop a random area and aspect, resized to image_size.")
+    scale: tuple[float, float] = Field((0.08, 1.0), description="Range of the crop's area, as a share of the image.")
+    ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="Range of the crop's aspect ratio.")
+
+
+class HorizontalFlipAug(Section):
+    name: Literal["horizontal_flip"] = Field(description="Mirror left-right.")
+    p: float = Field(0.5, ge=0.0, le=1.0, description="Probability of a flip.")
+
+
+class RotationAug(Section):
+    name: Literal["rotation"] = Field(description="Rotate by a random angle in [-degrees, degrees].")
+    degrees: float = Field(15.0, ge=0.0, le=180.0, description="Largest rotation, in degrees.")
+
+
+class ColorJitterAug(Section):
+    name: Literal["color_jitter"] = Field(description="Random brightness, contrast, saturation and hue.")
+    brightness: float = Field(0.2, ge=0.0)
+    contrast: float = Field(0.2, ge=0.0)
+    saturation: float = Field(0.2, ge=0.0)
+    hue: float = Field(0.0, ge=0.0, le=0.5)
+
+
+class RandAugmentAug(Section):
+    name: Literal["rand_augment"] = Field(description="RandAugment (Cubuk et al. 2020).")
+    num_ops: int = Field(2, ge=1, description="Operations per image.")
+    magnitude: int = Field(9, ge=0, le=30, description="Strength of every operation (0-30).")
+
+
+class TrivialAugmentAug(Section):
+    name: Literal["trivial_augment"] = Field(description="TrivialAugmentWide: one random operation, random strength.")
+
+
+class RandomErasingAug(Section):
+    name: Literal["random_erasing"] = Field(description="Erase a random rectangle (on the normalised image).")
+    p: float = Field(0.25, ge=0.0, le=1.0, description="Probability of an erasure.")
+    scale: tuple[float, float] = Field((0.02, 0.33), description="Range of the erased area, as a share of the image.")
+
+
+AugmentConfig = Annotated[
+    RandomResizedCropAug | HorizontalFlipAug | RotationAug | ColorJitterAug | RandAugmentAug | TrivialAugmentAug
+    | RandomErasingAug,
+    Field(discriminator="name"),
+]
+
+
 class DataConfig(Section):
     source: str = Field(
         description="A builtin dataset (rotten_tomatoes, fashion_mnist) or a path/URI to CSV, "
@@ -56,6 +106,37 @@ class DataConfig(Section):
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per text; longer texts are truncated.")
     image_size: int | None = Field(
         None, ge=16, le=1024, description="Square side images are resized to; unset = the model's own."
+    )
+    augment: list[AugmentConfig] = Field(
+        default_factory=list,
+        description="Image augmentation for training rows only (validation/test never augment), applied in list "
+        "order, except that random_resized_crop replaces the resize and random_erasing acts last, on the "
+        "normalised image. Names: random_resized_crop, horizontal_flip, rotation, color_jitter, rand_augment, "
+        "trivial_augment, random_erasing.",
+    )
+    mixup_alpha: float = Field(
+        0.0, ge=0.0, description="Mixup (Zhang et al. 2018) on training batches with Beta(alpha, alpha); 0 = off."
+    )
+    cutmix_alpha: float = Field(
+        0.0, ge=0.0, description="CutMix (Yun et al. 2019) on training batches; 0 = off. With mixup, one of the "
+        "two is picked per batch.",
+    )
+    shuffle: Literal["full", "local", "none"] = Field(
+        "local",
+        description="Training order, new every epoch from train.seed: full = a global shuffle of the dataset "
+        "(moves all rows through the object store), local = a buffer of shuffle_buffer rows per worker, none.",
+    )
+    shuffle_buffer: int = Field(2048, ge=2, description="Rows in the local shuffle buffer (shuffle=local).")
+    prefetch_batches: int = Field(
+        2, ge=0, description="Batches prepared ahead of the training step, so data work overlaps compute."
+    )
+    preprocess_cpus: float | None = Field(
+        None, gt=0.0, description="Most CPUs reading and preprocessing may use at once; unset = what is free."
+    )
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error",
+        description="A row with an empty label or an unreadable image: error (named by file and row) or skip "
+        "(the count of skipped rows is reported at the end of the run).",
     )
 
     @model_validator(mode="after")
@@ -319,12 +400,21 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-STRATEGY_CLASSES = {cls.model_fields["name"].annotation.__args__[0]: cls for cls in StrategyConfig.__origin__.__args__}
+def _tagged(union) -> dict[str, type[BaseModel]]:
+    return {cls.model_fields["name"].annotation.__args__[0]: cls for cls in union.__origin__.__args__}
+
+
+STRATEGY_CLASSES = _tagged(StrategyConfig)
+AUGMENT_CLASSES = _tagged(AugmentConfig)
 
 
 def _dotted_key(loc: tuple) -> str:
     # pydantic names the union member in the path (strategy.partial.freeze_groups): drop it.
-    parts = [str(p) for i, p in enumerate(loc) if not (i == 1 and loc[0] == "strategy" and p in STRATEGY_CLASSES)]
+    parts = [
+        str(p) for i, p in enumerate(loc)
+        if not (i == 1 and loc[0] == "strategy" and p in STRATEGY_CLASSES)
+        and not (i == 3 and loc[1] == "augment" and p in AUGMENT_CLASSES)
+    ]  # fmt: skip
     return ".".join(parts)
 
 

@@ -11,6 +11,7 @@ import torch
 
 from finetune import config as config_module
 from finetune.data import DataError, build_datasets
+from finetune.data.rows import BadRows
 from finetune.models import SavedModel, load_model
 from finetune.train import steps
 
@@ -28,8 +29,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, float]:
 
     cfg, saved = load_run(run_dir)
     ensure_ray()
-    datasets = build_datasets(cfg.data, saved.preprocessor, cfg.train.seed)
-    if datasets.label_names != saved.label_names:
+    datasets = build_datasets(cfg.data, saved.preprocessor, cfg.train.seed, label_names=saved.label_names)
+    if datasets.label_names != saved.label_names:  # a builtin dataset's labels, which are fixed
         raise DataError(
             f"the data now has labels {datasets.label_names}, the model was trained on {saved.label_names}"
         )
@@ -54,7 +55,10 @@ def predict(run_dir: str | Path, inputs: list[str]) -> list[dict]:
         missing = [p for p in inputs if not Path(p).is_file()]
         if missing:
             raise DataError(f"image file(s) not found: {', '.join(missing)}")
-        encoded = saved.preprocessor.encode([Path(p).read_bytes() for p in inputs])
+        try:
+            encoded = saved.preprocessor.encode([Path(p).read_bytes() for p in inputs])
+        except BadRows as bad:
+            raise DataError("; ".join(f"{inputs[i]}: {reason}" for i, reason in bad.rows.items())) from None
     else:
         encoded = saved.preprocessor.encode(inputs)
     probabilities = torch.softmax(saved.model(**encoded).float(), dim=-1)

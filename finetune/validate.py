@@ -22,6 +22,14 @@ from finetune.strategies import build_strategy
 SECTION_CHECKS = (("data", DataConfig, check_source), ("model", ModelConfig, check_model))
 
 
+def check_augmentation(cfg: PipelineConfig) -> list[str]:
+    """Image augmentation set for a text model."""
+    if models.resolve(cfg.model.name).family != "hf":
+        return []
+    used = [key for key in ("augment", "mixup_alpha", "cutmix_alpha") if getattr(cfg.data, key)]
+    return [f"data.{key} augments images; model.name={cfg.model.name} takes text" for key in used]
+
+
 def check_strategy(cfg: PipelineConfig) -> list[str]:
     """Apply the strategy to the model's structure on the meta device (no weights, no memory):
     undeclarable layer groups, freeze_groups beyond the model's groups, a freeze regex or LoRA
@@ -61,7 +69,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         raise ConfigError(error.problems + _registry_problems(raw)) from None
     problems = _registry_problems(raw)
     if not problems:
-        problems = check_strategy(cfg)
+        problems = check_augmentation(cfg) + check_strategy(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -84,10 +84,13 @@ def test_unknown_label_in_test_file_is_a_data_error(ray_session, tmp_path):
     assert "label 'meh' is not one of the training labels ['neg', 'pos']" in str(error.value)
 
 
-def test_empty_labels_are_refused(ray_session, tmp_path):
-    path = write_csv(tmp_path / "train.csv", [{"review": "good", "sentiment": "pos"}, {"review": "bad", "sentiment": ""}])
-    with pytest.raises(DataError, match="label column has empty values"):
-        load_source(text_cfg(path), seed=0)
+def test_empty_labels_are_refused_by_file_and_row(ray_session, tmp_path):
+    rows = [{"review": "good", "sentiment": "pos"}, {"review": "bad", "sentiment": "neg"}, {"review": "meh", "sentiment": ""}]
+    path = write_csv(tmp_path / "train.csv", rows)
+    source = load_source(text_cfg(path, val_fraction=0.0, test_fraction=0.0), seed=0)
+    with pytest.raises(Exception) as error:
+        source.splits["train"].take_all()
+    assert f"DataError: {path}, row 2: empty label (set data.on_bad_rows=skip to drop such rows)" in str(error.value)
 
 
 def test_numeric_labels_sort_as_numbers(ray_session, tmp_path):

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 import ray.data
 import torch
+
+from finetune.data.augment import ImageTransforms
+from finetune.data.rows import BadRows, RowPolicy
 
 
 @lru_cache(maxsize=4)
@@ -31,6 +34,12 @@ class TextPreprocessor:
     kind: str = field(default="text", init=False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = {i: "no text" for i, text in enumerate(batch["text"]) if text is None or text != text}
+        if missing:
+            raise BadRows(missing)
+        if len(batch["text"]) == 0:
+            empty = np.zeros((0, self.max_length), dtype=np.int64)
+            return {"input_ids": empty, "attention_mask": empty, "label": batch.get("label", np.zeros(0, np.int64))}
         # Padded to max_length here so blocks hold fixed-shape tensors; `trim_padding` then cuts
         # each training batch to its longest row, so compute follows the batch, not max_length.
         encoded = load_tokenizer(self.tokenizer)(
@@ -59,26 +68,46 @@ class ImagePreprocessor:
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    augment: tuple[dict, ...] = ()  # data.augment entries: the training split's copy only
     kind: str = field(default="image", init=False)
 
-    def _to_array(self, image) -> np.ndarray:
+    @cached_property
+    def transforms(self) -> ImageTransforms:
+        return ImageTransforms(self.size, self.augment)
+
+    @staticmethod
+    def _decode(image):
         from PIL import Image
 
+        if isinstance(image, str):  # a path in an image column
+            return Image.open(image).convert("RGB")
         if isinstance(image, (bytes, bytearray, np.bytes_)) or (
             isinstance(image, np.ndarray) and image.dtype == object
         ):
-            picture = Image.open(io.BytesIO(bytes(image)))
-        else:
-            picture = Image.fromarray(np.asarray(image, dtype=np.uint8))
-        picture = picture.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
-        return np.asarray(picture, dtype=np.uint8)
+            return Image.open(io.BytesIO(bytes(image))).convert("RGB")
+        return Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pixels = np.stack([self._to_array(image) for image in batch["image"]]).astype(np.float32) / 255.0
+        transforms = self.transforms
+        sized, bad = [], {}
+        for i, image in enumerate(batch["image"]):
+            try:
+                picture = self._decode(image)
+                picture.load()
+            except Exception as error:  # noqa: BLE001 - PIL raises many types for a broken file
+                bad[i] = f"unreadable image ({type(error).__name__}: {error})"
+                continue
+            sized.append(np.asarray(transforms.to_size(picture), dtype=np.uint8))
+        if bad:
+            raise BadRows(bad)
+        pixels = (np.stack(sized) if sized else np.zeros((0, self.size, self.size, 3))).astype(np.float32) / 255.0
         mean = np.asarray(self.mean, dtype=np.float32)
         std = np.asarray(self.std, dtype=np.float32)
-        pixels = ((pixels - mean) / std).transpose(0, 3, 1, 2)  # NHWC -> NCHW
-        out = {"pixel_values": np.ascontiguousarray(pixels)}
+        pixels = np.ascontiguousarray(((pixels - mean) / std).transpose(0, 3, 1, 2))  # NHWC -> NCHW
+        if transforms.erase is not None:  # one random rectangle per image, not per batch
+            tensor = torch.from_numpy(pixels)
+            pixels = torch.stack([transforms.erase(image) for image in tensor]).numpy()
+        out = {"pixel_values": pixels}
         if "label" in batch:
             out["label"] = batch["label"]
         return out
@@ -99,6 +128,26 @@ def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v[:, :length] if k in ("input_ids", "attention_mask") else v) for k, v in batch.items()}
 
 
-def preprocess(ds: ray.data.Dataset, preprocessor: Preprocessor, batch_size: int = 256) -> ray.data.Dataset:
+@dataclass(frozen=True)
+class _Guarded:
+    """A preprocessor applied under a bad-row policy: rows it cannot use stop the run with their
+    file and row, or are dropped and logged. Its output (model inputs and label) leaves the
+    provenance columns behind."""
+
+    preprocessor: Preprocessor
+    policy: RowPolicy
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            out = self.preprocessor(batch)
+        except BadRows as bad:
+            batch = self.policy.drop(batch, bad.rows)
+            out = self.preprocessor(batch)
+        return out
+
+
+def preprocess(
+    ds: ray.data.Dataset, preprocessor: Preprocessor, policy: RowPolicy, batch_size: int = 256
+) -> ray.data.Dataset:
     """Lazy map_batches: the work runs as the training loop streams the dataset."""
-    return ds.map_batches(preprocessor, batch_format="numpy", batch_size=batch_size)
+    return ds.map_batches(_Guarded(preprocessor, policy), batch_format="numpy", batch_size=batch_size)

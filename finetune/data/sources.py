@@ -18,8 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import ray.data
+from ray.data._internal.datasource.csv_datasource import CSVDatasource
+from ray.data._internal.datasource.json_datasource import ArrowJSONDatasource
+from ray.data.datasource import FileBasedDatasource
 
 from finetune.config import DataConfig
+from finetune.data.rows import FILE, PROVENANCE, ROW, DataError, RowPolicy
 from finetune.data.splits import SPLITS, split_mask
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "gif", "webp")
@@ -28,10 +32,6 @@ FASHION_MNIST_CLASSES = [
     "t-shirt/top", "trouser", "pullover", "dress", "coat",
     "sandal", "shirt", "sneaker", "bag", "ankle boot",
 ]  # fmt: skip
-
-
-class DataError(ValueError):
-    """Input data that cannot be used as configured (missing file or column, bad labels)."""
 
 
 @dataclass
@@ -172,12 +172,49 @@ def infer_format(source: str) -> str:
     raise DataError(f"cannot tell the format of {source}: set data.format to csv, jsonl, parquet or image_folder")
 
 
+class _NumberedRows:
+    """Ray's file readers, plus each row's number within its file (the `__row` column), so a
+    bad row can be named by file and row."""
+
+    def _read_stream(self, f, path: str):
+        start = 0
+        for table in super()._read_stream(f, path):
+            yield table.append_column(ROW, pa.array(np.arange(start, start + table.num_rows)))
+            start += table.num_rows
+
+
+class _ParquetFiles(FileBasedDatasource):
+    """Parquet read file by file (Ray's own Parquet reader splits files into fragments, which
+    loses the row numbers)."""
+
+    _FILE_EXTENSIONS = ["parquet", "pq"]
+
+    def _open_input_source(self, filesystem, path: str, **open_args):
+        return filesystem.open_input_file(path)  # Parquet's footer needs random access
+
+    def _read_stream(self, f, path: str):
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(f).iter_batches():
+            yield pa.Table.from_batches([batch])
+
+
+class _NumberedCSV(_NumberedRows, CSVDatasource):
+    pass
+
+
+class _NumberedJSON(_NumberedRows, ArrowJSONDatasource):
+    pass
+
+
+class _NumberedParquet(_NumberedRows, _ParquetFiles):
+    pass
+
+
 def _read_table_files(source: str, fmt: str) -> ray.data.Dataset:
-    if fmt == "csv":
-        return ray.data.read_csv(source)
-    if fmt == "jsonl":
-        return ray.data.read_json(source, lines=True)
-    return ray.data.read_parquet(source)
+    reader = {"csv": _NumberedCSV, "jsonl": _NumberedJSON, "parquet": _NumberedParquet}[fmt]
+    ds = ray.data.read_datasource(reader(source, include_paths=True))
+    return ds.rename_columns({"path": FILE})
 
 
 def _read_image_folder(source: str) -> ray.data.Dataset:
@@ -185,7 +222,8 @@ def _read_image_folder(source: str) -> ray.data.Dataset:
 
     def add_label(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         labels = [Path(p).parent.name for p in batch["path"]]
-        return {"image": batch["bytes"], "label": np.array(labels, dtype=object), "path": batch["path"]}
+        return {"image": batch["bytes"], "label": np.array(labels, dtype=object),
+                FILE: batch["path"], ROW: np.full(len(labels), -1)}  # fmt: skip
 
     return ds.map_batches(add_label, batch_format="numpy")
 
@@ -195,9 +233,10 @@ def _read_file_source(source: str, fmt: str, cfg: DataConfig) -> tuple[ray.data.
     whose value decides a row's split (image files by path, everything else by content)."""
     fmt = infer_format(source) if fmt == "auto" else fmt
     if fmt == "image_folder":
-        return _read_image_folder(source), "image", "path"
+        return _read_image_folder(source), "image", FILE
     ds = _read_table_files(source, fmt)
-    columns = ds.schema().names
+    schema = ds.schema()
+    columns = [c for c in schema.names if c not in PROVENANCE]
     kind = "image" if cfg.image_column in columns and cfg.text_column not in columns else "text"
     input_column = cfg.text_column if kind == "text" else cfg.image_column
     missing = [c for c in (input_column, cfg.label_column) if c not in columns]
@@ -206,35 +245,44 @@ def _read_file_source(source: str, fmt: str, cfg: DataConfig) -> tuple[ray.data.
             f"{source}: column {', '.join(repr(c) for c in missing)} not found; its columns are "
             f"{', '.join(columns)} (set data.text_column / data.image_column / data.label_column)"
         )
+    label_type = schema.types[schema.names.index(cfg.label_column)]
+    if not (pa.types.is_string(label_type) or pa.types.is_large_string(label_type) or pa.types.is_integer(label_type)
+            or pa.types.is_boolean(label_type) or pa.types.is_null(label_type)):  # fmt: skip
+        raise DataError(
+            f"{source}: label column {cfg.label_column!r} holds {label_type} values; classification labels are "
+            "class names or integer class ids"
+        )
     renames = {input_column: kind, cfg.label_column: "label"}
-    ds = ds.select_columns([input_column, cfg.label_column]).rename_columns(renames)
+    ds = ds.select_columns([input_column, cfg.label_column, *PROVENANCE]).rename_columns(renames)
     return ds, kind, kind
 
 
+def _is_empty(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip()) or value != value
+
+
 def _discover_labels(datasets: list[ray.data.Dataset], source: str) -> list[str]:
+    """The ordered label names; empty labels are bad rows, reported (or skipped) by file and row."""
     values: set = set()
     for ds in datasets:
-        values.update(ds.unique("label"))
-    empty = [v for v in values if v is None or (isinstance(v, str) and not v.strip()) or v != v]
-    if empty:
-        raise DataError(f"{source}: the label column has empty values; every row needs a label")
+        values.update(v for v in ds.unique("label") if not _is_empty(v))
     if not values:
-        raise DataError(f"{source}: no rows")
+        raise DataError(f"{source}: no rows with a label")
     # Numeric labels sort as numbers (2 before 10), text labels alphabetically.
     ordered = sorted(values) if all(isinstance(v, (int, np.integer)) for v in values) else sorted(map(str, values))
     return [str(v) for v in ordered]
 
 
-def _encode_labels(ds: ray.data.Dataset, label_names: list[str], source: str) -> ray.data.Dataset:
+def _encode_labels(ds: ray.data.Dataset, label_names: list[str], source: str, policy: RowPolicy) -> ray.data.Dataset:
     index = {name: i for i, name in enumerate(label_names)}
 
     def encode(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        try:
-            batch["label"] = np.array([index[str(v)] for v in batch["label"]], dtype=np.int64)
-        except KeyError as error:
-            raise DataError(
-                f"{source}: label {error.args[0]!r} is not one of the training labels {label_names}"
-            ) from None
+        bad = {i: "empty label" for i, value in enumerate(batch["label"]) if _is_empty(value)}
+        batch = policy.drop(batch, bad)
+        unknown = next((v for v in batch["label"] if str(v) not in index), None)
+        if unknown is not None:
+            raise DataError(f"{source}: label {str(unknown)!r} is not one of the training labels {label_names}")
+        batch["label"] = np.array([index[str(v)] for v in batch["label"]], dtype=np.int64)
         return batch
 
     return ds.map_batches(encode, batch_format="numpy")
@@ -244,14 +292,14 @@ def _hash_split(
     ds: ray.data.Dataset, key_column: str, split: str, val_fraction: float, test_fraction: float, seed: int
 ) -> ray.data.Dataset:
     def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keys = batch[key_column] if key_column in ("text", "path") else [bytes(k) for k in batch[key_column]]
+        keys = batch[key_column] if key_column in ("text", FILE) else [bytes(k) for k in batch[key_column]]
         mask = split_mask(keys, seed, split, val_fraction, test_fraction)
         return {name: column[mask] for name, column in batch.items()}
 
     return ds.map_batches(keep, batch_format="numpy")
 
 
-def _load_files(cfg: DataConfig, seed: int) -> Source:
+def _load_files(cfg: DataConfig, seed: int, policies: dict[str, RowPolicy], label_names: list[str] | None) -> Source:
     train_raw, kind, key_column = _read_file_source(cfg.source, cfg.format, cfg)
     explicit = {"val": cfg.val_source, "test": cfg.test_source}
     raw = {"train": train_raw}
@@ -260,7 +308,7 @@ def _load_files(cfg: DataConfig, seed: int) -> Source:
             raw[split], split_kind, _ = _read_file_source(path, cfg.format, cfg)
             if split_kind != kind:
                 raise DataError(f"data.{split}_source {path} holds {split_kind} data but data.source holds {kind}")
-    label_names = _discover_labels([raw["train"]], cfg.source)
+    label_names = label_names or _discover_labels([raw["train"]], cfg.source)
     # Splits without an explicit file are carved out of `source` by seeded hashing.
     val_fraction = 0.0 if cfg.val_source else cfg.val_fraction
     test_fraction = 0.0 if cfg.test_source else cfg.test_fraction
@@ -270,14 +318,19 @@ def _load_files(cfg: DataConfig, seed: int) -> Source:
             ds, origin = raw[split], explicit[split]
         else:
             ds, origin = _hash_split(raw["train"], key_column, split, val_fraction, test_fraction, seed), cfg.source
-        splits[split] = _encode_labels(ds, label_names, origin).select_columns([kind, "label"])
+        splits[split] = _encode_labels(ds, label_names, origin, policies[split])
     return Source(kind, label_names, splits)
 
 
-def load_source(cfg: DataConfig, seed: int) -> Source:
-    """The configured rows, split into train/val/test, labels encoded, sizes capped."""
+def load_source(
+    cfg: DataConfig, seed: int, policies: dict[str, RowPolicy] | None = None, label_names: list[str] | None = None
+) -> Source:
+    """The configured rows, split into train/val/test, labels encoded, sizes capped. File
+    sources keep the provenance columns (`__file`, `__row`) for preprocessing's messages.
+    `label_names`: a trained model's labels, reused instead of discovered (evaluate)."""
     loader = CATALOG.get(cfg.source)
-    source = loader(cfg, seed) if loader else _load_files(cfg, seed)
+    policies = policies or {split: RowPolicy(split) for split in SPLITS}
+    source = loader(cfg, seed) if loader else _load_files(cfg, seed, policies, label_names)
     limits = {"train": cfg.max_train_samples, "val": cfg.max_eval_samples, "test": cfg.max_eval_samples}
     for split, limit in limits.items():
         if limit:

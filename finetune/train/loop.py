@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from finetune import models
 from finetune.config import PipelineConfig
+from finetune.data.augment import batch_mixer
 from finetune.models.groups import layer_groups
 from finetune.strategies import build_strategy
 from finetune.train import steps
@@ -39,7 +40,7 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
 
 def _evaluate(model, split: str, cfg: PipelineConfig, num_labels, loss_fn, device, precision) -> dict[str, float]:
     shard = ray.train.get_dataset_shard(split)
-    batches = shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, prefetch_batches=2)
+    batches = shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, prefetch_batches=cfg.data.prefetch_batches)
     # The unwrapped module: evaluation needs no DDP collectives, and ranks may differ in batch count.
     module = getattr(model, "module", model)
     counts = steps.evaluate_counts(module, batches, num_labels, loss_fn, device=device, precision=precision)
@@ -115,6 +116,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     loss_fn = steps.build_loss(cfg.loss)
     num_labels = len(label_names)
+    mix = batch_mixer(cfg.data.mixup_alpha, cfg.data.cutmix_alpha, num_labels)
     module = getattr(model, "module", model)
 
     start_epoch, best, baseline = 0, {"metric": None, "epoch": None, "state": None}, {}
@@ -139,12 +141,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # ---- 3. epochs -----------------------------------------------------------------------
     train_shard = ray.train.get_dataset_shard("train")
     for epoch in range(start_epoch, cfg.train.epochs):
+        local = cfg.data.shuffle == "local"
         batches = train_shard.iter_torch_batches(
             batch_size=cfg.train.batch_size,
             drop_last=True,  # equal step counts on every rank, or DDP waits forever
-            local_shuffle_buffer_size=cfg.train.batch_size * 8,
-            local_shuffle_seed=cfg.train.seed + epoch,
-            prefetch_batches=2,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer if local else None,
+            local_shuffle_seed=cfg.train.seed + epoch if local else None,
+            prefetch_batches=cfg.data.prefetch_batches,
         )
 
         def on_step(step: int, loss: float, stats: steps.EpochStats, epoch=epoch) -> None:
@@ -157,6 +160,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             grad_accum_steps=cfg.train.grad_accum_steps, max_grad_norm=cfg.train.max_grad_norm,
             scaler=scaler, penalty=lambda: strategy.penalty(module), on_step=on_step,
             before_step=lambda step, epoch=epoch: strategy.before_step(epoch, epoch * steps_per_epoch + step, module),
+            mix=mix,
         )  # fmt: skip
         metrics = {
             "epoch": epoch,

@@ -37,9 +37,20 @@ class ShardingConfig(ray.train.DataConfig):
         shards = super().configure(train, world_size, worker_handles, worker_node_ids, **kwargs)
         for name, ds in datasets.items():
             if name != "train":
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
                 for rank, split in enumerate(ds.streaming_split(world_size, equal=False)):
                     shards[rank][name] = split
         return shards
+
+
+def ingest_options(cfg: PipelineConfig) -> ray.data.ExecutionOptions:
+    """Ray Data's options for the training datasets: data.preprocess_cpus caps the CPUs reading
+    and preprocessing may take."""
+    options = ShardingConfig.default_ingest_options()
+    if cfg.data.preprocess_cpus:
+        options.resource_limits = options.resource_limits.copy(cpu=cfg.data.preprocess_cpus)
+    return options
 
 
 def ensure_ray() -> None:
@@ -115,7 +126,7 @@ def _fit_with_progress(trainer, monitor, console, cfg, steps_per_epoch, run_dir)
     return outcome["result"], events
 
 
-def _summary(cfg, events, best_epoch, train_rows, wall_s, run_dir, has_best) -> dict:
+def _summary(cfg, events, best_epoch, train_rows, wall_s, run_dir, has_best, skipped: dict) -> dict:
     final, epochs = events.get("final", {}), events["epochs"]
     train_seconds = sum(e["train/seconds"] for e in epochs)
     return {
@@ -136,6 +147,7 @@ def _summary(cfg, events, best_epoch, train_rows, wall_s, run_dir, has_best) -> 
         "wall_s": wall_s,
         "run_dir": str(run_dir),
         "best_checkpoint": str(run_dir / "best") if has_best else None,
+        "skipped_rows": skipped.get("counts", {}),
     }
 
 
@@ -152,7 +164,7 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> d
     _quiet_ray_data()
     preprocessor = models.build_preprocessor(cfg.model, cfg.data)
     datasets = build_datasets(cfg.data, preprocessor, cfg.train.seed)
-    train_rows = datasets.train.count()
+    train_rows = datasets.train_rows
     batches_per_epoch = (train_rows // cfg.scaling.num_workers) // cfg.train.batch_size
     steps_per_epoch = batches_per_epoch // cfg.train.grad_accum_steps
     if steps_per_epoch < 1:
@@ -192,7 +204,7 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> d
             ),
         ),
         datasets=datasets.as_dict(),
-        dataset_config=ShardingConfig(),
+        dataset_config=ShardingConfig(execution_options=ingest_options(cfg)),
     )
 
     try:
@@ -210,8 +222,12 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> d
     best = _best_checkpoint(result, best_epoch)
     if best is not None:
         _export_best(best, run_dir / "best")
-    summary = _summary(cfg, events, best_epoch, train_rows, time.time() - started, run_dir, best is not None)
+    skipped = datasets.skipped_rows()
+    summary = _summary(cfg, events, best_epoch, train_rows, time.time() - started, run_dir, best is not None, skipped)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(summary_table(summary))
+    if skipped:
+        counts = ", ".join(f"{n} in {split}" for split, n in skipped["counts"].items())
+        console.print(f"skipped bad rows (data.on_bad_rows=skip): {counts}; e.g. {skipped['examples'][0]}", soft_wrap=True)
     console.print(f"best model: {summary['best_checkpoint']}\nrun directory: {run_dir}")
     return summary

@@ -105,6 +105,7 @@ def train_epoch(
     penalty: Callable[[], torch.Tensor | None] | None = None,
     on_step: Callable[[int, float, EpochStats], None] | None = None,
     before_step: Callable[[int], None] | None = None,
+    mix: Callable | None = None,
 ) -> EpochStats:
     """One pass: forward, backward, (accumulate), clip, step. After `max_steps` optimizer steps
     the remaining batches are drained unused, so every DDP rank takes the same number of
@@ -120,6 +121,8 @@ def train_epoch(
         if before_step and micro % grad_accum_steps == 0:
             before_step(stats.steps)  # a window's first micro-batch: the trainable set may change here
         inputs, labels = split_batch(batch, device)
+        if mix:  # mixup/cutmix: mixed inputs, soft labels (cross-entropy takes class probabilities)
+            inputs, labels = mix(inputs, labels)
         last_micro = (micro + 1) % grad_accum_steps == 0
         # DDP: gradients are all-reduced only on the micro-step that ends an accumulation window.
         sync = contextlib.nullcontext() if last_micro or not hasattr(model, "no_sync") else model.no_sync()
