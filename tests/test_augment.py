@@ -143,3 +143,38 @@ def test_preprocess_cpus_caps_ray_data(ray_session):
     assert ingest_options(cfg).resource_limits.cpu == 1.5
     unlimited = config.parse({"data": {"source": "x"}, "model": {"name": "m"}})
     assert ingest_options(unlimited).resource_limits.cpu == float("inf")
+
+
+def test_worker_shards_are_disjoint_and_cover_the_data(ray_session, tmp_path, tiny_bert_dir):
+    import threading
+    from collections import Counter
+
+    from finetune.train.run import ShardingConfig
+
+    path = write_csv(tmp_path / "r.csv", sentiment_rows(301))
+    cfg = DataConfig(source=str(path), text_column="review", label_column="sentiment", shuffle="full")
+    datasets = build_datasets(cfg, TextPreprocessor(str(tiny_bert_dir), 16), seed=0)
+    cfg_options = config.parse({"data": {"source": "x"}, "model": {"name": "m"}})
+    shards = ShardingConfig(execution_options=ingest_options(cfg_options)).configure(
+        datasets.as_dict(), world_size=2, worker_handles=None, worker_node_ids=None
+    )
+    seen: dict = {}
+
+    def consume(rank: int) -> None:  # streaming splits are read concurrently, as workers do
+        for split in ("train", "val", "test"):
+            rows = [tuple(r["input_ids"]) for r in shards[rank][split].iter_rows()]
+            seen[(rank, split)] = rows
+
+    threads = [threading.Thread(target=consume, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    for split in ("train", "val", "test"):
+        every = [tuple(r["input_ids"]) for r in getattr(datasets, split).take_all()]
+        first, second = Counter(seen[(0, split)]), Counter(seen[(1, split)])
+        assert first + second <= Counter(every)  # disjoint: no row read more often than it exists
+        if split == "train":  # equal shards for DDP: at most one row left over
+            assert first.total() == second.total() and first.total() + second.total() >= len(every) - 1
+        else:  # evaluation keeps every row
+            assert first + second == Counter(every)

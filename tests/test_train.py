@@ -131,3 +131,30 @@ def test_bad_label_in_test_file_is_a_data_error_not_a_traceback(ray_session, tmp
     assert code == 1
     assert "data error:" in out and "label 'meh' is not one of the training labels ['neg', 'pos']" in out
     assert "Traceback" not in out
+
+
+def test_image_run_with_augmentation_mixup_and_skipped_rows(ray_session, tmp_path, capsys):
+    """Parquet of PNG bytes (two unreadable) -> augment + mixup on train -> 2 DDP workers."""
+    from test_bad_rows import image_parquet
+
+    data = image_parquet(tmp_path / "colours.parquet", broken_rows=[5, 11])
+    pipeline = tmp_path / "image.yaml"
+    pipeline.write_text(yaml.safe_dump({
+        "name": "colours",
+        "data": {"source": str(data), "image_size": 16, "val_fraction": 0.2, "test_fraction": 0.2,
+                 "augment": [{"name": "horizontal_flip"}, {"name": "random_erasing", "p": 0.5}],
+                 "mixup_alpha": 0.4, "shuffle": "full", "on_bad_rows": "skip"},
+        "model": {"name": "torchvision:resnet18", "weights": "none"},
+        "optim": {"lr": 3e-3},
+        "train": {"epochs": 2, "batch_size": 4, "precision": "fp32"},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+        "checkpoint": {"num_to_keep": 1},
+    }))  # fmt: skip
+    run_dir = tmp_path / "run"
+    assert main(["train", str(pipeline), "--run-dir", str(run_dir)]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert sum(summary["skipped_rows"].values()) == 2  # each bad row once, however many epochs read it
+    assert "skipped bad rows (data.on_bad_rows=skip)" in capsys.readouterr().out
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(epochs) == 2 and all(0.0 <= e["train/data_wait_fraction"] <= 1.0 for e in epochs)
+    assert summary["test_samples"] > 0 and summary["test_accuracy"] is not None

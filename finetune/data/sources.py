@@ -195,7 +195,8 @@ class _ParquetFiles(FileBasedDatasource):
     def _read_stream(self, f, path: str):
         import pyarrow.parquet as pq
 
-        for batch in pq.ParquetFile(f).iter_batches():
+        # Small batches: rows of image bytes are large, and blocks must fit a capped object store.
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=256):
             yield pa.Table.from_batches([batch])
 
 
