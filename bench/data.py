@@ -1,12 +1,14 @@
 """Is the Ray Data pipeline fast and lean enough to never starve training?
 
-Three measurements, each in its own fresh Ray instance (a subprocess), on this machine:
+Four measurements, each in a fresh process (and a fresh Ray where Ray is used):
 
   images  images/s of the project's image pipeline (Parquet of PNG bytes -> decode -> augment
           -> normalise, `finetune.data.build_datasets`) vs torch.utils.data.DataLoader with
           num_workers = cores running the same `ImagePreprocessor` per image, same images;
   text    tokens/s of the text pipeline (Rotten Tomatoes -> MiniLM tokenizer in map_batches)
           vs a DataLoader tokenizing each batch in its collate_fn;
+  padding MiniLM forward+backward on batches padded to max_length vs trimmed per batch
+          (dynamic padding, what training does);
   stream  peak resident memory (driver + every Ray process) while one epoch of a generated
           Parquet image dataset several times larger than Ray's object store streams through
           preprocessing, at 1x and 4x the data size.
@@ -180,6 +182,31 @@ def dataloader_tokens(count: int) -> float:
     return _rate(loader, lambda batch: int(batch["attention_mask"].sum()))
 
 
+def padding_speedup(count: int = 640, max_length: int = 128) -> dict:
+    """MiniLM forward+backward samples/s on Rotten Tomatoes batches padded to max_length vs
+    trimmed to each batch's longest text (what the training loop does)."""
+    import torch
+
+    from finetune import models
+    from finetune.config import DataConfig, ModelConfig
+    from finetune.data import trim_padding
+
+    model_cfg = ModelConfig(name="minilm-l6")
+    preprocessor = models.build_preprocessor(model_cfg, DataConfig(source="x", max_length=max_length))
+    model = models.build_model(model_cfg, num_labels=2)
+    encoded = preprocessor({"text": np.array(_text_rows(count), dtype=object)})
+    batches = [{k: torch.from_numpy(v[i : i + 32]) for k, v in encoded.items()} for i in range(0, count, 32)]
+    rates = {}
+    for name, prepare in (("padded", lambda b: b), ("trimmed", trim_padding)):
+        started = time.perf_counter()
+        for batch in batches:
+            model(**prepare(batch)).float().sum().backward()
+        rates[name] = count / (time.perf_counter() - started)
+    return {"max_length": max_length, "samples_per_s_padded": round(rates["padded"], 1),
+            "samples_per_s_trimmed": round(rates["trimmed"], 1),
+            "padding_speedup": round(rates["trimmed"] / rates["padded"], 2)}  # fmt: skip
+
+
 # ---------------------------------------------------------------- streaming memory
 
 
@@ -242,7 +269,8 @@ def _in_subprocess(function: str, *args) -> object:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["images", "text", "stream"], nargs="+", default=["images", "text", "stream"])
+    parts = ["images", "text", "padding", "stream"]
+    parser.add_argument("--only", choices=parts, nargs="+", default=parts)
     parser.add_argument("--images", type=int, default=8000, help="images in the throughput comparison")
     parser.add_argument("--texts", type=int, default=10000, help="texts in the tokens/s comparison")
     parser.add_argument("--stream-images", type=int, default=1500, help="images (256 px noise PNG) at 1x")
@@ -261,6 +289,10 @@ def main() -> None:
             result["tokens_per_s_ray"] = round(_in_subprocess("ray_tokens", args.texts))
             result["text_ratio"] = round(result["tokens_per_s_ray"] / result["tokens_per_s_dataloader"], 3)
             print(json.dumps({k: result[k] for k in ("tokens_per_s_ray", "tokens_per_s_dataloader", "text_ratio")}), flush=True)
+        if "padding" in args.only:
+            padding = _in_subprocess("padding_speedup")
+            result.update(padding)
+            print(json.dumps(padding), flush=True)
         if "stream" in args.only:
             for scale in (1, 4):
                 path = _png_parquet(Path(tmp) / f"noise{scale}", args.stream_images * scale, 256, noise=True)

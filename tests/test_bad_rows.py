@@ -22,8 +22,9 @@ def png_bytes(color) -> bytes:
 
 
 def image_parquet(path, broken_rows=()):
-    rows = [{"image": png_bytes((200, 0, 0) if i % 2 else (0, 0, 200)), "label": "red" if i % 2 else "blue"}
-            for i in range(20)]  # fmt: skip
+    # a shade per row: distinct bytes, so the hash split spreads them (duplicates stay together)
+    rows = [{"image": png_bytes((200, i, 0) if i % 2 else (0, i, 200)), "label": "red" if i % 2 else "blue"}
+            for i in range(40)]  # fmt: skip
     for i in broken_rows:
         rows[i]["image"] = b"not an image"
     pq.write_table(pa.Table.from_pylist(rows), path)
@@ -42,7 +43,7 @@ def test_parquet_with_image_bytes_is_an_image_source(ray_session, tmp_path):
     datasets = build_datasets(cfg, ImagePreprocessor(8, *MEAN_STD), seed=0)
     assert datasets.label_names == ["blue", "red"]
     rows = datasets.train.take_all()
-    assert len(rows) == 20 and rows[0]["pixel_values"].shape == (3, 8, 8)
+    assert len(rows) == 40 and rows[0]["pixel_values"].shape == (3, 8, 8)
     assert set(rows[0]) == {"pixel_values", "label"}  # provenance columns end at preprocessing
     for row in rows:  # red images are label 1
         assert (row["pixel_values"][0].mean() > row["pixel_values"][2].mean()) == (row["label"] == 1)
@@ -61,8 +62,8 @@ def test_skip_drops_bad_rows_and_counts_each_once(ray_session, tmp_path):
     path = image_parquet(tmp_path / "images.parquet", broken_rows=[3, 13])
     cfg = DataConfig(source=str(path), val_fraction=0.0, test_fraction=0.0, on_bad_rows="skip")
     datasets = build_datasets(cfg, ImagePreprocessor(8, *MEAN_STD), seed=0)
-    assert len(datasets.train.take_all()) == 18
-    assert len(datasets.train.take_all()) == 18  # a second epoch
+    assert len(datasets.train.take_all()) == 38
+    assert len(datasets.train.take_all()) == 38  # a second epoch
     skipped = datasets.skipped_rows()
     assert skipped["counts"] == {"train": 2}
     assert any(f"{path}, row 3: unreadable image" in example for example in skipped["examples"])
