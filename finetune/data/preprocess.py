@@ -104,7 +104,7 @@ class ImagePreprocessor:
         mean = np.asarray(self.mean, dtype=np.float32)
         std = np.asarray(self.std, dtype=np.float32)
         pixels = np.ascontiguousarray(((pixels - mean) / std).transpose(0, 3, 1, 2))  # NHWC -> NCHW
-        if transforms.erase is not None:  # one random rectangle per image, not per batch
+        if transforms.erase is not None and len(pixels):  # one random rectangle per image, not per batch
             tensor = torch.from_numpy(pixels)
             pixels = torch.stack([transforms.erase(image) for image in tensor]).numpy()
         out = {"pixel_values": pixels}

@@ -318,7 +318,11 @@ def _load_files(cfg: DataConfig, seed: int, policies: dict[str, RowPolicy], labe
         if explicit.get(split):
             ds, origin = raw[split], explicit[split]
         else:
-            ds, origin = _hash_split(raw["train"], key_column, split, val_fraction, test_fraction, seed), cfg.source
+            ds, origin = raw["train"], cfg.source
+            if val_fraction or test_fraction:
+                ds = _hash_split(ds, key_column, split, val_fraction, test_fraction, seed)
+            elif split != "train":
+                ds = ds.limit(0)  # everything trains; this split has neither a file nor a share
         splits[split] = _encode_labels(ds, label_names, origin, policies[split])
     return Source(kind, label_names, splits)
 
