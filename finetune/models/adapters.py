@@ -17,6 +17,5 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     for name, module in list(merged.named_modules()):
         if isinstance(module, LoraLayer):
             module.merge()
-            parent_name, _, attr = name.rpartition(".")
-            setattr(merged.get_submodule(parent_name) if parent_name else merged, attr, module.get_base_layer())
+            merged.set_submodule(name, module.get_base_layer())
     return merged

@@ -33,10 +33,7 @@ def classifier_head_name(net: nn.Module) -> str:
 
 def replace_head(net: nn.Module, num_labels: int) -> nn.Module:
     name = classifier_head_name(net)
-    parent_name, _, attr = name.rpartition(".")
-    parent = net.get_submodule(parent_name) if parent_name else net
-    old = getattr(parent, attr)
-    setattr(parent, attr, nn.Linear(old.in_features, num_labels))
+    net.set_submodule(name, nn.Linear(net.get_submodule(name).in_features, num_labels))
     return net
 
 
@@ -82,22 +79,18 @@ def build_efficientnet_lite(num_labels: int, image_size: int, pretrained: bool =
     return ImageClassifier(net)
 
 
-def plain_pointwise_convs(net: nn.Module) -> int:
+def plain_pointwise_convs(net: nn.Module) -> None:
     """Swap EfficientNet-Lite's 1x1, stride-1 'same'-padding convolutions for plain nn.Conv2d.
 
     Their padding is zero, so the layer computes the same thing with the same parameter names
     (a saved model loads back into the original class), and peft can put adapters on a plain
-    Conv2d where it cannot rebuild the padded subclass. Returns the number swapped.
+    Conv2d where it cannot rebuild the padded subclass.
     """
     from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
 
-    swapped = 0
     for name, module in list(net.named_modules()):
         if type(module) is Conv2dStaticSamePadding and module.kernel_size == (1, 1) and tuple(module.stride) == (1, 1):
             plain = nn.Conv2d(module.in_channels, module.out_channels, 1, groups=module.groups,
                               bias=module.bias is not None, device=module.weight.device, dtype=module.weight.dtype)  # fmt: skip
             plain.weight, plain.bias = module.weight, module.bias
-            parent_name, _, attr = name.rpartition(".")
-            setattr(net.get_submodule(parent_name) if parent_name else net, attr, plain)
-            swapped += 1
-    return swapped
+            net.set_submodule(name, plain)
