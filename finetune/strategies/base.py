@@ -20,10 +20,13 @@ def group_lr_scales(groups: list[LayerGroup], layer_decay: float | None) -> list
     return [1.0 if layer_decay is None else layer_decay ** (last - i) for i in range(len(groups))]
 
 
-def param_groups(groups: list[LayerGroup], lr: float, scales: list[float], only: set[str] | None = None) -> list[dict]:
-    """One optimizer group per layer group (named, with its lr), keeping only `only` names if given."""
+def param_groups(
+    groups: list[LayerGroup], lr: float, scales: list[float] | None = None, only: set[str] | None = None
+) -> list[dict]:
+    """One optimizer group per layer group (named, with its lr times its scale, 1 by default),
+    keeping only `only` names if given."""
     out = []
-    for group, scale in zip(groups, scales):
+    for group, scale in zip(groups, scales or [1.0] * len(groups)):
         params = [p for name, p in group.params.items() if only is None or name in only]
         if params:
             out.append({"params": params, "lr": lr * scale, "name": group.name})

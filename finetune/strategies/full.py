@@ -14,4 +14,4 @@ class FullStrategy(NoHooks):
         self.cfg = cfg
 
     def setup(self, model: nn.Module, groups: list[LayerGroup], lr: float) -> list[dict]:
-        return param_groups(groups, lr, [1.0] * len(groups))
+        return param_groups(groups, lr)

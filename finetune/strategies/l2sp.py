@@ -21,7 +21,7 @@ class L2SPStrategy(NoHooks):
         # setup runs on the freshly built model, before any checkpoint is loaded: w0 is pretrained.
         self.anchors = [(p, p.detach().clone()) for group in groups[:-1] for p in group.params.values()]
         self.head = list(groups[-1].params.values())
-        out = param_groups(groups, lr, [1.0] * len(groups))
+        out = param_groups(groups, lr)
         for group in out:
             group["weight_decay"] = 0.0
         return out

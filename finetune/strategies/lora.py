@@ -58,4 +58,4 @@ class LoRAStrategy(NoHooks):
     def setup(self, model: nn.Module, groups: list[LayerGroup], lr: float) -> list[dict]:
         names = {n for n, _ in model.named_parameters() if "lora_" in n} | set(groups[-1].params)
         set_trainable(model, names)
-        return param_groups(groups, lr, [1.0] * len(groups), only=names)
+        return param_groups(groups, lr, only=names)

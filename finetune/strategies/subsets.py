@@ -23,7 +23,7 @@ class _Subset(NoHooks):
     def setup(self, model: nn.Module, groups: list[LayerGroup], lr: float) -> list[dict]:
         names = self.trainable(groups)
         set_trainable(model, names)
-        return param_groups(groups, lr, [1.0] * len(groups), only=names)
+        return param_groups(groups, lr, only=names)
 
 
 class LinearProbeStrategy(_Subset):
