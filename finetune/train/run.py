@@ -209,6 +209,7 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> d
 
     try:
         result, events = _fit_with_progress(trainer, monitor, console, cfg, steps_per_epoch, run_dir)
+        skipped = datasets.skipped_rows()
     except BaseException:
         kept = sorted(Path(storage_path, run_dir.name).glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
         if kept:
@@ -216,13 +217,14 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> d
         raise
     finally:
         ray.kill(monitor)
+        if datasets.bad_row_log is not None:
+            ray.kill(datasets.bad_row_log)
 
     epochs = events["epochs"]
     best_epoch = epochs[-1]["best_epoch"] if epochs else None
     best = _best_checkpoint(result, best_epoch)
     if best is not None:
         _export_best(best, run_dir / "best")
-    skipped = datasets.skipped_rows()
     summary = _summary(cfg, events, best_epoch, train_rows, time.time() - started, run_dir, best is not None, skipped)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(summary_table(summary))
