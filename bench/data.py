@@ -107,7 +107,8 @@ def _rate(batches, count_of, rows: int) -> dict:
 
 
 def ray_images(path: Path) -> dict:
-    from finetune.data import ImagePreprocessor, build_datasets
+    from finetune.data import ImagePreprocessor
+    from finetune.data.datasets import build_datasets
     from finetune.models.vision import LITE_MEAN, LITE_STD
 
     _init_ray()
@@ -159,7 +160,7 @@ def _text_rows(count: int) -> list[str]:
 def ray_tokens(count: int) -> dict:
     from finetune import models
     from finetune.config import DataConfig, ModelConfig
-    from finetune.data import build_datasets
+    from finetune.data.datasets import build_datasets
 
     _init_ray()
     cfg = DataConfig(source="rotten_tomatoes", max_length=64, val_fraction=0.0, test_fraction=0.0,
@@ -233,7 +234,8 @@ def _memory_mb() -> tuple[float, float]:
 
 
 def stream_epoch(path: Path, object_store_mb: int) -> dict:
-    from finetune.data import ImagePreprocessor, build_datasets
+    from finetune.data import ImagePreprocessor
+    from finetune.data.datasets import build_datasets
     from finetune.models.vision import LITE_MEAN, LITE_STD
 
     _init_ray(object_store_memory=object_store_mb * 2**20)

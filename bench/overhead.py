@@ -93,12 +93,13 @@ def ray_train(rows: list[dict], args) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from finetune.data import preprocess
+    from finetune.data.preprocess import preprocess
+    from finetune.data.rows import RowPolicy
 
     preprocessor = models.build_preprocessor(
         ModelConfig(name=args.model), DataConfig(source="rotten_tomatoes", max_length=args.max_length)
     )
-    train = preprocess(ray.data.from_items(rows), preprocessor)
+    train = preprocess(ray.data.from_items(rows), preprocessor, RowPolicy("train"))
     if args.materialize:
         train = train.materialize()  # tokenize up front: isolates Ray Train's cost from Ray Data's
     with tempfile.TemporaryDirectory() as directory:

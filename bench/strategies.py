@@ -34,7 +34,7 @@ import torch
 
 from finetune import models
 from finetune.config import DataConfig, LossConfig, ModelConfig, OptimConfig, ScheduleConfig, parse
-from finetune.data import load_source
+from finetune.data.sources import load_source
 from finetune.models.groups import layer_groups
 from finetune.strategies import build_strategy
 from finetune.train import steps

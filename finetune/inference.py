@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from finetune import config as config_module
-from finetune.data import DataError, build_datasets
+from finetune.data import DataError
+from finetune.data.datasets import build_datasets
 from finetune.data.rows import BadRows
 from finetune.models import SavedModel, load_model
 from finetune.train import steps

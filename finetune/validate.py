@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from finetune import config as config_module
 from finetune import models
 from finetune.config import ConfigError, DataConfig, ModelConfig, PipelineConfig
-from finetune.data import check_source
+from finetune.data.sources import check_source
 from finetune.models import check_model
 from finetune.models.groups import layer_groups
 from finetune.strategies import build_strategy

@@ -8,7 +8,8 @@ from PIL import Image
 from conftest import sentiment_rows, write_csv
 from finetune import config
 from finetune.config import DataConfig
-from finetune.data import ImagePreprocessor, TextPreprocessor, build_datasets
+from finetune.data import ImagePreprocessor, TextPreprocessor
+from finetune.data.datasets import build_datasets
 from finetune.data.augment import batch_mixer
 from finetune.train.run import ingest_options
 
@@ -107,7 +108,7 @@ def order(ds) -> list[str]:
 def test_full_shuffle_is_seeded_and_new_every_epoch(ray_session, tmp_path):
     path = write_csv(tmp_path / "r.csv", sentiment_rows(200))
     cfg = DataConfig(source=str(path), text_column="review", label_column="sentiment", shuffle="full")
-    from finetune.data import load_source
+    from finetune.data.sources import load_source
 
     source_order = order(load_source(cfg, seed=0).splits["train"])
 

@@ -10,7 +10,9 @@ from PIL import Image
 
 from conftest import sentiment_rows, write_csv, write_jsonl
 from finetune.config import DataConfig
-from finetune.data import DataError, ImagePreprocessor, TextPreprocessor, build_datasets, load_source
+from finetune.data import DataError, ImagePreprocessor, TextPreprocessor
+from finetune.data.datasets import build_datasets
+from finetune.data.sources import load_source
 
 MEAN_STD = ((0.5,) * 3, (0.5,) * 3)
 

@@ -9,7 +9,9 @@ from PIL import Image
 
 from conftest import sentiment_rows, write_csv, write_jsonl
 from finetune.config import DataConfig
-from finetune.data import DataError, ImagePreprocessor, TextPreprocessor, build_datasets, load_source, trim_padding
+from finetune.data import DataError, ImagePreprocessor, TextPreprocessor, trim_padding
+from finetune.data.datasets import build_datasets
+from finetune.data.sources import load_source
 from finetune.data.sources import FASHION_MNIST_DIRS, infer_format
 from finetune.data.splits import split_mask
 

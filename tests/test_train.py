@@ -66,6 +66,34 @@ def test_train_epoch_accumulates_and_learns():
     assert steps.metrics_from_counts(counts, 2, "val")["val/accuracy"] > 0.9
 
 
+def test_train_epoch_reports_every_n_steps_and_the_last():
+    model = nn.Linear(4, 2)
+    optimizer = steps.build_optimizer([{"params": model.parameters()}], OptimConfig(lr=0.1))
+    scheduler = steps.build_scheduler(optimizer, ScheduleConfig(name="constant", warmup_ratio=0.0), 10)
+    batches = [{"input": torch.randn(8, 4), "label": torch.randint(0, 2, (8,))} for _ in range(7)]
+    reports = []
+    stats = steps.train_epoch(
+        model, batches, optimizer, scheduler, nn.CrossEntropyLoss(), device=torch.device("cpu"),
+        precision="fp32", max_steps=7, report_every=3, on_step=lambda step, loss, s: reports.append((step, loss)),
+    )  # fmt: skip
+    assert [step for step, _ in reports] == [3, 6, 7]
+    assert isinstance(stats.loss_sum, float) and reports[-1][1] == pytest.approx(stats.loss)
+
+
+def test_step_code_and_models_import_without_ray():
+    """A GPU box that measures the step (bench/gpu.py) has torch and transformers, no Ray."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['ray'] = None\n"  # every `import ray...` now fails
+        "from finetune.train import steps\nfrom finetune import models\n"
+        "from finetune.strategies import build_strategy\nfrom finetune.data import TextPreprocessor\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def tiny_pipeline(tmp_path, tiny_bert_dir):
     data = write_csv(tmp_path / "reviews.csv", sentiment_rows(640))
     pipeline = tmp_path / "tiny.yaml"

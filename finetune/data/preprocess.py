@@ -11,13 +11,16 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-import ray.data
 import torch
 
 from finetune.data.augment import ImageTransforms
 from finetune.data.rows import BadRows, RowPolicy
+
+if TYPE_CHECKING:
+    import ray.data
 
 
 @lru_cache(maxsize=4)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import ray
 
 FILE, ROW = "__file", "__row"
 PROVENANCE = (FILE, ROW)
@@ -38,9 +37,9 @@ def where(batch: dict[str, np.ndarray], index: int) -> str:
     return str(batch[FILE][index]) + (f", row {row}" if row >= 0 else "")
 
 
-@ray.remote(num_cpus=0)
 class BadRowLog:
-    """Skipped rows per split, each counted once however many epochs read it."""
+    """Skipped rows per split, each counted once however many epochs read it. Runs as a
+    0-CPU Ray actor (`build_datasets` starts it) that every preprocessing task reports to."""
 
     def __init__(self) -> None:
         self.rows: dict[str, dict[str, str]] = {}

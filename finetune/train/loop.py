@@ -107,7 +107,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     strategy.adapt(model)
     groups = layer_groups(model, cfg.model.layer_groups)
     param_groups = strategy.setup(model, groups, cfg.optim.lr)
-    model = _prepare_ddp(model, param_groups, strategy.freezes)
+    model = _prepare_ddp(steps.to_device(model, device), param_groups, strategy.freezes)
     optimizer = steps.build_optimizer(param_groups, cfg.optim)
     if monitor and rank == 0:
         monitor.record.remote("groups", describe_groups(groups, param_groups))
@@ -151,14 +151,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         )
 
         def on_step(step: int, loss: float, stats: steps.EpochStats, epoch=epoch) -> None:
-            if monitor and rank == 0 and (step % cfg.train.log_every_steps == 0 or step == steps_per_epoch):
+            if monitor and rank == 0:
                 monitor.progress.remote(epoch, step, steps_per_epoch, loss, stats.samples_per_s * world_size)
 
         stats = steps.train_epoch(
             model, batches, optimizer, scheduler, loss_fn,
             device=device, precision=precision, max_steps=steps_per_epoch,
             grad_accum_steps=cfg.train.grad_accum_steps, max_grad_norm=cfg.train.max_grad_norm,
-            scaler=scaler, penalty=lambda: strategy.penalty(module), on_step=on_step,
+            scaler=scaler, penalty=lambda: strategy.penalty(module),
+            on_step=on_step, report_every=cfg.train.log_every_steps,
             before_step=lambda step, epoch=epoch: strategy.before_step(epoch, epoch * steps_per_epoch + step, module),
             mix=mix,
         )  # fmt: skip

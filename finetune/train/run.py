@@ -18,7 +18,8 @@ from rich.console import Console
 from finetune import config as config_module
 from finetune import models
 from finetune.config import PipelineConfig
-from finetune.data import DataError, build_datasets
+from finetune.data import DataError
+from finetune.data.datasets import build_datasets
 from finetune.report.progress import TrainingProgress, summary_table
 from finetune.train.loop import TRAIN_STATE_FILE, train_loop_per_worker
 from finetune.train.monitor import RunMonitor
