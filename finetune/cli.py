@@ -23,6 +23,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=3e-5")
     train.add_argument("--run-dir", help="where results go (default: a new folder under runs/)")
 
+    sweep = commands.add_parser("tune", help="hyperparameter sweep (Ray Tune, ASHA) over the pipeline's tune section")
+    sweep.add_argument("pipeline", nargs="?", help="pipeline YAML file with a tune section")
+    sweep.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. tune.num_samples=16")
+    sweep.add_argument("--sweep-dir", help="where results go (default: a new folder under runs/)")
+    sweep.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep")
+    sweep.add_argument("--retry-errored", action="store_true", help="with --resume: run errored trials again")
+
     validate = commands.add_parser("validate", help="check a pipeline file without running it")
     validate.add_argument("pipeline")
     validate.add_argument("overrides", nargs="*")
@@ -64,12 +71,39 @@ def _data_error(error: BaseException):
     return None
 
 
+def _tune(args, console: Console) -> int:
+    from finetune.config import ConfigError
+
+    if args.resume:
+        if args.pipeline or args.sweep_dir:
+            raise ConfigError(["finetune tune --resume SWEEP_DIR takes no pipeline or --sweep-dir: it reruns the sweep's own"])
+        from finetune.tune.sweep import resume
+
+        summary = resume(Path(args.resume), retry_errored=args.retry_errored, console=console)
+        return 0 if summary["best"] else EXIT_DATA
+    if not args.pipeline:
+        raise ConfigError(["finetune tune: give a pipeline file (or --resume SWEEP_DIR)"])
+    from finetune import config as config_module
+    from finetune.validate import load_pipeline
+
+    cfg = load_pipeline(args.pipeline, args.overrides)
+    if cfg.tune is None:
+        raise ConfigError([f"{args.pipeline} has no tune section: add tune.search_space to sweep"])
+    from finetune.tune.sweep import default_sweep_dir, sweep
+
+    base_raw = config_module.read_raw(args.pipeline, args.overrides)
+    summary = sweep(cfg, base_raw, Path(args.sweep_dir) if args.sweep_dir else default_sweep_dir(cfg), console)
+    return 0 if summary["best"] else EXIT_DATA  # no trial finished an epoch: their errors are above
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
     from finetune import config as config_module
 
     try:
+        if args.command == "tune":
+            return _tune(args, console)
         if args.command in ("train", "validate"):
             from finetune.validate import load_pipeline
 

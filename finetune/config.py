@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 import re
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -354,6 +355,104 @@ class CheckpointConfig(Section):
         return self
 
 
+# ---- the `tune` section: a Ray Tune sweep over dotted config keys
+
+
+class SearchDimension(Section):
+    """One searched key: exactly one of the fields, e.g. {loguniform: [1e-5, 1e-3]} or {choice: [16, 32]}."""
+
+    uniform: tuple[float, float] | None = Field(None, description="A float drawn uniformly from [low, high].")
+    loguniform: tuple[float, float] | None = Field(
+        None, description="A float drawn uniformly in log space from [low, high] (both > 0): learning rates."
+    )
+    randint: tuple[int, int] | None = Field(None, description="An integer from [low, high), like Python's range.")
+    choice: list[Any] | None = Field(None, min_length=1, description="One of these values, drawn at random.")
+    grid: list[Any] | None = Field(
+        None, min_length=1, description="Every one of these values (each sample runs the whole grid)."
+    )
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in type(self).model_fields if getattr(self, name) is not None)
+
+    @property
+    def spec(self) -> Any:
+        return getattr(self, self.kind)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "SearchDimension":
+        given = [name for name in type(self).model_fields if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of {', '.join(type(self).model_fields)} (got {', '.join(given) or 'none'})"
+            )
+        kind = given[0]
+        if kind in ("uniform", "loguniform", "randint"):
+            low, high = getattr(self, kind)
+            if not low < high:
+                raise ValueError(f"{kind}: [low, high] with low < high (got [{low}, {high}])")
+            if kind == "loguniform" and low <= 0:
+                raise ValueError(f"loguniform: both bounds must be > 0 (got [{low}, {high}])")
+        return self
+
+
+class AshaConfig(Section):
+    name: Literal["asha"] = Field(
+        "asha", description="Asynchronous successive halving (Li et al. 2020): stops trials that trail at each rung."
+    )
+    time_attr: Literal["epochs", "steps"] = Field(
+        "epochs", description="What rungs count: training epochs or optimizer steps done."
+    )
+    grace_period: int = Field(1, ge=1, description="Epochs (or steps) every trial runs before it can be stopped.")
+    reduction_factor: float = Field(3.0, gt=1.0, description="1/reduction_factor of the trials at a rung go on.")
+    max_t: int | None = Field(
+        None, ge=1, description="Epochs (or steps) at which a trial ends; unset = train.epochs (required for steps)."
+    )
+
+
+class FifoConfig(Section):
+    name: Literal["fifo"] = Field(description="fifo: every trial runs to the end (no early stopping).")
+
+
+SchedulerConfig = Annotated[AshaConfig | FifoConfig, Field(discriminator="name")]
+
+
+class TuneConfig(Section):
+    search_space: dict[str, SearchDimension] = Field(
+        min_length=1,
+        description="Dotted config keys to search, each with one of uniform, loguniform, randint, choice, grid, "
+        "e.g. {optim.lr: {loguniform: [1e-5, 1e-3]}, strategy.name: {choice: [full, lora]}}. A strategy key "
+        "that the trial's strategy does not have is left out of that trial.",
+    )
+    num_samples: int = Field(8, ge=1, description="Trials drawn (with grid keys: repeats of the whole grid).")
+    metric: Literal["val/accuracy", "val/macro_f1", "val/loss"] | None = Field(
+        None, description="Validation metric to optimise; unset = checkpoint.metric. Trials keep their best epoch by it."
+    )
+    mode: Literal["max", "min"] | None = Field(None, description="unset = min for a loss, else max.")
+    scheduler: SchedulerConfig = Field(default_factory=AshaConfig)
+    search_alg: Literal["random", "optuna", "hyperopt"] = Field(
+        "random", description="random (and grid keys), or optuna / hyperopt (pip install finetune[search]; no grid)."
+    )
+    max_concurrent_trials: int = Field(
+        1, ge=1, description="Trials running at once; each takes the pipeline's scaling section (workers, CPUs, GPUs)."
+    )
+    time_budget_s: float | None = Field(None, gt=0, description="Stop starting and running trials after this long.")
+    seed: int = Field(0, description="Seeds the search algorithm's draws.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TuneConfig":
+        grid = [key for key, dim in self.search_space.items() if dim.kind == "grid"]
+        if grid and self.search_alg != "random":
+            raise ValueError(f"tune.search_alg={self.search_alg} cannot run grid keys ({', '.join(grid)}); use choice")
+        if isinstance(self.scheduler, AshaConfig) and self.scheduler.time_attr == "steps" and self.scheduler.max_t is None:
+            raise ValueError("tune.scheduler.max_t: required when time_attr=steps (steps per epoch depend on the data)")
+        if self.mode is not None and self.metric is not None:
+            expected = "min" if self.metric.endswith("loss") else "max"
+            if self.mode != expected:
+                raise ValueError(f"tune.mode={self.mode} with tune.metric={self.metric}: use mode={expected}")
+        return self
+
+
 class PipelineConfig(Section):
     name: str = Field("finetune", description="Names the run folder and the Ray Train run.")
     data: DataConfig
@@ -365,6 +464,7 @@ class PipelineConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tune: TuneConfig | None = Field(None, description="A hyperparameter sweep (`finetune tune`); train ignores it.")
 
     @model_validator(mode="after")
     def _precision_fits_device(self) -> "PipelineConfig":
@@ -375,6 +475,21 @@ class PipelineConfig(Section):
         return self
 
 
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> str | None:
+    """Set `raw[a][b] = value` for key `a.b`, creating sections; the problem, if any."""
+    node = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            return f"{'.'.join(parts[: depth + 1])} is a value, not a section"
+        node = child
+    node[parts[-1]] = value
+    return None
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set `a.b=c` overrides in a raw YAML mapping; values are parsed as YAML scalars."""
     problems = []
@@ -383,18 +498,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not key.strip():
             problems.append(f"override {item!r}: expected key.sub=value")
             continue
-        node = raw
-        parts = key.strip().split(".")
-        for depth, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                problems.append(f"override {item!r}: {'.'.join(parts[: depth + 1])} is a value, not a section")
-                break
-            node = child
-        else:
-            node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+        problem = set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else None)
+        if problem:
+            problems.append(f"override {item!r}: {problem}")
     if problems:
         raise ConfigError(problems)
     return raw
@@ -406,6 +512,7 @@ def _tagged(union) -> dict[str, type[BaseModel]]:
 
 STRATEGY_CLASSES = _tagged(StrategyConfig)
 AUGMENT_CLASSES = _tagged(AugmentConfig)
+SCHEDULER_CLASSES = _tagged(SchedulerConfig)
 
 
 def _dotted_key(loc: tuple) -> str:
@@ -414,6 +521,7 @@ def _dotted_key(loc: tuple) -> str:
         str(p) for i, p in enumerate(loc)
         if not (i == 1 and loc[0] == "strategy" and p in STRATEGY_CLASSES)
         and not (i == 3 and loc[1] == "augment" and p in AUGMENT_CLASSES)
+        and not (i == 2 and loc[1] == "scheduler" and p in SCHEDULER_CLASSES)
     ]  # fmt: skip
     return ".".join(parts)
 
@@ -450,7 +558,13 @@ def _unknown_key_hints(raw: dict[str, Any]) -> dict[str, str]:
             annotation = field.annotation
             if key == "strategy" and isinstance(value, dict):
                 annotation = STRATEGY_CLASSES.get(value.get("name", "full"))
-            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if get_origin(annotation) in (Union, UnionType):  # an optional section: X | None
+                annotation = next((a for a in get_args(annotation) if a is not type(None)), None)
+            if get_origin(annotation) is dict and isinstance(value, dict):  # e.g. tune.search_space
+                item = get_args(annotation)[1]
+                for name, entry in value.items():
+                    walk(item, entry, f"{path}.{name}.")
+            elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 walk(annotation, value, path + ".")
 
     walk(PipelineConfig, raw, "")
@@ -464,7 +578,7 @@ def parse(raw: dict[str, Any]) -> PipelineConfig:
     except ValidationError as error:
         hints = _unknown_key_hints(raw)
         problems = [
-            f"{line} (allowed: {hints[line.split(':')[0]]})" if line.endswith("unknown key") else line
+            f"{line} (allowed: {hints[line.split(':')[0]]})" if line.split(":")[0] in hints else line
             for line in describe_errors(error)
         ]
         raise ConfigError(problems) from None

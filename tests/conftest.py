@@ -22,7 +22,9 @@ def ray_session(tmp_path_factory):
     import ray
 
     os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
-    ray.init(num_cpus=2, log_to_driver=False, logging_level="WARNING", include_dashboard=False)
+    # The dashboard (on 127.0.0.1) serves the state API, which Ray Train's placement-group
+    # cleaner needs to free the workers' CPUs when Tune stops a trial early.
+    ray.init(num_cpus=2, log_to_driver=False, logging_level="WARNING", include_dashboard=True)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import ray.data
@@ -266,7 +267,13 @@ def _discover_labels(datasets: list[ray.data.Dataset], source: str) -> list[str]
     """The ordered label names; empty labels are bad rows, reported (or skipped) by file and row."""
     values: set = set()
     for ds in datasets:
-        values.update(v for v in ds.unique("label") if not _is_empty(v))
+        # Distinct labels per block, merged here: a plain map (no shuffle stage as in
+        # Dataset.unique), which also runs inside a Tune trial's placement group.
+        distinct = ds.select_columns(["label"]).map_batches(
+            lambda batch: {"label": pd.unique(batch["label"])}, batch_format="pandas"
+        )
+        values.update(v.item() if isinstance(v, np.generic) else v for v in distinct.to_pandas()["label"])
+    values = {v for v in values if not _is_empty(v)}
     if not values:
         raise DataError(f"{source}: no rows with a label")
     # Numeric labels sort as numbers (2 before 10), text labels alphabetically.

@@ -165,6 +165,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         )  # fmt: skip
         metrics = {
             "epoch": epoch,
+            # what a sweep's scheduler counts (ASHA rungs, tune.scheduler.time_attr)
+            "epochs_done": epoch + 1,
+            "steps_done": (epoch + 1) * steps_per_epoch,
             "train/loss": stats.loss,
             "train/samples": stats.samples * world_size,
             "train/samples_per_s": stats.samples_per_s * world_size,
@@ -202,6 +205,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         module.load_state_dict(best["state"])
     final = _evaluate(model, "test", cfg, num_labels, loss_fn, device, precision)
     final.update(baseline)
+    final[cfg.checkpoint.metric] = best["metric"]  # the tested weights' score; a sweep ranks every report by it
     if monitor and rank == 0:
         monitor.record.remote("final", final)
     ray.train.report(final, checkpoint=None)

@@ -19,7 +19,7 @@ from finetune import config as config_module
 from finetune import models
 from finetune.config import PipelineConfig
 from finetune.data import DataError
-from finetune.data.datasets import build_datasets
+from finetune.data.datasets import Datasets, build_datasets
 from finetune.report.progress import TrainingProgress, summary_table
 from finetune.train.loop import TRAIN_STATE_FILE, train_loop_per_worker
 from finetune.train.monitor import RunMonitor
@@ -63,7 +63,7 @@ def ensure_ray() -> None:
     ray.init(log_to_driver=False, logging_level="WARNING", configure_logging=True)
 
 
-def _quiet_ray_data() -> None:
+def quiet_ray_data() -> None:
     # The live progress bar replaces Ray Data's per-dataset bars and execution notices.
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     context = ray.data.DataContext.get_current()
@@ -82,7 +82,7 @@ def _best_checkpoint(result: ray.train.Result, best_epoch: int | None) -> ray.tr
     return None
 
 
-def _export_best(checkpoint: ray.train.Checkpoint, destination: Path) -> None:
+def export_checkpoint(checkpoint: ray.train.Checkpoint, destination: Path) -> None:
     """The best epoch's model, without the optimizer state that only resuming needs."""
     with checkpoint.as_directory() as directory:
         shutil.copytree(directory, destination, ignore=shutil.ignore_patterns(TRAIN_STATE_FILE), dirs_exist_ok=True)
@@ -152,20 +152,8 @@ def _summary(cfg, events, best_epoch, train_rows, wall_s, run_dir, has_best, ski
     }
 
 
-def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> dict:
-    """Fine-tune as configured; returns the summary also written to RUN_DIR/summary.json."""
-    console = console or Console()
-    started = time.time()
-    run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_module.save(cfg, run_dir / "config.yaml")
-    console.print(f"run directory: {run_dir}")
-
-    ensure_ray()
-    _quiet_ray_data()
-    preprocessor = models.build_preprocessor(cfg.model, cfg.data)
-    datasets = build_datasets(cfg.data, preprocessor, cfg.train.seed)
-    train_rows = datasets.train_rows
+def plan_epoch(cfg: PipelineConfig, train_rows: int) -> tuple[int, int]:
+    """(batches, optimizer steps) per epoch on each worker, the same on every rank."""
     batches_per_epoch = (train_rows // cfg.scaling.num_workers) // cfg.train.batch_size
     steps_per_epoch = batches_per_epoch // cfg.train.grad_accum_steps
     if steps_per_epoch < 1:
@@ -173,17 +161,19 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> d
             f"the training split has {train_rows} rows: too few for {cfg.scaling.num_workers} worker(s) x "
             f"train.batch_size={cfg.train.batch_size} x train.grad_accum_steps={cfg.train.grad_accum_steps}"
         )
-    console.print(
-        f"{train_rows} training rows, {len(datasets.label_names)} labels, {cfg.scaling.num_workers} worker(s), "
-        f"{steps_per_epoch} steps/epoch"
-    )
+    return batches_per_epoch, steps_per_epoch
 
-    storage_path = cfg.checkpoint.storage_path or str(run_dir / "ray")
-    monitor = RunMonitor.remote()
+
+def build_trainer(
+    cfg: PipelineConfig, datasets: Datasets, batches_per_epoch: int, *, name: str, storage_path: str,
+    monitor=None, callbacks: tuple = (),
+) -> TorchTrainer:  # fmt: skip
+    """The Ray Train run of one pipeline: `finetune train`, and each trial of `finetune tune`.
+    A run with the name and storage of an earlier one resumes from its latest checkpoint."""
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "pipeline": cfg.model_dump(mode="json"),
@@ -196,17 +186,41 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> d
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
-            name=run_dir.name,
+            name=name,
             storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.checkpoint.num_to_keep,
                 checkpoint_score_attribute=cfg.checkpoint.metric,
                 checkpoint_score_order=cfg.checkpoint.mode,
             ),
+            callbacks=list(callbacks),
         ),
         datasets=datasets.as_dict(),
         dataset_config=ShardingConfig(execution_options=ingest_options(cfg)),
     )
+
+
+def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> dict:
+    """Fine-tune as configured; returns the summary also written to RUN_DIR/summary.json."""
+    console = console or Console()
+    started = time.time()
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_module.save(cfg, run_dir / "config.yaml")
+    console.print(f"run directory: {run_dir}")
+
+    ensure_ray()
+    quiet_ray_data()
+    datasets = build_datasets(cfg.data, models.build_preprocessor(cfg.model, cfg.data), cfg.train.seed)
+    train_rows = datasets.train_rows
+    batches_per_epoch, steps_per_epoch = plan_epoch(cfg, train_rows)
+    console.print(
+        f"{train_rows} training rows, {len(datasets.label_names)} labels, {cfg.scaling.num_workers} worker(s), "
+        f"{steps_per_epoch} steps/epoch"
+    )
+    storage_path = cfg.checkpoint.storage_path or str(run_dir / "ray")
+    monitor = RunMonitor.remote()
+    trainer = build_trainer(cfg, datasets, batches_per_epoch, name=run_dir.name, storage_path=storage_path, monitor=monitor)
 
     try:
         result, events = _fit_with_progress(trainer, monitor, console, cfg, steps_per_epoch, run_dir)
@@ -225,7 +239,7 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> d
     best_epoch = epochs[-1]["best_epoch"] if epochs else None
     best = _best_checkpoint(result, best_epoch)
     if best is not None:
-        _export_best(best, run_dir / "best")
+        export_checkpoint(best, run_dir / "best")
     summary = _summary(cfg, events, best_epoch, train_rows, time.time() - started, run_dir, best is not None, skipped)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(summary_table(summary))

@@ -1,0 +1,222 @@
+"""`finetune tune` on the driver: a Ray Tune sweep whose trials are `finetune train` runs.
+
+Each trial is a Tune function trainable that builds the same TorchTrainer as `finetune train`
+(`train.run.build_trainer`) and fits it with Ray Train's `TuneReportCallback`, the Train V2 /
+Tune integration: every epoch's report reaches Tune, and ASHA stops a trailing trial at a
+rung. A trial's Train run is named after the trial and stored under the sweep directory, so a
+resumed sweep continues an interrupted trial from its latest checkpoint.
+
+SWEEP_DIR/
+  pipeline.yaml   the pipeline as given (overrides applied): what --resume reruns
+  sweep/          Ray Tune's experiment (trial results, searcher and scheduler state)
+  train/<trial>/  each trial's Ray Train run and checkpoints
+  results.csv     one row per trial; curves.png: every trial's validation curve
+  best/           the best trial's best checkpoint (a saved model: evaluate/predict/export)
+  best.yaml       the pipeline with the best values, for `finetune train` as is
+  config.yaml     best.yaml resolved: with best/, `finetune evaluate|predict SWEEP_DIR` work
+  summary.json
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+import ray
+import yaml
+from ray import tune
+from rich.console import Console
+
+from finetune import config as config_module
+from finetune import models
+from finetune.config import AshaConfig, PipelineConfig
+from finetune.data.datasets import build_datasets
+from finetune.inference import evaluate_run
+from finetune.report.sweep import history, plot_curves, results_table, trial_id
+from finetune.train.run import build_trainer, ensure_ray, export_checkpoint, plan_epoch, quiet_ray_data
+from finetune.tune.space import param_space, trial_config, trial_count, trial_raw, used_params
+
+EXPERIMENT = "sweep"
+TIME_ATTRS = {"epochs": "epochs_done", "steps": "steps_done"}
+
+
+def default_sweep_dir(cfg: PipelineConfig, root: str | Path = "runs") -> Path:
+    return Path(root) / f"{cfg.name}-sweep-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def run_trial(params: dict, base_raw: dict, sweep_dir: str) -> None:
+    """One trial (runs in a Tune actor): the trial's pipeline through the `finetune train` path."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = trial_config(base_raw, params)
+    quiet_ray_data()
+    datasets = build_datasets(cfg.data, models.build_preprocessor(cfg.model, cfg.data), cfg.train.seed)
+    batches_per_epoch, _ = plan_epoch(cfg, datasets.train_rows)
+    trainer = build_trainer(
+        cfg, datasets, batches_per_epoch, name=tune.get_context().get_trial_id(),
+        storage_path=str(Path(sweep_dir) / "train"), callbacks=(TuneReportCallback(),),
+    )  # fmt: skip
+    try:
+        trainer.fit()
+    finally:
+        if datasets.bad_row_log is not None:
+            ray.kill(datasets.bad_row_log)
+
+
+def _trainable(base_raw: dict, sweep_dir: Path):
+    # The trial's own actor only waits on its TorchTrainer; the workers reserve the CPUs (Tune
+    # refuses 0, and a whole CPU per waiting trial would starve the workers on a small machine).
+    trainable = tune.with_parameters(run_trial, base_raw=base_raw, sweep_dir=str(sweep_dir))
+    return tune.with_resources(trainable, {"CPU": 0.01})
+
+
+def _metric(cfg: PipelineConfig) -> tuple[str, str]:
+    metric = cfg.tune.metric or cfg.checkpoint.metric
+    return metric, cfg.tune.mode or ("min" if metric.endswith("loss") else "max")
+
+
+def _scheduler(cfg: PipelineConfig):
+    scheduler = cfg.tune.scheduler
+    if not isinstance(scheduler, AshaConfig):
+        return tune.schedulers.FIFOScheduler()
+    return tune.schedulers.ASHAScheduler(
+        time_attr=TIME_ATTRS[scheduler.time_attr],
+        max_t=scheduler.max_t or cfg.train.epochs,
+        grace_period=scheduler.grace_period,
+        reduction_factor=scheduler.reduction_factor,
+    )
+
+
+def _search_alg(cfg: PipelineConfig):
+    seed = cfg.tune.seed
+    if cfg.tune.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=seed)
+    if cfg.tune.search_alg == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        return HyperOptSearch(random_state_seed=seed)
+    # random/grid: Tune's own generator, which limits concurrency itself
+    return tune.search.BasicVariantGenerator(random_state=seed, max_concurrent=cfg.tune.max_concurrent_trials)
+
+
+def _tuner(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path) -> tune.Tuner:
+    metric, mode = _metric(cfg)
+    return tune.Tuner(
+        _trainable(base_raw, sweep_dir),
+        param_space=param_space(cfg.tune),
+        tune_config=tune.TuneConfig(
+            metric=metric, mode=mode, scheduler=_scheduler(cfg), search_alg=_search_alg(cfg),
+            num_samples=cfg.tune.num_samples,
+            max_concurrent_trials=None if cfg.tune.search_alg == "random" else cfg.tune.max_concurrent_trials,
+            time_budget_s=cfg.tune.time_budget_s,
+        ),  # fmt: skip
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(sweep_dir), verbose=1),
+    )
+
+
+def sweep(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, console: Console | None = None) -> dict:
+    """Run the pipeline's `tune` section; returns the summary also written to SWEEP_DIR/summary.json."""
+    console = console or Console()
+    sweep_dir = Path(sweep_dir).resolve()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "pipeline.yaml").write_text(yaml.safe_dump(base_raw, sort_keys=False))
+    console.print(f"sweep directory: {sweep_dir}\n{trial_count(cfg.tune)} trials, {cfg.tune.max_concurrent_trials} at a time")
+    ensure_ray()
+    started = time.time()
+    results = _tuner(cfg, base_raw, sweep_dir).fit()
+    return _report(cfg, base_raw, sweep_dir, results, time.time() - started, console)
+
+
+def resume(sweep_dir: Path, retry_errored: bool = False, console: Console | None = None) -> dict:
+    """Continue an interrupted sweep: finished trials stay as they are, unfinished ones continue
+    from their latest checkpoint; errored ones run again only with `retry_errored`."""
+    console = console or Console()
+    sweep_dir = Path(sweep_dir).resolve()
+    pipeline = sweep_dir / "pipeline.yaml"
+    if not (pipeline.is_file() and (sweep_dir / EXPERIMENT).is_dir()):
+        raise FileNotFoundError(f"{sweep_dir} is not a sweep directory (pipeline.yaml or {EXPERIMENT}/ missing)")
+    from finetune.validate import load_pipeline
+
+    cfg = load_pipeline(pipeline)
+    base_raw = yaml.safe_load(pipeline.read_text())
+    ensure_ray()
+    started = time.time()
+    tuner = tune.Tuner.restore(
+        str(sweep_dir / EXPERIMENT), _trainable(base_raw, sweep_dir),
+        resume_unfinished=True, resume_errored=retry_errored,
+    )  # fmt: skip
+    console.print(f"resuming sweep {sweep_dir}")
+    results = tuner.fit()
+    return _report(cfg, base_raw, sweep_dir, results, time.time() - started, console)
+
+
+def trial_rows(results, base_raw: dict, metric: str, mode: str, keys: list[str]) -> pd.DataFrame:
+    """One row per trial: its values, best metric and epoch, epochs run, whether ASHA stopped it."""
+    rows = []
+    for result in results:
+        reports = history(result)
+        epochs = reports[reports["epochs_done"].notna()] if "epochs_done" in reports else reports.iloc[0:0]
+        params = used_params(base_raw, result.config or {})
+        planned = trial_config(base_raw, params).train.epochs
+        best = None
+        if len(epochs) and metric in epochs:
+            # ties go to the later epoch, as in Ray Train's ranking: that checkpoint is the one kept
+            latest_first = epochs[metric][::-1]
+            best = epochs.loc[latest_first.idxmin() if mode == "min" else latest_first.idxmax()]
+        epochs_run = int(epochs["epochs_done"].max()) if len(epochs) else 0
+        row = {"trial": trial_id(result)}
+        row.update({key: params.get(key) for key in keys})
+        row.update({
+            "params_json": json.dumps(params),
+            f"best {metric}": None if best is None else float(best[metric]),
+            "best_epoch": None if best is None else int(best["epochs_done"]),
+            "epochs_run": epochs_run,
+            "stopped_early": result.error is None and epochs_run < planned,
+            "status": "ERROR" if result.error is not None else "TERMINATED",
+            "wall_s": float(reports["time_total_s"].max()) if "time_total_s" in reports else None,
+            "checkpoint": None if best is None else best.get("checkpoint_path"),
+        })  # fmt: skip
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _report(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, results, wall_s: float, console: Console) -> dict:
+    metric, mode = _metric(cfg)
+    rows = trial_rows(results, base_raw, metric, mode, list(cfg.tune.search_space))
+    with (sweep_dir / "results.csv").open("w") as handle:
+        handle.write(rows.to_csv(index=False))
+    plot_curves(results, metric, sweep_dir / "curves.png")
+    console.print(results_table(rows, metric))
+
+    summary = {"sweep_dir": str(sweep_dir), "metric": metric, "mode": mode, "trials": len(rows),
+               "stopped_early": int(rows["stopped_early"].sum()), "errored": int((rows["status"] == "ERROR").sum()),
+               "trial_epochs": int(rows["epochs_run"].sum()), "wall_s": wall_s, "best": None}  # fmt: skip
+    finished = rows.dropna(subset=[f"best {metric}"])
+    if len(finished):
+        best = finished.sort_values(f"best {metric}", ascending=(mode == "min")).iloc[0]
+        params = used_params(base_raw, json.loads(best["params_json"]))
+        best_raw = trial_raw(base_raw, params)
+        best_raw["name"] = f"{config_module.parse(best_raw).name}-best"
+        header = f"# best trial {best['trial']} of sweep {sweep_dir}: {metric} = {best[f'best {metric}']:.4f}\n"
+        (sweep_dir / "best.yaml").write_text(header + yaml.safe_dump(best_raw, sort_keys=False))
+        # with best/, a run folder: `finetune evaluate|predict SWEEP_DIR` use the best trial's model
+        config_module.save(config_module.parse(best_raw), sweep_dir / "config.yaml")
+        summary["best"] = {"trial": best["trial"], "params": params, metric: float(best[f"best {metric}"]),
+                           "epoch": int(best["best_epoch"]), "pipeline": str(sweep_dir / "best.yaml")}  # fmt: skip
+        if isinstance(best["checkpoint"], str):
+            export_checkpoint(ray.train.Checkpoint(best["checkpoint"]), sweep_dir / "best")
+            # Tested here, once: ASHA ends a trial at max_t before its own test report.
+            tested = evaluate_run(sweep_dir, "test")
+            summary["best"].update(checkpoint=str(sweep_dir / "best"), **tested)
+        console.print(
+            f"best trial {best['trial']}: {params} -> {metric} {best[f'best {metric}']:.4f}"
+            + (f", test accuracy {summary['best']['test/accuracy']:.4f}" if "test/accuracy" in summary["best"] else "")
+        )
+        console.print(f"best model: {summary['best'].get('checkpoint')}\nretrain with: finetune train {sweep_dir / 'best.yaml'}")
+    (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary

@@ -1,0 +1,227 @@
+"""`finetune tune`: search-space parsing, a real ASHA sweep, best.yaml, resume after a killed driver."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from ray import tune
+
+from conftest import sentiment_rows, write_csv
+from finetune.cli import main
+from finetune.config import ConfigError, parse
+from finetune.tune.space import check_search_space, param_space, trial_config, trial_count, used_params
+
+BASE = {"data": {"source": "reviews.csv"}, "model": {"name": "minilm-l6"}}
+
+
+def _tune(search_space: dict, **extra) -> dict:
+    return {**BASE, "tune": {"search_space": search_space, **extra}}
+
+
+def test_every_kind_becomes_its_tune_domain():
+    cfg = parse(_tune({
+        "optim.lr": {"loguniform": [1e-5, 1e-3]}, "optim.weight_decay": {"uniform": [0.0, 0.1]},
+        "train.batch_size": {"choice": [16, 32]}, "train.epochs": {"randint": [1, 4]},
+        "strategy.name": {"grid": ["full", "lora"]},
+    }, num_samples=3)).tune  # fmt: skip
+    space = param_space(cfg)
+    assert isinstance(space["optim.lr"], tune.search.sample.Float)
+    assert (space["optim.lr"].lower, space["optim.lr"].upper) == (1e-5, 1e-3)
+    assert isinstance(space["optim.lr"].get_sampler(), tune.search.sample.LogUniform)
+    assert isinstance(space["optim.weight_decay"].get_sampler(), tune.search.sample.Uniform)
+    assert space["train.batch_size"].categories == [16, 32]
+    assert (space["train.epochs"].lower, space["train.epochs"].upper) == (1, 4)
+    assert space["strategy.name"] == {"grid_search": ["full", "lora"]}
+    assert trial_count(cfg) == 6  # num_samples x the grid
+    assert cfg.scheduler.name == "asha" and cfg.search_alg == "random"
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"optim.lr": {"loguniform": [0, 1e-3]}}, "tune.search_space.optim.lr: loguniform: both bounds must be > 0"),
+        ({"optim.lr": {"uniform": [1e-3, 1e-5]}}, "uniform: [low, high] with low < high"),
+        ({"optim.lr": {"uniform": [0.1, 0.2], "choice": [1]}}, "give exactly one of"),
+        ({"optim.lr": {}}, "give exactly one of uniform, loguniform, randint, choice, grid (got none)"),
+        ({"optim.lr": {"between": [1, 2]}}, "tune.search_space.optim.lr.between: unknown key"),
+        ({"optim.lr": {"choice": []}}, "tune.search_space.optim.lr.choice"),
+    ],
+)
+def test_bad_specs_are_named(spec, message):
+    with pytest.raises(ConfigError) as error:
+        parse(_tune(spec))
+    assert any(message in problem for problem in error.value.problems), error.value.problems
+
+
+def test_searched_values_are_checked_against_the_schema():
+    def problems(space: dict, **extra) -> list[str]:
+        raw = _tune(space, **extra)
+        return check_search_space(raw, parse(raw).tune)
+
+    assert problems({"optim.lr": {"loguniform": [1e-5, 1e-3]}}) == []
+    assert problems({"optim.lerning_rate": {"choice": [1e-3]}}) == [
+        "tune.search_space.optim.lerning_rate=0.001: optim.lerning_rate: unknown key "
+        "(allowed: name, lr, weight_decay, momentum, betas)"
+    ]
+    assert "train.batch_size: Input should be greater than or equal to 1" in problems(
+        {"train.batch_size": {"choice": [0, 8]}}
+    )[0]
+    assert problems({"strategy.layer_decay": {"uniform": [0.5, 0.9]}}) == [
+        "tune.search_space.strategy.layer_decay: strategy full has no such key"
+    ]
+    # with strategy.name searched, a strategy's own key is fine when some searched strategy has it
+    assert problems({"strategy.name": {"choice": ["full", "discriminative"]},
+                     "strategy.layer_decay": {"uniform": [0.5, 0.9]}}) == []  # fmt: skip
+    assert problems({"strategy.name": {"choice": ["full", "bitfit"]}, "strategy.r": {"choice": [4]}}) == [
+        "tune.search_space.strategy.r: no searched strategy has such key"
+    ]
+    with pytest.raises(ConfigError, match="tune.search_alg=optuna cannot run grid keys"):
+        parse(_tune({"optim.lr": {"grid": [1e-3]}}, search_alg="optuna"))
+    with pytest.raises(ConfigError, match="max_t: required when time_attr=steps"):
+        parse(_tune({"optim.lr": {"grid": [1e-3]}}, scheduler={"name": "asha", "time_attr": "steps"}))
+
+
+def test_a_trial_runs_the_pipeline_with_its_values():
+    raw = _tune({"strategy.name": {"choice": ["full", "discriminative"]}, "strategy.layer_decay": {"uniform": [0.5, 0.9]}},
+                metric="val/loss")  # fmt: skip
+    full = trial_config(raw, {"strategy.name": "full", "strategy.layer_decay": 0.7, "optim.lr": 1e-4})
+    assert full.strategy.name == "full" and full.optim.lr == 1e-4 and full.tune is None
+    assert (full.checkpoint.metric, full.checkpoint.mode) == ("val/loss", "min")  # trials keep what the sweep ranks
+    decayed = trial_config(raw, {"strategy.name": "discriminative", "strategy.layer_decay": 0.7})
+    assert decayed.strategy.layer_decay == 0.7
+    assert used_params(raw, {"strategy.name": "full", "strategy.layer_decay": 0.7}) == {"strategy.name": "full"}
+
+
+def test_validate_refuses_a_bad_search_space_with_exit_2(tmp_path, capsys):
+    pipeline = tmp_path / "sweep.yaml"
+    raw = _tune({"optim.lr": {"loguniform": [1e-5, 1e-3]}, "train.batchsize": {"choice": [8, 16]}})
+    raw["data"]["source"] = str(write_csv(tmp_path / "reviews.csv", sentiment_rows(20)))
+    pipeline.write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(pipeline)]) == 2
+    assert "tune.search_space.train.batchsize=8: train.batchsize: unknown key" in capsys.readouterr().out
+    assert main(["tune", str(pipeline), "tune.search_space.train.batchsize.choice=null"]) == 2
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump({k: v for k, v in raw.items() if k != "tune"}))
+    assert main(["tune", str(tmp_path / "plain.yaml")]) == 2
+    assert "has no tune section" in capsys.readouterr().out
+
+
+def sweep_pipeline(tmp_path: Path, tiny_bert_dir: Path, rows: int, tune_section: dict) -> Path:
+    data = write_csv(tmp_path / "reviews.csv", sentiment_rows(rows))
+    pipeline = tmp_path / "sweep.yaml"
+    pipeline.write_text(yaml.safe_dump({
+        "name": "tiny",
+        "data": {"source": str(data), "text_column": "review", "label_column": "sentiment", "max_length": 16,
+                 "val_fraction": 0.2},
+        "model": {"name": f"hf:{tiny_bert_dir}"},
+        "train": {"epochs": 3, "batch_size": 16, "precision": "fp32", "seed": 0},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
+        "checkpoint": {"num_to_keep": 1},
+        "tune": tune_section,
+    }))  # fmt: skip
+    return pipeline
+
+
+def test_asha_stops_weak_trials_and_best_yaml_retrains_the_best(ray_session, tmp_path, tiny_bert_dir, capsys):
+    """Trials run one at a time in grid order: the good learning rate first reaches each rung, so
+    ASHA (reduction factor 2) stops the two that barely learn at their first rung."""
+    pipeline = sweep_pipeline(tmp_path, tiny_bert_dir, 400, {
+        "search_space": {"optim.lr": {"grid": [3e-3, 1e-6, 2e-6]}},
+        "num_samples": 1, "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+    })  # fmt: skip
+    sweep_dir = tmp_path / "sweep"
+    assert main(["tune", str(pipeline), "--sweep-dir", str(sweep_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "sweep: 3 trials, ranked by val/accuracy" in out and "retrain with: finetune train" in out
+
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert summary["trials"] == 3 and summary["errored"] == 0
+    assert summary["stopped_early"] >= 1
+    assert summary["best"]["params"] == {"optim.lr": 3e-3}
+    assert summary["trial_epochs"] < 3 * 3
+    assert summary["best"]["test/accuracy"] > 0.9 and summary["best"]["test/samples"] > 0
+    import pandas as pd
+
+    table = pd.read_csv(sweep_dir / "results.csv").set_index("optim.lr")
+    assert table.loc[3e-3, "epochs_run"] == 3 and not table.loc[3e-3, "stopped_early"]
+    assert table.loc[1e-6, "stopped_early"] and table.loc[1e-6, "epochs_run"] < 3
+    assert (sweep_dir / "curves.png").stat().st_size > 10_000
+    assert (sweep_dir / "best" / "model.safetensors").is_file()
+
+    # best.yaml is the best trial's pipeline: `finetune train` runs it as is and, with one
+    # worker and the same seed, retraces the trial epoch by epoch.
+    best_raw = yaml.safe_load((sweep_dir / "best.yaml").read_text())
+    assert "tune" not in best_raw and best_raw["optim"]["lr"] == 3e-3 and best_raw["name"] == "tiny-best"
+    run_dir = tmp_path / "retrained"
+    assert main(["train", str(sweep_dir / "best.yaml"), "--run-dir", str(run_dir)]) == 0
+    retrained = [json.loads(line)["val/accuracy"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    trial = next((sweep_dir / "sweep").glob(f"*{summary['best']['trial']}*/result.json"))
+    reported = [r["val/accuracy"] for r in map(json.loads, trial.read_text().splitlines()) if "epochs_done" in r]
+    assert retrained == pytest.approx(reported)
+    assert max(retrained) == pytest.approx(summary["best"]["val/accuracy"])
+
+
+def _trial_states(sweep_dir: Path) -> dict[str, str]:
+    """Trial id -> status, from the experiment state Tune keeps in the sweep folder."""
+    states = sorted((sweep_dir / "sweep").glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    try:
+        trials = json.loads(states[-1].read_text())["trial_data"]
+    except (json.JSONDecodeError, KeyError):
+        return {}  # being written
+    return {t["trial_id"]: t["status"] for t in (json.loads(data) for data, _ in trials)}
+
+
+def _epochs_reported(sweep_dir: Path, trial: str) -> list[int]:
+    path = next((sweep_dir / "sweep").glob(f"*{trial}*/result.json"))
+    return [r["epochs_done"] for r in map(json.loads, path.read_text().splitlines()) if "epochs_done" in r]
+
+
+def test_resume_after_the_driver_is_killed(ray_session, tmp_path, tiny_bert_dir, capsys):
+    """The driver dies while the second of two trials runs; --resume continues that trial from
+    its checkpoint and leaves the finished one alone."""
+    pipeline = sweep_pipeline(tmp_path, tiny_bert_dir, 400, {
+        "search_space": {"optim.lr": {"grid": [3e-3, 1e-3]}}, "num_samples": 1, "scheduler": {"name": "fifo"},
+    })  # fmt: skip
+    sweep_dir = tmp_path / "sweep"
+    # a second driver on the test session's Ray, which (as any local Ray now) wants its auth token
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "finetune.cli", "tune", str(pipeline), "train.epochs=4", "--sweep-dir", str(sweep_dir)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            states = _trial_states(sweep_dir)
+            finished = [t for t, status in states.items() if status == "TERMINATED"]
+            running = [t for t, status in states.items() if status == "RUNNING"]
+            # kill once the second trial has saved a checkpoint (so it has something to resume)
+            if finished and running and list((sweep_dir / "train" / running[0]).glob("checkpoint_*")):
+                break
+            assert driver.poll() is None, f"the sweep ended (exit {driver.returncode}) before it could be interrupted"
+            time.sleep(0.5)
+        else:
+            pytest.fail("the second trial never reported")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finished_train = sweep_dir / "train" / finished[0] / "checkpoint_manager_snapshot.json"
+    snapshot = (finished_train.read_text(), finished_train.stat().st_mtime)
+
+    assert main(["tune", "--resume", str(sweep_dir)]) == 0
+    assert "resuming sweep" in capsys.readouterr().out
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert summary["trials"] == 2 and summary["errored"] == 0 and summary["trial_epochs"] == 8
+    assert (finished_train.read_text(), finished_train.stat().st_mtime) == snapshot  # not trained again
+    resumed = _epochs_reported(sweep_dir, running[0])
+    assert resumed[-1] == 4 and len(resumed) == len(set(resumed))  # continued, no epoch trained twice
+    assert _trial_states(sweep_dir) == {finished[0]: "TERMINATED", running[0]: "TERMINATED"}
