@@ -22,6 +22,7 @@ fused optimizer, the loss read only when reported), to show what each default bu
     python bench/gpu.py                                   # both models, fp32/bf16, bare/DDP
     python bench/gpu.py --models minilm-l6 --text-batch-size 128 --steps 100
     python bench/gpu.py --device cpu --steps 3 --warmup-steps 1     # the code path, on a CPU
+    python bench/gpu.py --no-ddp --no-plain --strategies lora bitfit linear_probe   # what trains
 
 The last line printed is one JSON object: {"device": ..., "runs": [one row per model, precision, ddp]}.
 """
@@ -37,7 +38,9 @@ import time
 import torch
 
 from finetune import models
-from finetune.config import LossConfig, ModelConfig, OptimConfig, ScheduleConfig
+from finetune.config import STRATEGY_CLASSES, LossConfig, ModelConfig, OptimConfig, ScheduleConfig
+from finetune.models.groups import layer_groups
+from finetune.strategies import build_strategy
 from finetune.train import steps
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, in TFLOP/s; the first
@@ -99,17 +102,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(name: str, precision: str, ddp: bool, plain: bool, device: torch.device, args) -> dict:
+def measure(name: str, precision: str, ddp: bool, plain: bool, device: torch.device, args, strategy: str = "full") -> dict:
     """`plain`: the step as it was before bench/gpu.py looked at it (NCHW weights, one optimizer
-    kernel per tensor, the loss read off the GPU every step) against the project's defaults."""
+    kernel per tensor, the loss read off the GPU every step) against the project's defaults.
+    `strategy`: what trains, as `finetune train` sets it up (adapters, frozen groups, lrs)."""
     torch.manual_seed(0)
     model, batch, batch_size = build(name, args)
+    method = build_strategy(STRATEGY_CLASSES[strategy](name=strategy))
+    method.adapt(model)
+    params = method.setup(model, layer_groups(model), 1e-4)
     model = model.to(device) if plain else steps.to_device(model, device)
     flops = flops_per_step(model, batch, device)
     if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=method.freezes
+        )
     total_steps = args.warmup_steps + args.steps
-    params = [{"params": list(model.parameters())}]
     optimizer = steps.build_optimizer(params, OptimConfig(lr=1e-4), fused=False if plain else None)
     scheduler = steps.build_scheduler(optimizer, ScheduleConfig(name="linear", warmup_ratio=0.1), total_steps)
     on_device = {k: v.to(device) for k, v in batch.items()}
@@ -130,13 +138,16 @@ def measure(name: str, precision: str, ddp: bool, plain: bool, device: torch.dev
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     steps_per_s = args.steps / (time.perf_counter() - started)
-    peak = peak_tflops(device, args.peak_tflops)
-    achieved = flops * steps_per_s / 1e12
+    # 3 x forward holds when every weight gets a gradient; a strategy that freezes most of the
+    # model skips most weight gradients, so its rows carry no TFLOP/s or MFU.
+    peak = peak_tflops(device, args.peak_tflops) if strategy in ("full", "discriminative", "l2sp") else None
+    achieved = flops * steps_per_s / 1e12 if peak or strategy == "full" else None
     row = {
-        "model": name, "precision": precision, "ddp": ddp, "step": "plain" if plain else "default",
+        "model": name, "strategy": strategy, "precision": precision, "ddp": ddp, "step": "plain" if plain else "default",
+        "trainable_params": sum(p.numel() for group in params for p in group["params"]),
         "batch_size": batch_size, "samples_per_s": round(steps_per_s * batch_size, 1),
         "step_ms": round(1000 / steps_per_s, 2), "gflops_per_step": round(flops / 1e9, 1),
-        "tflops": round(achieved, 2), "mfu": round(achieved / peak, 4) if peak else None,
+        "tflops": round(achieved, 2) if achieved else None, "mfu": round(achieved / peak, 4) if peak else None,
         "loss_first_last": [round(losses[0], 3), round(stats.loss, 3)],
     }  # fmt: skip
     if device.type == "cuda":
@@ -167,6 +178,7 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, if not in the table")
     parser.add_argument("--no-ddp", dest="ddp", action="store_false", help="skip the DDP (nccl) rows")
     parser.add_argument("--no-plain", dest="plain", action="store_false", help="skip the plain-step rows")
+    parser.add_argument("--strategies", nargs="*", default=[], help="also rows for these strategies, e.g. lora bitfit")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -181,6 +193,10 @@ def main() -> None:
             variants = [(False, False)] + [(False, True)] * args.plain + [(True, False)] * args.ddp
             for ddp, plain in variants:
                 row = measure(name, precision, ddp, plain, device, args)
+                print(json.dumps(row), flush=True)
+                runs.append(row)
+            for strategy in args.strategies:  # the project's step, bare, with less to train
+                row = measure(name, precision, False, False, device, args, strategy)
                 print(json.dumps(row), flush=True)
                 runs.append(row)
     if args.ddp:
