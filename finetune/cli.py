@@ -30,6 +30,21 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", metavar="SWEEP_DIR", help="continue an interrupted sweep")
     sweep.add_argument("--retry-errored", action="store_true", help="with --resume: run errored trials again")
 
+    submit = commands.add_parser("submit", help="run a pipeline on a Ray cluster as a Ray job")
+    submit.add_argument("pipeline")
+    submit.add_argument("overrides", nargs="*")
+    submit.add_argument("--address", help="the cluster's dashboard URL (default: $RAY_ADDRESS, else a local head)")
+    submit.add_argument("--tune", action="store_true", help="run `finetune tune` (a sweep) instead of train")
+    submit.add_argument("--run-dir", help="train: the run folder on the cluster (shared storage)")
+    submit.add_argument("--sweep-dir", help="tune: the sweep folder on the cluster (shared storage)")
+    submit.add_argument("--wait", action="store_true", help="follow the logs; exit with the job's status")
+
+    jobs = commands.add_parser("jobs", help="status, logs or stop of a submitted job")
+    jobs.add_argument("action", choices=("status", "logs", "stop"))
+    jobs.add_argument("job_id")
+    jobs.add_argument("--address", help="the cluster's dashboard URL (default: $RAY_ADDRESS, else a local head)")
+    jobs.add_argument("--follow", action="store_true", help="logs: follow until the job ends")
+
     validate = commands.add_parser("validate", help="check a pipeline file without running it")
     validate.add_argument("pipeline")
     validate.add_argument("overrides", nargs="*")
@@ -96,6 +111,41 @@ def _tune(args, console: Console) -> int:
     return 0 if summary["best"] else EXIT_DATA  # no trial finished an epoch: their errors are above
 
 
+def _jobs(args, console: Console) -> int:
+    from finetune import jobs
+
+    if args.command == "submit":
+        from finetune.config import ConfigError
+        from finetune.validate import load_pipeline
+
+        cfg = load_pipeline(args.pipeline, args.overrides)  # mistakes stop here, not on the cluster
+        if args.tune and cfg.tune is None:
+            raise ConfigError([f"{args.pipeline} has no tune section: --tune needs tune.search_space"])
+        extra = ["--sweep-dir", args.sweep_dir] if args.tune and args.sweep_dir else []
+        extra += ["--run-dir", args.run_dir] if not args.tune and args.run_dir else []
+        client, job_id = jobs.submit(Path(args.pipeline), args.overrides, address=args.address, tune=args.tune,
+                                     extra=extra)  # fmt: skip
+        console.print(f"submitted job {job_id}", highlight=False)
+        if not args.wait:
+            console.print(f"follow it with: finetune jobs logs {job_id} --follow", highlight=False)
+            return 0
+        status = jobs.follow(client, job_id)
+        console.print(f"job {job_id}: {status.value}", highlight=False)
+        return jobs.exit_status(status)
+    client = jobs.client(args.address)
+    if args.action == "status":
+        info = client.get_job_info(args.job_id)
+        console.print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""), highlight=False)
+    elif args.action == "logs":
+        if args.follow:
+            return jobs.exit_status(jobs.follow(client, args.job_id))
+        sys.stdout.write(client.get_job_logs(args.job_id))
+    else:
+        stopped = client.stop_job(args.job_id)
+        console.print(f"{args.job_id}: {'stop requested' if stopped else 'not running'}", highlight=False)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console()
@@ -104,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "tune":
             return _tune(args, console)
+        if args.command in ("submit", "jobs"):
+            return _jobs(args, console)
         if args.command in ("train", "validate"):
             from finetune.validate import load_pipeline
 

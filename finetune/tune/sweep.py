@@ -188,8 +188,7 @@ def trial_rows(results, base_raw: dict, metric: str, mode: str, keys: list[str])
 def _report(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, results, wall_s: float, console: Console) -> dict:
     metric, mode = _metric(cfg)
     rows = trial_rows(results, base_raw, metric, mode, list(cfg.tune.search_space))
-    with (sweep_dir / "results.csv").open("w") as handle:
-        handle.write(rows.to_csv(index=False))
+    rows.to_csv(sweep_dir / "results.csv", index=False)
     plot_curves(results, metric, sweep_dir / "curves.png")
     console.print(results_table(rows, metric))
 

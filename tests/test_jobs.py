@@ -1,0 +1,104 @@
+"""`finetune submit` / `finetune jobs` against a real Ray head started on loopback for the test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import sentiment_rows, write_csv
+from finetune.cli import main
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def ray_head(tmp_path_factory):
+    """`ray start --head` on 127.0.0.1 with its own ports and temp dir; stopped by the test."""
+    gcs, dashboard, client, agent = _free_ports(4)
+    temp_dir = tmp_path_factory.mktemp("head")
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",  # jobs run this venv's python
+           "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-listen-port={agent}", f"--temp-dir={temp_dir}", "--num-cpus=2",
+         "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except OSError as error:
+                if "401" in str(error) or "Unauthorized" in str(error):
+                    break  # up, and asking for the token, as it should
+                if time.time() > deadline or head.poll() is not None:
+                    pytest.fail(f"the Ray head did not come up at {address}")
+                time.sleep(1)
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+
+
+def test_submit_waits_for_the_job_and_its_checkpoint_lands_in_storage(ray_head, tmp_path, tiny_bert_dir, capsys):
+    data = write_csv(tmp_path / "reviews.csv", sentiment_rows(200))
+    pipeline = tmp_path / "job.yaml"
+    pipeline.write_text(yaml.safe_dump({
+        "name": "job",
+        "data": {"source": str(data), "text_column": "review", "label_column": "sentiment", "max_length": 16},
+        "model": {"name": f"hf:{tiny_bert_dir}"},
+        "optim": {"lr": 3e-3},
+        "train": {"epochs": 1, "batch_size": 16, "precision": "fp32"},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
+        "checkpoint": {"num_to_keep": 1},
+    }))  # fmt: skip
+    storage, run_dir = tmp_path / "storage", tmp_path / "run"
+    code = main(["submit", str(pipeline), f"checkpoint.storage_path={storage}", "--address", ray_head,
+                 "--run-dir", str(run_dir), "--wait"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    job_id = out.split("submitted job ", 1)[1].split()[0]
+    assert f"job {job_id}: SUCCEEDED" in out
+    assert "finetune summary" in out and "test accuracy" in out  # the job's own log, followed
+    assert sorted(p.name for p in (storage / "run").glob("checkpoint_*"))  # Ray Train's checkpoint
+    assert (run_dir / "best" / "model.safetensors").is_file() and (run_dir / "summary.json").is_file()
+
+    assert main(["jobs", "status", job_id, "--address", ray_head]) == 0
+    assert f"{job_id}: SUCCEEDED" in capsys.readouterr().out
+    assert main(["jobs", "logs", job_id, "--address", ray_head]) == 0
+    assert "best model:" in capsys.readouterr().out
+
+
+def test_submit_refuses_a_bad_pipeline_before_contacting_the_cluster(tmp_path, capsys):
+    pipeline = tmp_path / "bad.yaml"
+    pipeline.write_text(yaml.safe_dump({"data": {"source": "rotten_tomatoes"}, "model": {"name": "minilm-l6"},
+                                        "optim": {"lr": -1}}))  # fmt: skip
+    assert main(["submit", str(pipeline), "--address", "http://127.0.0.1:9"]) == 2
+    assert "optim.lr" in capsys.readouterr().out
