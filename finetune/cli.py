@@ -19,9 +19,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="fine-tune as a pipeline file says")
-    train.add_argument("pipeline", help="pipeline YAML file")
+    train.add_argument("pipeline", nargs="?", help="pipeline YAML file")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=3e-5")
     train.add_argument("--run-dir", help="where results go (default: a new folder under runs/)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run whose driver died, from its last checkpoint")
 
     sweep = commands.add_parser("tune", help="hyperparameter sweep (Ray Tune, ASHA) over the pipeline's tune section")
     sweep.add_argument("pipeline", nargs="?", help="pipeline YAML file with a tune section")
@@ -156,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
             return _tune(args, console)
         if args.command in ("submit", "jobs"):
             return _jobs(args, console)
+        if args.command == "train" and (args.resume or not args.pipeline):
+            if not args.resume or args.pipeline or args.run_dir:
+                raise config_module.ConfigError(["finetune train: give a pipeline file, or --resume RUN_DIR alone"])
+            from finetune.train.run import resume
+
+            resume(Path(args.resume), console)
+            return 0
         if args.command in ("train", "validate"):
             from finetune.validate import load_pipeline
 

@@ -328,6 +328,10 @@ class ScalingConfig(Section):
         "them for preprocessing, and a run whose workers take every CPU hangs.",
     )
     gpus_per_worker: float = Field(1.0, gt=0.0, description="GPUs per worker when use_gpu is true.")
+    max_failures: int = Field(
+        0, ge=-1, description="Worker-group restarts after a worker or node dies; each resumes from the latest "
+        "checkpoint (model, optimizer, schedule, strategy, epoch). -1 = without limit."
+    )
 
 
 class CheckpointConfig(Section):
@@ -339,7 +343,12 @@ class CheckpointConfig(Section):
     )
     num_to_keep: int = Field(2, ge=1, description="Best checkpoints kept in storage.")
     storage_path: str | None = Field(
-        None, description="Where Ray Train stores checkpoints; unset = <run dir>/ray. Multi-node: shared storage."
+        None,
+        description="Where Ray Train stores checkpoints; unset = <run dir>/ray. On a multi-node cluster: a URI "
+        "(s3://, gs://, ...) or a shared file system every node mounts; a local disk is refused.",
+    )
+    storage_is_shared: bool = Field(
+        False, description="Declare a local storage_path shared by every node (a mount finetune does not recognise)."
     )
 
     @model_validator(mode="after")

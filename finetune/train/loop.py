@@ -131,6 +131,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if best["state"] is None:
             best["state"] = state["model"]
 
+    if monitor and rank == 0:  # one per worker-group start: the driver counts restarts
+        monitor.record.remote("start", {"start_epoch": start_epoch})
+
     # ---- 2. baseline: the pretrained backbone with its untrained head -----------------------
     if start_epoch == 0:
         baseline = _evaluate(model, "test", cfg, num_labels, loss_fn, device, precision)

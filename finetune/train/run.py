@@ -23,6 +23,7 @@ from finetune.data.datasets import Datasets, build_datasets
 from finetune.report.progress import TrainingProgress, summary_table
 from finetune.train.loop import TRAIN_STATE_FILE, train_loop_per_worker
 from finetune.train.monitor import RunMonitor
+from finetune.train.storage import check_shared_storage
 
 
 def default_run_dir(cfg: PipelineConfig, root: str | Path = "runs") -> Path:
@@ -98,8 +99,11 @@ def _fit_with_progress(trainer, monitor, console, cfg, steps_per_epoch, run_dir)
         except BaseException as error:  # noqa: BLE001 - re-raised on the main thread
             outcome["error"] = error
 
-    events: dict = {"epochs": []}
-    with (run_dir / "metrics.jsonl").open("w") as metrics_file, TrainingProgress(
+    metrics_path = run_dir / "metrics.jsonl"
+    # A resumed run keeps the epochs it finished before; an epoch it trains again replaces its line.
+    earlier = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.is_file() else []
+    events: dict = {"epochs": {e["epoch"]: e for e in earlier}, "starts": []}
+    with metrics_path.open("a") as metrics_file, TrainingProgress(
         console, cfg.train.epochs, steps_per_epoch
     ) as progress:
         thread = threading.Thread(target=fit, name="finetune-fit", daemon=True)
@@ -116,12 +120,16 @@ def _fit_with_progress(trainer, monitor, console, cfg, steps_per_epoch, run_dir)
                 if kind == "epoch":
                     metrics_file.write(json.dumps(metrics) + "\n")
                     metrics_file.flush()
-                    events["epochs"].append(metrics)
+                    events["epochs"][metrics["epoch"]] = metrics
+                elif kind == "start":
+                    events["starts"].append(metrics)
                 else:
                     events[kind] = metrics
             if finished:
                 break
             thread.join(timeout=0.5)
+    events["epochs"] = [events["epochs"][epoch] for epoch in sorted(events["epochs"])]
+    metrics_path.write_text("".join(json.dumps(e) + "\n" for e in events["epochs"]))
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"], events
@@ -149,6 +157,9 @@ def _summary(cfg, events, best_epoch, train_rows, wall_s, run_dir, has_best, ski
         "run_dir": str(run_dir),
         "best_checkpoint": str(run_dir / "best") if has_best else None,
         "skipped_rows": skipped.get("counts", {}),
+        # worker-group restarts after a failure (scaling.max_failures), each from the latest checkpoint
+        "restarts": max(len(events["starts"]) - 1, 0),
+        "resumed_from_epoch": events["starts"][0]["start_epoch"] if events["starts"] else None,
     }
 
 
@@ -188,6 +199,7 @@ def build_trainer(
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.checkpoint.num_to_keep,
                 checkpoint_score_attribute=cfg.checkpoint.metric,
@@ -201,7 +213,9 @@ def build_trainer(
 
 
 def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> dict:
-    """Fine-tune as configured; returns the summary also written to RUN_DIR/summary.json."""
+    """Fine-tune as configured; returns the summary also written to RUN_DIR/summary.json.
+    A run directory that already holds this run's checkpoints continues from the latest one
+    (`finetune train --resume RUN_DIR`: Ray Train restores a run of the same name and storage)."""
     console = console or Console()
     started = time.time()
     run_dir = Path(run_dir).resolve()
@@ -210,6 +224,9 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> d
     console.print(f"run directory: {run_dir}")
 
     ensure_ray()
+    storage_path = cfg.checkpoint.storage_path or str(run_dir / "ray")
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    check_shared_storage(storage_path, cfg.checkpoint.storage_is_shared, nodes)
     quiet_ray_data()
     datasets = build_datasets(cfg.data, models.build_preprocessor(cfg.model, cfg.data), cfg.train.seed)
     train_rows = datasets.train_rows
@@ -218,7 +235,6 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> d
         f"{train_rows} training rows, {len(datasets.label_names)} labels, {cfg.scaling.num_workers} worker(s), "
         f"{steps_per_epoch} steps/epoch"
     )
-    storage_path = cfg.checkpoint.storage_path or str(run_dir / "ray")
     monitor = RunMonitor.remote()
     trainer = build_trainer(cfg, datasets, batches_per_epoch, name=run_dir.name, storage_path=storage_path, monitor=monitor)
 
@@ -246,5 +262,17 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> d
     if skipped:
         counts = ", ".join(f"{n} in {split}" for split, n in skipped["counts"].items())
         console.print(f"skipped bad rows (data.on_bad_rows=skip): {counts}; e.g. {skipped['examples'][0]}", soft_wrap=True)
+    if summary["restarts"]:
+        console.print(f"the worker group restarted {summary['restarts']} time(s), each from the latest checkpoint")
     console.print(f"best model: {summary['best_checkpoint']}\nrun directory: {run_dir}")
     return summary
+
+
+def resume(run_dir: Path, console: Console | None = None) -> dict:
+    """Continue a run whose driver died, from its latest checkpoint, with its saved config."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (config.yaml missing)")
+    console = console or Console()
+    console.print(f"resuming {run_dir}")
+    return run(config_module.load(run_dir / "config.yaml"), run_dir, console)
