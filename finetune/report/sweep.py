@@ -20,11 +20,16 @@ def trial_id(result) -> str:
     return str(frame["trial_id"].iloc[0]) if "trial_id" in frame and len(frame) else Path(result.path).name
 
 
+SHORT_NAMES = {"best_epoch": "at epoch", "epochs_run": "epochs", "stopped_early": "stopped", "wall_s": "s"}
+
+
 def results_table(rows: pd.DataFrame, metric: str) -> Table:
+    """The trials best first; short headers, so that it fits a terminal (results.csv has it all)."""
     table = Table(title=f"sweep: {len(rows)} trials, ranked by {metric}")
     shown = [c for c in rows.columns if c not in ("params_json", "checkpoint")]
     for column in shown:
-        table.add_column(column, justify="left" if column in ("trial", "status") else "right")
+        header = "best" if column == f"best {metric}" else SHORT_NAMES.get(column, column.split(".")[-1])
+        table.add_column(header, justify="left" if column in ("trial", "status") else "right")
     ordered = rows.sort_values(f"best {metric}", ascending=metric.endswith("loss"), na_position="last")
     for _, row in ordered.iterrows():
         table.add_row(*(_cell(row[c]) for c in shown))
