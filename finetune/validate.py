@@ -18,7 +18,7 @@ from finetune.data.sources import check_source
 from finetune.models import check_model
 from finetune.models.groups import layer_groups
 from finetune.strategies import build_strategy
-from finetune.tune.space import check_search_space
+from finetune.tune.space import check_search_alg, check_search_space
 
 SECTION_CHECKS = (("data", DataConfig, check_source), ("model", ModelConfig, check_model))
 
@@ -72,7 +72,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     if not problems:
         problems = check_augmentation(cfg) + check_strategy(cfg)
     if cfg.tune is not None:
-        problems += check_search_space(raw, cfg.tune)
+        problems += check_search_space(raw, cfg.tune) + check_search_alg(cfg.tune)
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -89,6 +89,28 @@ def test_searched_values_are_checked_against_the_schema():
         parse(_tune({"optim.lr": {"grid": [1e-3]}}, scheduler={"name": "asha", "time_attr": "steps"}))
 
 
+def test_search_algorithms_and_schedulers():
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from finetune.tune.space import check_search_alg
+    from finetune.tune.sweep import _scheduler, _search_alg
+
+    cfg = parse(_tune({"optim.lr": {"loguniform": [1e-5, 1e-3]}}, search_alg="optuna",
+                      scheduler={"name": "asha", "time_attr": "steps", "max_t": 300, "grace_period": 20}))  # fmt: skip
+    assert isinstance(_search_alg(cfg), OptunaSearch) and check_search_alg(cfg.tune) == []
+    asha = _scheduler(cfg)
+    assert isinstance(asha, ASHAScheduler) and asha._time_attr == "steps_done" and asha._max_t == 300
+    fifo = parse(_tune({"optim.lr": {"grid": [1e-3]}}, scheduler={"name": "fifo"}))
+    assert isinstance(_scheduler(fifo), FIFOScheduler)
+    assert isinstance(_search_alg(fifo), tune.search.BasicVariantGenerator)
+    missing = parse(_tune({"optim.lr": {"uniform": [0.1, 0.2]}}, search_alg="hyperopt")).tune
+    import importlib.util
+
+    if importlib.util.find_spec("hyperopt") is None:
+        assert "needs the hyperopt package" in check_search_alg(missing)[0]
+
+
 def test_a_trial_runs_the_pipeline_with_its_values():
     raw = _tune({"strategy.name": {"choice": ["full", "discriminative"]}, "strategy.layer_decay": {"uniform": [0.5, 0.9]}},
                 metric="val/loss")  # fmt: skip

@@ -116,3 +116,20 @@ def check_search_space(base_raw: dict, cfg: TuneConfig) -> list[str]:
 def trial_count(cfg: TuneConfig) -> int:
     """Trials the sweep runs: num_samples, times the grid's combinations."""
     return cfg.num_samples * math.prod(len(d.spec) for d in cfg.search_space.values() if d.kind == "grid")
+
+
+SEARCH_PACKAGES = {"optuna": "optuna", "hyperopt": "hyperopt"}
+
+
+def check_search_alg(cfg: TuneConfig) -> list[str]:
+    """optuna / hyperopt are optional packages: say so before the sweep starts, not in a traceback."""
+    package = SEARCH_PACKAGES.get(cfg.search_alg)
+    if package is None:
+        return []
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        return [f"tune.search_alg={cfg.search_alg} needs the {package} package: pip install {package} "
+                '(or pip install "finetune[search]")']  # fmt: skip
+    return []
+
