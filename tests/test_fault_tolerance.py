@@ -89,6 +89,8 @@ def test_a_killed_driver_resumes_from_its_last_checkpoint(ray_session, tmp_path,
     assert summary["test_accuracy"] > 0.9 and summary["best_checkpoint"]
     assert main(["train", "--resume", str(tmp_path / "nothing-here")]) == 2
     assert "is not a run directory" in capsys.readouterr().out
+    assert main(["train", str(pipeline), "--run-dir", str(run_dir)]) == 2  # a finished run is not overwritten
+    assert f"already holds a run: continue it with --resume {run_dir}" in capsys.readouterr().out
 
 
 def test_a_killed_worker_is_replaced_and_the_run_matches_an_uninterrupted_one(ray_session, tmp_path, tiny_bert_dir):

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from finetune import config as config_module
 from finetune import models
-from finetune.config import PipelineConfig
+from finetune.config import ConfigError, PipelineConfig
 from finetune.data import DataError
 from finetune.data.datasets import Datasets, build_datasets
 from finetune.report.progress import TrainingProgress, summary_table
@@ -212,13 +212,15 @@ def build_trainer(
     )
 
 
-def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None) -> dict:
+def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resume: bool = False) -> dict:
     """Fine-tune as configured; returns the summary also written to RUN_DIR/summary.json.
-    A run directory that already holds this run's checkpoints continues from the latest one
-    (`finetune train --resume RUN_DIR`: Ray Train restores a run of the same name and storage)."""
+    `resume`: continue the run in `run_dir` from its latest checkpoint (Ray Train restores a run
+    of the same name and storage)."""
     console = console or Console()
     started = time.time()
     run_dir = Path(run_dir).resolve()
+    if not resume and (run_dir / "config.yaml").exists():
+        raise ConfigError([f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --run-dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     config_module.save(cfg, run_dir / "config.yaml")
     console.print(f"run directory: {run_dir}")
@@ -275,4 +277,4 @@ def resume(run_dir: Path, console: Console | None = None) -> dict:
         raise FileNotFoundError(f"{run_dir} is not a run directory (config.yaml missing)")
     console = console or Console()
     console.print(f"resuming {run_dir}")
-    return run(config_module.load(run_dir / "config.yaml"), run_dir, console)
+    return run(config_module.load(run_dir / "config.yaml"), run_dir, console, resume=True)
