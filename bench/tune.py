@@ -3,13 +3,13 @@
 MiniLM-L6 on Rotten Tomatoes (500 training texts, 300 validation, 300 test), 9 epochs per
 trial, one trial at a time; the search draws the learning rate, weight decay, strategy
 (full or discriminative) and layer decay with the same seed in both sweeps, so both see the
-same 16 configurations. FIFO runs every trial to the end; ASHA (grace 1 epoch, reduction
-factor 3: rungs at 1 and 3 epochs) stops the trailing ones. With one trial at a time and
-one worker per trial a configuration trains identically in both sweeps, so the difference
-in the winners is ASHA's decisions alone. The winner of each sweep is then tested on the
-test split (the sweep does it: summary.json best.test/accuracy).
+same 16 configurations, in the same order. FIFO runs every trial to the end; ASHA (grace 1
+epoch, reduction factor 3: rungs at 1 and 3 epochs) stops the trailing ones. One trial at a
+time and one worker per trial, seeded: a configuration trains nearly alike in both sweeps
+(bf16 CPU kernels are not bit-exact between runs), so the difference in the winners is
+ASHA's decisions. Each sweep tests its winner on the test split (summary.json).
 
-    .venv/bin/python bench/tune.py                      # ~45 min on 2 cores
+    .venv/bin/python bench/tune.py --train-rows 400       # ~60 min on 2 cores (the recorded run)
     .venv/bin/python bench/tune.py --samples 4 --epochs 3 --train-rows 200   # a quick look
 
 Goal: ASHA's best validation accuracy within 0.5 points of FIFO's, using at most a third of
