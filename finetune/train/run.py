@@ -23,7 +23,7 @@ from finetune.data.datasets import Datasets, build_datasets
 from finetune.report.progress import TrainingProgress, summary_table
 from finetune.train.loop import TRAIN_STATE_FILE, train_loop_per_worker
 from finetune.train.monitor import RunMonitor
-from finetune.train.storage import check_shared_storage
+from finetune.train.storage import alive_nodes, check_shared_storage
 
 
 def default_run_dir(cfg: PipelineConfig, root: str | Path = "runs") -> Path:
@@ -221,14 +221,12 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
     run_dir = Path(run_dir).resolve()
     if not resume and (run_dir / "config.yaml").exists():
         raise ConfigError([f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --run-dir"])
+    ensure_ray()
+    storage_path = cfg.checkpoint.storage_path or str(run_dir / "ray")
+    check_shared_storage(storage_path, cfg.checkpoint.storage_is_shared, alive_nodes())
     run_dir.mkdir(parents=True, exist_ok=True)
     config_module.save(cfg, run_dir / "config.yaml")
     console.print(f"run directory: {run_dir}")
-
-    ensure_ray()
-    storage_path = cfg.checkpoint.storage_path or str(run_dir / "ray")
-    nodes = sum(1 for node in ray.nodes() if node["Alive"])
-    check_shared_storage(storage_path, cfg.checkpoint.storage_is_shared, nodes)
     quiet_ray_data()
     datasets = build_datasets(cfg.data, models.build_preprocessor(cfg.model, cfg.data), cfg.train.seed)
     train_rows = datasets.train_rows

@@ -37,6 +37,7 @@ from finetune.data.datasets import build_datasets
 from finetune.inference import evaluate_run
 from finetune.report.sweep import history, plot_curves, results_table, trial_id
 from finetune.train.run import build_trainer, ensure_ray, export_checkpoint, plan_epoch, quiet_ray_data
+from finetune.train.storage import alive_nodes, check_shared_storage
 from finetune.tune.space import param_space, trial_config, trial_count, trial_raw, used_params
 
 EXPERIMENT = "sweep"
@@ -124,9 +125,11 @@ def sweep(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, console: Console
     console = console or Console()
     sweep_dir = Path(sweep_dir).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    ensure_ray()
+    # the trials' checkpoints and Tune's state live in the sweep folder: every node writes there
+    check_shared_storage(str(sweep_dir), cfg.checkpoint.storage_is_shared, alive_nodes())
     (sweep_dir / "pipeline.yaml").write_text(yaml.safe_dump(base_raw, sort_keys=False))
     console.print(f"sweep directory: {sweep_dir}\n{trial_count(cfg.tune)} trials, {cfg.tune.max_concurrent_trials} at a time")
-    ensure_ray()
     started = time.time()
     results = _tuner(cfg, base_raw, sweep_dir).fit()
     return _report(cfg, base_raw, sweep_dir, results, time.time() - started, console)
