@@ -15,6 +15,10 @@ from finetune.data.sources import load_source
 from finetune.data.splits import SPLITS
 
 
+# the skipped-row log every preprocessing task reports to (0 CPUs: it only counts)
+BadRowLogActor = ray.remote(num_cpus=0)(BadRowLog)
+
+
 @dataclass
 class Datasets:
     train: ray.data.Dataset
@@ -40,7 +44,7 @@ def build_datasets(
 ) -> Datasets:
     """Train/val/test datasets ready for the model: model inputs plus an integer `label`.
     `label_names`: a trained model's labels (evaluate); a label outside them is a DataError."""
-    log = ray.remote(num_cpus=0)(BadRowLog).remote() if cfg.on_bad_rows == "skip" else None
+    log = BadRowLogActor.remote() if cfg.on_bad_rows == "skip" else None
     policies = {split: RowPolicy(split, skip=log is not None, log=log) for split in SPLITS}
     source = load_source(cfg, seed, policies, label_names)
     if source.kind != preprocessor.kind:

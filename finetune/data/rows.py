@@ -68,7 +68,11 @@ class RowPolicy:
             index, reason = next(iter(bad.items()))
             raise DataError(f"{where(batch, index)}: {reason} (set data.on_bad_rows=skip to drop such rows)")
         if self.log is not None:
-            self.log.add.remote(self.split, {where(batch, i): reason for i, reason in bad.items()})
+            import ray
+
+            # Waited for, so that the count is complete when the pass that dropped the rows ends
+            # (only batches with bad rows pay the round trip).
+            ray.get(self.log.add.remote(self.split, {where(batch, i): reason for i, reason in bad.items()}))
         keep = np.ones(len(next(iter(batch.values()))), dtype=bool)
         keep[list(bad)] = False
         return {name: column[keep] for name, column in batch.items()}

@@ -260,7 +260,9 @@ def _read_file_source(source: str, fmt: str, cfg: DataConfig) -> tuple[ray.data.
 
 
 def _is_empty(value) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip()) or value != value
+    if isinstance(value, str):
+        return not value.strip()
+    return value is None or bool(pd.isna(value))  # None, NaN, pandas' NA
 
 
 def _discover_labels(datasets: list[ray.data.Dataset], source: str) -> list[str]:
