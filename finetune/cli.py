@@ -148,7 +148,13 @@ def _jobs(args, console: Console) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow the options (`train p.yaml --run-dir r optim.lr=1e-4`)
+    if extra and hasattr(args, "overrides") and not any(arg.startswith("-") for arg in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     console = Console()
     from finetune import config as config_module
 

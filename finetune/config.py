@@ -328,6 +328,12 @@ class ScalingConfig(Section):
         "them for preprocessing, and a run whose workers take every CPU hangs.",
     )
     gpus_per_worker: float = Field(1.0, gt=0.0, description="GPUs per worker when use_gpu is true.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How workers are placed over the nodes (Ray placement group strategy): PACK fills a node "
+        "first (least network traffic); SPREAD puts each worker on another node when it can, so one lost node "
+        "costs one worker; STRICT_* refuse to start otherwise.",
+    )
     max_failures: int = Field(
         0, ge=-1, description="Worker-group restarts after a worker or node dies; each resumes from the latest "
         "checkpoint (model, optimizer, schedule, strategy, epoch). -1 = without limit."

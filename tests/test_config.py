@@ -99,6 +99,15 @@ def test_cli_exits_2_with_a_message_and_no_traceback(tmp_path, capsys):
     assert "data.source: /no/such/file.csv does not exist" in out
 
 
+def test_cli_overrides_may_follow_options(tmp_path, capsys):
+    path = write(tmp_path, MINIMAL)
+    assert main(["train", str(path), "--run-dir", str(tmp_path / "run"), "scaling.placement_strategy=EVERYWHERE"]) == 2
+    assert "scaling.placement_strategy: Input should be 'PACK', 'SPREAD'" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_status:  # an unknown option is still an argparse error
+        main(["train", str(path), "--run-dir", str(tmp_path / "run"), "--no-such-option"])
+    assert exit_status.value.code == 2 and not (tmp_path / "run").exists()
+
+
 def test_cli_missing_pipeline_file(capsys):
     assert main(["validate", "/no/pipeline.yaml"]) == 2
     assert "pipeline file /no/pipeline.yaml does not exist" in capsys.readouterr().out

@@ -8,6 +8,7 @@ from typing import Any
 import ray
 import ray.data
 
+from finetune.cluster import on_driver_node
 from finetune.config import DataConfig
 from finetune.data.preprocess import Preprocessor, preprocess
 from finetune.data.rows import BadRowLog, DataError, RowPolicy
@@ -44,7 +45,7 @@ def build_datasets(
 ) -> Datasets:
     """Train/val/test datasets ready for the model: model inputs plus an integer `label`.
     `label_names`: a trained model's labels (evaluate); a label outside them is a DataError."""
-    log = BadRowLogActor.remote() if cfg.on_bad_rows == "skip" else None
+    log = BadRowLogActor.options(scheduling_strategy=on_driver_node()).remote() if cfg.on_bad_rows == "skip" else None
     policies = {split: RowPolicy(split, skip=log is not None, log=log) for split in SPLITS}
     source = load_source(cfg, seed, policies, label_names)
     if source.kind != preprocessor.kind:

@@ -10,9 +10,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -131,8 +133,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if best["state"] is None:
             best["state"] = state["model"]
 
-    if monitor and rank == 0:  # one per worker-group start: the driver counts restarts
-        monitor.record.remote("start", {"start_epoch": start_epoch})
+    if monitor:  # every rank, at every worker-group start: the driver counts restarts and names the nodes
+        monitor.record.remote("start", {
+            "rank": rank, "start_epoch": start_epoch, "node_id": ray.get_runtime_context().get_node_id(),
+            "hostname": socket.gethostname(), "pid": os.getpid(),
+        })  # fmt: skip
 
     # ---- 2. baseline: the pretrained backbone with its untrained head -----------------------
     if start_epoch == 0:

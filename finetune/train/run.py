@@ -23,7 +23,8 @@ from finetune.data.datasets import Datasets, build_datasets
 from finetune.report.progress import TrainingProgress, summary_table
 from finetune.train.loop import TRAIN_STATE_FILE, train_loop_per_worker
 from finetune.train.monitor import RunMonitor
-from finetune.train.storage import alive_nodes, check_shared_storage
+from finetune.cluster import alive_nodes, on_driver_node
+from finetune.train.storage import check_shared_storage
 
 
 def default_run_dir(cfg: PipelineConfig, root: str | Path = "runs") -> Path:
@@ -137,6 +138,7 @@ def _fit_with_progress(trainer, monitor, console, cfg, steps_per_epoch, run_dir)
 
 def _summary(cfg, events, best_epoch, train_rows, wall_s, run_dir, has_best, skipped: dict) -> dict:
     final, epochs = events.get("final", {}), events["epochs"]
+    group_starts = [s for s in events["starts"] if s["rank"] == 0]
     train_seconds = sum(e["train/seconds"] for e in epochs)
     return {
         "test_accuracy": final.get("test/accuracy"),
@@ -158,8 +160,11 @@ def _summary(cfg, events, best_epoch, train_rows, wall_s, run_dir, has_best, ski
         "best_checkpoint": str(run_dir / "best") if has_best else None,
         "skipped_rows": skipped.get("counts", {}),
         # worker-group restarts after a failure (scaling.max_failures), each from the latest checkpoint
-        "restarts": max(len(events["starts"]) - 1, 0),
-        "resumed_from_epoch": events["starts"][0]["start_epoch"] if events["starts"] else None,
+        "restarts": max(len(group_starts) - 1, 0),
+        "resumed_from_epoch": group_starts[0]["start_epoch"] if group_starts else None,
+        "restart_epochs": [s["start_epoch"] for s in group_starts[1:]],  # the epoch each restart began with
+        # where the last worker group ran: one entry per rank
+        "workers": sorted({s["rank"]: s for s in events["starts"]}.values(), key=lambda s: s["rank"]),
     }
 
 
@@ -194,7 +199,8 @@ def build_trainer(
             "monitor": monitor,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources,
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=name,
@@ -235,7 +241,7 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
         f"{train_rows} training rows, {len(datasets.label_names)} labels, {cfg.scaling.num_workers} worker(s), "
         f"{steps_per_epoch} steps/epoch"
     )
-    monitor = RunMonitor.remote()
+    monitor = RunMonitor.options(scheduling_strategy=on_driver_node()).remote()
     trainer = build_trainer(cfg, datasets, batches_per_epoch, name=run_dir.name, storage_path=storage_path, monitor=monitor)
 
     try:
@@ -263,7 +269,11 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
         counts = ", ".join(f"{n} in {split}" for split, n in skipped["counts"].items())
         console.print(f"skipped bad rows (data.on_bad_rows=skip): {counts}; e.g. {skipped['examples'][0]}", soft_wrap=True)
     if summary["restarts"]:
-        console.print(f"the worker group restarted {summary['restarts']} time(s), each from the latest checkpoint")
+        epochs = ", ".join(str(e + 1) for e in summary["restart_epochs"])
+        console.print(f"the worker group restarted {summary['restarts']} time(s) from the latest checkpoint, at epoch {epochs}")
+    nodes = {w["node_id"] for w in summary["workers"]}
+    if len(nodes) > 1:
+        console.print(f"{len(summary['workers'])} workers on {len(nodes)} nodes")
     console.print(f"best model: {summary['best_checkpoint']}\nrun directory: {run_dir}")
     return summary
 

@@ -54,8 +54,3 @@ def check_shared_storage(storage_path: str, declared_shared: bool, nodes: int, m
         "a shared mount, set checkpoint.storage_is_shared=true"
     ])
 
-
-def alive_nodes() -> int:
-    import ray
-
-    return sum(1 for node in ray.nodes() if node["Alive"])

@@ -37,7 +37,8 @@ from finetune.data.datasets import build_datasets
 from finetune.inference import evaluate_run
 from finetune.report.sweep import history, plot_curves, results_table, trial_id
 from finetune.train.run import build_trainer, ensure_ray, export_checkpoint, plan_epoch, quiet_ray_data
-from finetune.train.storage import alive_nodes, check_shared_storage
+from finetune.cluster import alive_nodes
+from finetune.train.storage import check_shared_storage
 from finetune.tune.space import param_space, trial_config, trial_count, trial_raw, used_params
 
 EXPERIMENT = "sweep"
