@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -28,7 +29,22 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-@pytest.fixture
+def _stop_jobs(address: str) -> None:
+    from finetune import jobs
+
+    try:
+        client = jobs.client(address)
+        for job in client.list_jobs():
+            if not job.status.is_terminal():
+                client.stop_job(job.submission_id)
+                deadline = time.time() + 30
+                while not client.get_job_status(job.submission_id).is_terminal() and time.time() < deadline:
+                    time.sleep(0.5)
+    except Exception:  # noqa: BLE001 - a head that never came up has no jobs
+        pass
+
+
+@pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """`ray start --head` on 127.0.0.1 with its own ports and temp dir; stopped by the test."""
     gcs, dashboard, client, agent = _free_ports(4)
@@ -59,6 +75,7 @@ def ray_head(tmp_path_factory):
                 time.sleep(1)
         yield address
     finally:
+        _stop_jobs(address)  # job drivers run in their own process groups and outlive the head
         os.killpg(head.pid, signal.SIGTERM)
         try:
             head.wait(timeout=60)
@@ -67,7 +84,7 @@ def ray_head(tmp_path_factory):
             head.wait()
 
 
-def test_submit_waits_for_the_job_and_its_checkpoint_lands_in_storage(ray_head, tmp_path, tiny_bert_dir, capsys):
+def _job_pipeline(tmp_path: Path, tiny_bert_dir: Path, **sections) -> Path:
     data = write_csv(tmp_path / "reviews.csv", sentiment_rows(200))
     pipeline = tmp_path / "job.yaml"
     pipeline.write_text(yaml.safe_dump({
@@ -78,7 +95,13 @@ def test_submit_waits_for_the_job_and_its_checkpoint_lands_in_storage(ray_head, 
         "train": {"epochs": 1, "batch_size": 16, "precision": "fp32"},
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
         "checkpoint": {"num_to_keep": 1},
+        **sections,
     }))  # fmt: skip
+    return pipeline
+
+
+def test_submit_waits_for_the_job_and_its_checkpoint_lands_in_storage(ray_head, tmp_path, tiny_bert_dir, capsys):
+    pipeline = _job_pipeline(tmp_path, tiny_bert_dir)
     storage, run_dir = tmp_path / "storage", tmp_path / "run"
     code = main(["submit", str(pipeline), f"checkpoint.storage_path={storage}", "--address", ray_head,
                  "--run-dir", str(run_dir), "--wait"])  # fmt: skip
@@ -94,6 +117,37 @@ def test_submit_waits_for_the_job_and_its_checkpoint_lands_in_storage(ray_head, 
     assert f"{job_id}: SUCCEEDED" in capsys.readouterr().out
     assert main(["jobs", "logs", job_id, "--address", ray_head]) == 0
     assert "best model:" in capsys.readouterr().out
+
+
+def test_submit_tune_runs_the_sweep_on_the_cluster_and_jobs_stop_ends_a_job(ray_head, tmp_path, tiny_bert_dir, capsys):
+    pipeline = _job_pipeline(tmp_path, tiny_bert_dir, tune={
+        "search_space": {"optim.lr": {"choice": [1e-3, 3e-3]}}, "num_samples": 1, "scheduler": {"name": "fifo"},
+    })  # fmt: skip
+    sweep_dir = tmp_path / "sweep"
+    assert main(["submit", str(pipeline), "--tune", "--address", ray_head, "--sweep-dir", str(sweep_dir), "--wait"]) == 0
+    out = capsys.readouterr().out
+    assert "SUCCEEDED" in out and "best.yaml" in out  # the sweep's own report, followed
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert summary["trials"] == 1 and summary["best"]["params"]["optim.lr"] in (1e-3, 3e-3)
+    assert (sweep_dir / "best.yaml").is_file() and (sweep_dir / "results.csv").is_file()
+
+    assert main(["submit", str(pipeline), "train.epochs=50", "--address", ray_head, "--run-dir", str(tmp_path / "long")]) == 0
+    job_id = capsys.readouterr().out.split("submitted job ", 1)[1].split()[0]
+    # Stopped while running (a job stopped while still PENDING may start its driver anyway: Ray's race).
+    assert _wait_for_status(job_id, ray_head, capsys, "RUNNING")
+    assert main(["jobs", "stop", job_id, "--address", ray_head]) == 0
+    assert f"{job_id}: stop requested" in capsys.readouterr().out
+    assert _wait_for_status(job_id, ray_head, capsys, "STOPPED")
+
+
+def _wait_for_status(job_id: str, address: str, capsys, wanted: str, timeout: float = 90) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert main(["jobs", "status", job_id, "--address", address]) == 0
+        if f"{job_id}: {wanted}" in capsys.readouterr().out:
+            return True
+        time.sleep(1)
+    return False
 
 
 def test_submit_refuses_a_bad_pipeline_before_contacting_the_cluster(tmp_path, capsys):
