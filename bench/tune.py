@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -55,15 +56,34 @@ def pipeline(args, scheduler: dict) -> dict:
 
 
 def run_sweep(raw: dict, sweep_dir: Path, console: Console) -> dict:
+    """The sweep in `sweep_dir`: run, continued where an earlier attempt stopped (`--keep DIR`
+    again after an interruption), or read back when it finished. Wall time adds up the attempts."""
     from finetune import config as config_module
     from finetune.tune.space import check_search_space
-    from finetune.tune.sweep import sweep
+    from finetune.tune.sweep import EXPERIMENT, resume, sweep
 
     cfg = config_module.parse(raw)
     assert not check_search_space(raw, cfg.tune)
+    wall_file = sweep_dir / "bench_wall_s.txt"
+    earlier = float(wall_file.read_text()) if wall_file.is_file() else 0.0
     started = time.perf_counter()
-    summary = sweep(cfg, raw, sweep_dir, console)
-    wall = time.perf_counter() - started
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    done = threading.Event()
+
+    def record_wall() -> None:  # every few seconds, so a killed attempt's time still counts
+        while not done.wait(5):
+            wall_file.write_text(f"{earlier + time.perf_counter() - started:.1f}")
+
+    threading.Thread(target=record_wall, daemon=True).start()
+    if (sweep_dir / "summary.json").is_file():
+        summary = json.loads((sweep_dir / "summary.json").read_text())
+    elif (sweep_dir / EXPERIMENT).is_dir():
+        summary = resume(sweep_dir, console=console)
+    else:
+        summary = sweep(cfg, raw, sweep_dir, console)
+    done.set()
+    wall = earlier + time.perf_counter() - started
+    wall_file.write_text(f"{wall:.1f}")
     return {"trial_epochs": summary["trial_epochs"], "best": summary["best"]["val/accuracy"],
             "best_params": summary["best"]["params"], "test_accuracy": summary["best"]["test/accuracy"],
             "stopped_early": summary["stopped_early"], "wall_s": round(wall, 1)}  # fmt: skip
@@ -76,7 +96,8 @@ def main() -> None:
     parser.add_argument("--train-rows", type=int, default=500)
     parser.add_argument("--eval-rows", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep", help="keep both sweep folders here (default: a temporary folder)")
+    parser.add_argument("--keep", help="keep both sweep folders here (default: a temporary folder); "
+                        "run again with the same folder to continue an interrupted benchmark")
     args = parser.parse_args()
 
     import ray
