@@ -38,10 +38,10 @@ import time
 import torch
 
 from finetune import models
-from finetune.config import STRATEGY_CLASSES, LossConfig, ModelConfig, OptimConfig, ScheduleConfig
+from finetune.config import STRATEGY_CLASSES, ModelConfig, OptimConfig, ScheduleConfig
 from finetune.models.groups import layer_groups
 from finetune.strategies import build_strategy
-from finetune.train import steps
+from finetune.train import optim, steps
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, in TFLOP/s; the first
 # name fragment that occurs in torch.cuda.get_device_name() wins.
@@ -118,14 +118,14 @@ def measure(name: str, precision: str, ddp: bool, plain: bool, device: torch.dev
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=method.freezes
         )
     total_steps = args.warmup_steps + args.steps
-    optimizer = steps.build_optimizer(params, OptimConfig(lr=1e-4), fused=False if plain else None)
-    scheduler = steps.build_scheduler(optimizer, ScheduleConfig(name="linear", warmup_ratio=0.1), total_steps)
+    optimizer = optim.build_optimizer(params, OptimConfig(lr=1e-4), fused=False if plain else None)
+    scheduler = optim.build_scheduler(optimizer, ScheduleConfig(name="linear", warmup_ratio=0.1), total_steps)
     on_device = {k: v.to(device) for k, v in batch.items()}
     losses: list[float] = []
 
     def run(count: int) -> steps.EpochStats:
         return steps.train_epoch(
-            model, (on_device for _ in range(count)), optimizer, scheduler, steps.build_loss(LossConfig()),
+            model, (on_device for _ in range(count)), optimizer, scheduler, torch.nn.CrossEntropyLoss(),
             device=device, precision=precision, max_steps=count, max_grad_norm=1.0,
             on_step=lambda step, loss, stats: losses.append(loss), report_every=1 if plain else count,
         )  # fmt: skip
@@ -155,7 +155,7 @@ def measure(name: str, precision: str, ddp: bool, plain: bool, device: torch.dev
         torch.cuda.reset_peak_memory_stats(device)
     if ddp:  # the evaluation's sums travel the same way in a Ray worker: an all-reduce
         counts = steps.evaluate_counts(
-            model, [on_device] * 2, NUM_LABELS, steps.build_loss(LossConfig()), device=device, precision=precision
+            model, [on_device] * 2, NUM_LABELS, device=device, precision=precision
         )
         reduced = counts.to(device)
         torch.distributed.all_reduce(reduced)

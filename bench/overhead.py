@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from finetune import models
-from finetune.config import DataConfig, LossConfig, ModelConfig, OptimConfig, ScheduleConfig
+from finetune.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig
 from finetune.data.sources import rotten_tomatoes_rows
-from finetune.train import steps
+from finetune.train import optim, steps
 
 
 def _parts(model_name: str, max_length: int, total_steps: int):
@@ -35,9 +35,9 @@ def _parts(model_name: str, max_length: int, total_steps: int):
     torch.manual_seed(0)
     model = models.build_model(model_cfg, num_labels=2)
     preprocessor = models.build_preprocessor(model_cfg, DataConfig(source="rotten_tomatoes", max_length=max_length))
-    optimizer = steps.build_optimizer([{"params": list(model.parameters())}], OptimConfig(lr=5e-5))
-    scheduler = steps.build_scheduler(optimizer, ScheduleConfig(name="linear", warmup_ratio=0.1), total_steps)
-    return model, preprocessor, optimizer, scheduler, steps.build_loss(LossConfig())
+    optimizer = optim.build_optimizer([{"params": list(model.parameters())}], OptimConfig(lr=5e-5))
+    scheduler = optim.build_scheduler(optimizer, ScheduleConfig(name="linear", warmup_ratio=0.1), total_steps)
+    return model, preprocessor, optimizer, scheduler, torch.nn.CrossEntropyLoss()
 
 
 def _timed_run(model, batches, optimizer, scheduler, loss_fn, args, device=torch.device("cpu")) -> list[float]:

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 
 from finetune import models
-from finetune.config import DataConfig, LossConfig, ModelConfig, OptimConfig, ScheduleConfig, parse
+from finetune.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, parse
 from finetune.data.sources import load_source
 from finetune.models.groups import layer_groups
 from finetune.strategies import build_strategy
-from finetune.train import steps
+from finetune.train import optim, steps
 
 TASKS = {
     "text": {"source": "rotten_tomatoes", "model": "minilm-l6", "max_length": 64},
@@ -113,9 +113,9 @@ def run_one(task: str, size: int, strategy_name: str, seed: int, args, data) -> 
     strategy.adapt(model)
     groups = layer_groups(model)
     param_groups = strategy.setup(model, groups, lr)
-    optimizer = steps.build_optimizer(param_groups, OptimConfig(lr=lr))
-    scheduler = steps.build_scheduler(optimizer, ScheduleConfig(name="linear", warmup_ratio=0.1), steps_per_epoch * args.epochs)
-    loss_fn = steps.build_loss(LossConfig())
+    optimizer = optim.build_optimizer(param_groups, OptimConfig(lr=lr))
+    scheduler = optim.build_scheduler(optimizer, ScheduleConfig(name="linear", warmup_ratio=0.1), steps_per_epoch * args.epochs)
+    loss_fn = torch.nn.CrossEntropyLoss()
     device = torch.device("cpu")
     precision = steps.resolve_precision("auto", device)
     generator = torch.Generator().manual_seed(seed)
@@ -133,7 +133,7 @@ def run_one(task: str, size: int, strategy_name: str, seed: int, args, data) -> 
             before_step=lambda step, epoch=epoch: before_step(epoch, step),
         )  # fmt: skip
     counts = steps.evaluate_counts(
-        model, _batches(test, 100, torch.arange(TEST_SAMPLES)), num_labels, loss_fn, device=device, precision=precision
+        model, _batches(test, 100, torch.arange(TEST_SAMPLES)), num_labels, device=device, precision=precision
     )
     metrics = steps.metrics_from_counts(counts, num_labels, "eval")
     # Parameters the optimizer held and that were unfrozen at some epoch (gradual unfreezing

@@ -10,6 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from finetune.train import TrainingDiverged
+
 EXIT_CONFIG = 2
 EXIT_DATA = 1
 
@@ -194,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         for problem in error.problems:
             console.print(f"  - {problem}", highlight=False, markup=False, soft_wrap=True)
         return EXIT_CONFIG
+    except TrainingDiverged as error:
+        console.print(f"[bold red]training stopped:[/] {escape(str(error))}; lower optim.lr, or set "
+                      "train.max_grad_norm / train.precision=fp32", highlight=False, soft_wrap=True)  # fmt: skip
+        return EXIT_DATA
     except FileNotFoundError as error:
         console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         return EXIT_CONFIG

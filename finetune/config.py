@@ -13,7 +13,7 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -276,23 +276,96 @@ StrategyConfig = Annotated[
 
 
 class OptimConfig(Section):
-    name: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    name: Literal["adamw", "adam", "sgd", "rmsprop", "adagrad"] = Field("adamw", description="Optimizer (torch.optim).")
     lr: float = Field(5e-5, gt=0.0, le=10.0, description="Peak learning rate.")
-    weight_decay: float = Field(0.01, ge=0.0, description="Decoupled (AdamW) or L2 (SGD) weight decay.")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    weight_decay: float = Field(
+        0.01, ge=0.0, description="Decoupled (adamw) or L2 (the others) weight decay, for the parameters no_decay "
+        "leaves. adam/rmsprop/adagrad scale an L2 term like any gradient: 0.01 there drags small weights to 0 "
+        "within an epoch; use adamw, or about 1e-5."
+    )
+    no_decay: list[str] = Field(
+        ["bias", "norm"],
+        description="Parameters kept out of weight decay: 'bias' (every bias), 'norm' (normalisation layers' "
+        "weights: LayerNorm, BatchNorm, GroupNorm, ...) or a regex on parameter names. [] = decay everything.",
+    )
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd / rmsprop momentum.")
+    nesterov: bool = Field(False, description="sgd: Nesterov momentum (needs momentum > 0).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adam / adamw betas.")
+    eps: float = Field(1e-8, gt=0.0, description="adam / adamw / rmsprop / adagrad epsilon.")
+    alpha: float = Field(0.99, gt=0.0, lt=1.0, description="rmsprop smoothing constant.")
+
+    @field_validator("no_decay")
+    @classmethod
+    def _no_decay_patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            if pattern not in ("bias", "norm"):
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    raise ValueError(f"{pattern!r} is neither 'bias', 'norm' nor a regex ({error})") from None
+        return value
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> "OptimConfig":
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError(f"optim.nesterov needs optim.name=sgd with optim.momentum > 0 (got {self.name}, "
+                             f"momentum {self.momentum})")  # fmt: skip
+        return self
 
 
 class ScheduleConfig(Section):
-    name: Literal["constant", "linear", "cosine"] = Field(
-        "linear", description="Learning-rate decay after warmup, to 0 at the last step (constant: none)."
+    name: Literal["constant", "linear", "cosine", "cosine_restarts", "step", "one_cycle", "plateau"] = Field(
+        "linear",
+        description="Learning rate after warmup. constant; linear / cosine: decay to 0 at the last step; "
+        "cosine_restarts: num_cycles cosine decays; step: times gamma every step_epochs; one_cycle: "
+        "torch's OneCycleLR (warmup_ratio = its pct_start); plateau: times gamma when the plateau metric "
+        "has not improved for patience epochs (ReduceLROnPlateau).",
     )
-    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of all steps spent in linear warmup.")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of all steps spent in linear warmup from 0.")
+    num_cycles: int = Field(2, ge=1, description="cosine_restarts: cosine decays (hard restarts).")
+    step_epochs: int = Field(1, ge=1, description="step: epochs between decays.")
+    gamma: float = Field(0.1, gt=0.0, lt=1.0, description="step / plateau: the factor each decay multiplies by.")
+    patience: int = Field(1, ge=0, description="plateau: epochs without improvement before a decay.")
+    metric: Literal["val/accuracy", "val/macro_f1", "val/loss"] | None = Field(
+        None, description="plateau: the validation metric watched; unset = checkpoint.metric."
+    )
 
 
 class LossConfig(Section):
-    name: Literal["cross_entropy"] = Field("cross_entropy", description="Training loss.")
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Cross-entropy label smoothing.")
+    name: Literal["cross_entropy", "focal"] = Field(
+        "cross_entropy", description="Training loss. focal: cross-entropy times (1 - p_target) ** gamma (Lin et al.)."
+    )
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Share of the target mass spread over all classes.")
+    class_weights: Literal["balanced"] | list[float] | None = Field(
+        None,
+        description="Per-class loss weights, in label order (as summary.json lists labels); 'balanced' = "
+        "rows / (classes x rows of the class), counted on the training split.",
+    )
+    gamma: float = Field(2.0, ge=0.0, description="focal: focusing exponent; 0 = cross-entropy.")
+    alpha: list[float] | None = Field(
+        None, description="focal: per-class alpha_t weights, in label order (multiplies class_weights)."
+    )
+
+    @field_validator("class_weights", "alpha")
+    @classmethod
+    def _positive_weights(cls, value):
+        if isinstance(value, list) and (not value or any(w < 0 for w in value) or not any(w > 0 for w in value)):
+            raise ValueError("per-class weights must be >= 0, at least one > 0")
+        return value
+
+
+class EarlyStoppingConfig(Section):
+    patience: int = Field(3, ge=1, description="Epochs without improvement of the metric before the run stops.")
+    metric: Literal["val/accuracy", "val/macro_f1", "val/loss"] | None = Field(
+        None, description="The validation metric watched; unset = checkpoint.metric."
+    )
+    min_delta: float = Field(0.0, ge=0.0, description="The least change that counts as an improvement.")
+
+
+class EmaConfig(Section):
+    decay: float = Field(
+        0.999, gt=0.0, lt=1.0, description="Per optimizer step: ema = decay * ema + (1 - decay) * weights."
+    )
 
 
 class TrainConfig(Section):
@@ -301,6 +374,16 @@ class TrainConfig(Section):
     eval_batch_size: int = Field(64, ge=1, description="Samples per evaluation step on each worker.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="Clip gradients to this global norm; null = off.")
+    max_grad_value: float | None = Field(
+        None, gt=0.0, description="Clip each gradient element to [-value, value] (before the norm clip); null = off."
+    )
+    early_stopping: EarlyStoppingConfig | None = Field(
+        None, description="Stop when the validation metric stops improving; null = run every epoch."
+    )
+    ema: EmaConfig | None = Field(
+        None, description="Keep an exponential moving average of the weights; it is what is evaluated, "
+        "checkpointed and exported. null = off."
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
         description="Autocast dtype. auto: bf16 where the device supports it (recent CPUs, Ampere+ GPUs), "

@@ -42,7 +42,6 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, float]:
         saved.model,
         batches,
         len(saved.label_names),
-        steps.build_loss(cfg.loss),
         device=device,
         precision=steps.resolve_precision(cfg.train.precision, device),
     )

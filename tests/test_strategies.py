@@ -14,7 +14,7 @@ from finetune.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig
 from finetune.data import TextPreprocessor
 from finetune.models.groups import layer_groups
 from finetune.strategies import build_strategy
-from finetune.train import steps
+from finetune.train import optim, steps
 
 LR = 1e-2
 
@@ -44,8 +44,8 @@ def train(model, batches, strategy, epochs=1, grad_accum_steps=1):
     trainable set before each optimizer step."""
     groups = layer_groups(model)
     param_groups = strategy.setup(model, groups, LR)
-    optimizer = steps.build_optimizer(param_groups, OptimConfig(lr=LR))
-    scheduler = steps.build_scheduler(optimizer, ScheduleConfig(name="constant", warmup_ratio=0.0), 100)
+    optimizer = optim.build_optimizer(param_groups, OptimConfig(lr=LR))
+    scheduler = optim.build_scheduler(optimizer, ScheduleConfig(name="constant", warmup_ratio=0.0), 100)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     steps_per_epoch = len(batches) // grad_accum_steps
     trainable_by_step = []

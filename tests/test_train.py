@@ -8,7 +8,7 @@ from torch import nn
 from conftest import sentiment_rows, write_csv
 from finetune.cli import main
 from finetune.config import OptimConfig, ScheduleConfig
-from finetune.train import steps
+from finetune.train import optim, steps
 
 
 def test_metrics_from_counts_match_hand_computation():
@@ -25,8 +25,8 @@ def test_metrics_from_counts_match_hand_computation():
 
 def test_warmup_then_linear_decay():
     param = nn.Parameter(torch.zeros(1))
-    optimizer = steps.build_optimizer([{"params": [param]}], OptimConfig(lr=1.0))
-    scheduler = steps.build_scheduler(optimizer, ScheduleConfig(name="linear", warmup_ratio=0.2), total_steps=10)
+    optimizer = optim.build_optimizer([{"params": [param]}], OptimConfig(lr=1.0))
+    scheduler = optim.build_scheduler(optimizer, ScheduleConfig(name="linear", warmup_ratio=0.2), total_steps=10)
     lrs = []
     for _ in range(10):
         lrs.append(scheduler.get_last_lr()[0])
@@ -49,8 +49,8 @@ def test_train_epoch_accumulates_and_learns():
             return self.fc(features)
 
     model = Linear()
-    optimizer = steps.build_optimizer([{"params": model.parameters()}], OptimConfig(lr=0.1))
-    scheduler = steps.build_scheduler(optimizer, ScheduleConfig(name="constant", warmup_ratio=0.0), 100)
+    optimizer = optim.build_optimizer([{"params": model.parameters()}], OptimConfig(lr=0.1))
+    scheduler = optim.build_scheduler(optimizer, ScheduleConfig(name="constant", warmup_ratio=0.0), 100)
     batches = [{"features": x[i : i + 16], "label": y[i : i + 16]} for i in range(0, 256, 16)]
     device = torch.device("cpu")
     losses = []
@@ -62,14 +62,14 @@ def test_train_epoch_accumulates_and_learns():
         losses.append(stats.loss)
         assert stats.steps == 7 and stats.samples == 7 * 2 * 16
     assert losses[2] < losses[0]
-    counts = steps.evaluate_counts(model, batches, 2, nn.CrossEntropyLoss(), device=device, precision="fp32")
+    counts = steps.evaluate_counts(model, batches, 2, device=device, precision="fp32")
     assert steps.metrics_from_counts(counts, 2, "val")["val/accuracy"] > 0.9
 
 
 def test_train_epoch_reports_every_n_steps_and_the_last():
     model = nn.Linear(4, 2)
-    optimizer = steps.build_optimizer([{"params": model.parameters()}], OptimConfig(lr=0.1))
-    scheduler = steps.build_scheduler(optimizer, ScheduleConfig(name="constant", warmup_ratio=0.0), 10)
+    optimizer = optim.build_optimizer([{"params": model.parameters()}], OptimConfig(lr=0.1))
+    scheduler = optim.build_scheduler(optimizer, ScheduleConfig(name="constant", warmup_ratio=0.0), 10)
     batches = [{"input": torch.randn(8, 4), "label": torch.randint(0, 2, (8,))} for _ in range(7)]
     reports = []
     stats = steps.train_epoch(

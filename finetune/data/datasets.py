@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import ray
 import ray.data
 
@@ -28,9 +29,18 @@ class Datasets:
     label_names: list[str]
     train_rows: int  # counted before preprocessing: rows whose image fails to decode are still in
     bad_row_log: Any = None  # BadRowLog actor when data.on_bad_rows=skip
+    train_labels: ray.data.Dataset | None = None  # the training split's encoded labels, before preprocessing
 
     def as_dict(self) -> dict[str, ray.data.Dataset]:
         return {"train": self.train, "val": self.val, "test": self.test}
+
+    def label_counts(self) -> dict[str, int]:
+        """Training rows per label (one pass over the label column: per-block counts, summed here)."""
+        per_block = self.train_labels.map_batches(_count_labels, batch_format="numpy")
+        counts = dict.fromkeys(self.label_names, 0)
+        for row in per_block.iter_rows():
+            counts[self.label_names[int(row["label"])]] += int(row["count"])
+        return counts
 
     def skipped_rows(self) -> dict:
         """{"counts": {split: rows}, "examples": [...]} of the rows dropped so far; empty when none."""
@@ -38,6 +48,11 @@ class Datasets:
             return {}
         summary = ray.get(self.bad_row_log.summary.remote())
         return summary if summary["counts"] else {}
+
+
+def _count_labels(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    labels, counts = np.unique(batch["label"], return_counts=True)
+    return {"label": labels, "count": counts}
 
 
 def build_datasets(
@@ -60,4 +75,5 @@ def build_datasets(
     if cfg.shuffle == "full":  # a new seeded order each epoch (each execution of the dataset)
         splits["train"] = splits["train"].random_shuffle(seed=ray.data.RandomSeedConfig(seed, reseed_after_execution=True))
     ready = {split: preprocess(ds, for_split[split], policies[split]) for split, ds in splits.items()}
-    return Datasets(ready["train"], ready["val"], ready["test"], source.label_names, train_rows, log)
+    train_labels = source.splits["train"].select_columns(["label"])
+    return Datasets(ready["train"], ready["val"], ready["test"], source.label_names, train_rows, log, train_labels)

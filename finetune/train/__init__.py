@@ -1,1 +1,11 @@
 """Training: the Ray Train worker loop, its plain-PyTorch steps, and the driver."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite: the weights after that step are garbage."""
+
+    def __init__(self, step: int, epoch: int | None = None) -> None:
+        """`step`: 0-based, within the epoch when `epoch` is None, else counted from the run's start."""
+        where = f"optimizer step {step + 1} of the epoch" if epoch is None else f"optimizer step {step + 1} (epoch {epoch + 1})"
+        super().__init__(f"the training loss became NaN or infinite at {where}")
+        self.step, self.epoch = step, epoch

@@ -25,7 +25,7 @@ from finetune.config import PipelineConfig
 from finetune.data.augment import batch_mixer
 from finetune.models.groups import layer_groups
 from finetune.strategies import build_strategy
-from finetune.train import steps
+from finetune.train import TrainingDiverged, controls, losses, optim, steps
 
 TRAIN_STATE_FILE = "train_state.pt"
 
@@ -40,13 +40,18 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _evaluate(model, split: str, cfg: PipelineConfig, num_labels, loss_fn, device, precision) -> dict[str, float]:
+def _evaluate(module, split: str, cfg: PipelineConfig, num_labels, device, precision) -> dict[str, float]:
+    """`module` unwrapped from DDP: evaluation needs no DDP collectives, and ranks may differ in batch count."""
     shard = ray.train.get_dataset_shard(split)
     batches = shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, prefetch_batches=cfg.data.prefetch_batches)
-    # The unwrapped module: evaluation needs no DDP collectives, and ranks may differ in batch count.
-    module = getattr(model, "module", model)
-    counts = steps.evaluate_counts(module, batches, num_labels, loss_fn, device=device, precision=precision)
+    counts = steps.evaluate_counts(module, batches, num_labels, device=device, precision=precision)
     return steps.metrics_from_counts(_all_reduce(counts), num_labels, split)
+
+
+def _all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
 
 
 def _threads_per_worker(cfg: PipelineConfig) -> int:
@@ -110,16 +115,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
     groups = layer_groups(model, cfg.model.layer_groups)
     param_groups = strategy.setup(model, groups, cfg.optim.lr)
     model = _prepare_ddp(steps.to_device(model, device), param_groups, strategy.freezes)
-    optimizer = steps.build_optimizer(param_groups, cfg.optim)
+    module = getattr(model, "module", model)
+    optimizer = optim.build_optimizer(optim.split_weight_decay(param_groups, module, cfg.optim), cfg.optim)
     if monitor and rank == 0:
         monitor.record.remote("groups", describe_groups(groups, param_groups))
     total_steps = steps_per_epoch * cfg.train.epochs
-    scheduler = steps.build_scheduler(optimizer, cfg.schedule, total_steps)
+    plateau_metric = cfg.schedule.metric or cfg.checkpoint.metric
+    scheduler = optim.build_scheduler(optimizer, cfg.schedule, total_steps, steps_per_epoch,
+                                      plateau_mode="min" if plateau_metric.endswith("loss") else "max")  # fmt: skip
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    loss_fn = steps.build_loss(cfg.loss)
+    loss_fn = losses.build_loss(cfg.loss, label_names, loop_config.get("label_counts")).to(device)
     num_labels = len(label_names)
     mix = batch_mixer(cfg.data.mixup_alpha, cfg.data.cutmix_alpha, num_labels)
-    module = getattr(model, "module", model)
+    # What is evaluated, checkpointed and exported: the EMA of the weights when train.ema is on.
+    ema = controls.ema_model(module, cfg.train.ema)
+    evaluated = ema.module if ema else module
+    stopper = controls.EarlyStopping(cfg.train.early_stopping, cfg.train.early_stopping.metric or cfg.checkpoint.metric) \
+        if cfg.train.early_stopping else None  # fmt: skip
 
     start_epoch, best, baseline = 0, {"metric": None, "epoch": None, "state": None}, {}
     checkpoint = ray.train.get_checkpoint()
@@ -129,9 +141,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema:
+            ema.load_state_dict(state["ema"])
+        if stopper:
+            stopper.load_state_dict(state["early_stopping"])
         start_epoch, best, baseline = state["epoch"] + 1, state["best"], state["baseline"]
-        if best["state"] is None:
-            best["state"] = state["model"]
+        if best["state"] is None:  # the checkpoint's own epoch was the best
+            best["state"] = {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}
+        if stopper and stopper.epochs_without_improvement >= stopper.cfg.patience:
+            start_epoch = cfg.train.epochs  # it had stopped early: straight to the test
 
     if monitor:  # every rank, at every worker-group start: the driver counts restarts and names the nodes
         monitor.record.remote("start", {
@@ -141,7 +159,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # ---- 2. baseline: the pretrained backbone with its untrained head -----------------------
     if start_epoch == 0:
-        baseline = _evaluate(model, "test", cfg, num_labels, loss_fn, device, precision)
+        baseline = _evaluate(module, "test", cfg, num_labels, device, precision)
         baseline = {f"baseline_{k}": v for k, v in baseline.items()}
         if monitor and rank == 0:
             monitor.record.remote("baseline", baseline)
@@ -162,15 +180,29 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if monitor and rank == 0:
                 monitor.progress.remote(epoch, step, steps_per_epoch, loss, stats.samples_per_s * world_size)
 
-        stats = steps.train_epoch(
-            model, batches, optimizer, scheduler, loss_fn,
-            device=device, precision=precision, max_steps=steps_per_epoch,
-            grad_accum_steps=cfg.train.grad_accum_steps, max_grad_norm=cfg.train.max_grad_norm,
-            scaler=scaler, penalty=lambda: strategy.penalty(module),
-            on_step=on_step, report_every=cfg.train.log_every_steps,
-            before_step=lambda step, epoch=epoch: strategy.before_step(epoch, epoch * steps_per_epoch + step, module),
-            mix=mix,
-        )  # fmt: skip
+        try:
+            stats = steps.train_epoch(
+                model, batches, optimizer, scheduler, loss_fn,
+                device=device, precision=precision, max_steps=steps_per_epoch,
+                grad_accum_steps=cfg.train.grad_accum_steps, max_grad_norm=cfg.train.max_grad_norm,
+                max_grad_value=cfg.train.max_grad_value, scaler=scaler, penalty=lambda: strategy.penalty(module),
+                on_step=on_step, report_every=cfg.train.log_every_steps,
+                before_step=lambda step, epoch=epoch: strategy.before_step(epoch, epoch * steps_per_epoch + step, module),
+                after_step=(lambda: ema.update_parameters(module)) if ema else None,
+                mix=mix, reduce_min=_all_reduce_min,
+            )  # fmt: skip
+        except TrainingDiverged as diverged:
+            # Every rank stops here together; no checkpoint of these weights. The driver names the
+            # step and points at the last good checkpoint, and Ray does not retry a run that
+            # would diverge again.
+            stopped = {"epoch": epoch, "step": epoch * steps_per_epoch + diverged.step}
+            if monitor and rank == 0:
+                monitor.record.remote("diverged", stopped)
+            last = {"diverged_at_step": stopped["step"], "epoch": epoch}
+            if best["metric"] is not None:  # what a sweep ranks this trial by
+                last[cfg.checkpoint.metric] = best["metric"]
+            ray.train.report(last, checkpoint=None)
+            return
         metrics = {
             "epoch": epoch,
             # what a sweep's scheduler counts (ASHA rungs, tune.scheduler.time_attr)
@@ -182,36 +214,45 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "train/seconds": stats.seconds,
             "train/data_wait_fraction": stats.data_wait_seconds / max(stats.seconds, 1e-9),
             "train/lr": scheduler.get_last_lr()[0],
-            **_evaluate(model, "val", cfg, num_labels, loss_fn, device, precision),
+            **_evaluate(evaluated, "val", cfg, num_labels, device, precision),
         }
+        if hasattr(scheduler, "epoch_end"):  # schedule.name=plateau
+            scheduler.epoch_end(metrics[plateau_metric])
         score = metrics[cfg.checkpoint.metric]
         # Ties go to the later epoch, as in Ray Train's checkpoint ranking, so the weights tested
         # here are the checkpoint Ray keeps as best.
         if best["metric"] is None or (score >= best["metric"] if cfg.checkpoint.mode == "max" else score <= best["metric"]):
             best = {"metric": score, "epoch": epoch,
-                    "state": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}}  # fmt: skip
+                    "state": {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}}  # fmt: skip
         metrics["best_epoch"] = best["epoch"]
+        stop_now = stopper is not None and stopper.should_stop(metrics)
+        if stop_now:
+            metrics["early_stopped"] = True
         if monitor and rank == 0:
             monitor.record.remote("epoch", metrics)
 
         with tempfile.TemporaryDirectory() as directory:
             ckpt = None
             if rank == 0:  # one copy of the weights is enough; every rank holds the same
-                models.save_model(module, directory, cfg.model, preprocessor, label_names, image_size)
+                models.save_model(evaluated, directory, cfg.model, preprocessor, label_names, image_size)
                 torch.save(
                     {"model": module.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch, "baseline": baseline,
+                     "ema": ema.state_dict() if ema else None,
+                     "early_stopping": stopper.state_dict() if stopper else None,
                      # the best weights only when they differ from this epoch's (saves a copy)
                      "best": {**best, "state": best["state"] if best["epoch"] != epoch else None}},
                     Path(directory) / TRAIN_STATE_FILE,
                 )  # fmt: skip
                 ckpt = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=ckpt)
+        if stop_now:
+            break
 
     # ---- 4. test the best epoch's weights ------------------------------------------------
     if best["state"] is not None:
-        module.load_state_dict(best["state"])
-    final = _evaluate(model, "test", cfg, num_labels, loss_fn, device, precision)
+        evaluated.load_state_dict(best["state"])
+    final = _evaluate(evaluated, "test", cfg, num_labels, device, precision)
     final.update(baseline)
     final[cfg.checkpoint.metric] = best["metric"]  # the tested weights' score; a sweep ranks every report by it
     if monitor and rank == 0:

@@ -23,6 +23,7 @@ from finetune.data.datasets import Datasets, build_datasets
 from finetune.report.progress import TrainingProgress, summary_table
 from finetune.train.loop import TRAIN_STATE_FILE, train_loop_per_worker
 from finetune.train.monitor import RunMonitor
+from finetune.train import TrainingDiverged, losses
 from finetune.cluster import alive_nodes, on_driver_node
 from finetune.train.storage import check_shared_storage
 
@@ -152,6 +153,8 @@ def _summary(cfg, events, best_epoch, train_rows, wall_s, run_dir, has_best, ski
             ({cfg.checkpoint.metric: e[cfg.checkpoint.metric]} for e in epochs if e["epoch"] == best_epoch), None
         ),
         "epochs": cfg.train.epochs,
+        "epochs_run": len(epochs),
+        "early_stopped": any(e.get("early_stopped") for e in epochs),  # train.early_stopping ended the run
         "train_rows": train_rows,
         "num_workers": cfg.scaling.num_workers,
         "train_samples_per_s": sum(e["train/samples"] for e in epochs) / train_seconds if train_seconds else None,
@@ -186,6 +189,8 @@ def build_trainer(
 ) -> TorchTrainer:  # fmt: skip
     """The Ray Train run of one pipeline: `finetune train`, and each trial of `finetune tune`.
     A run with the name and storage of an earlier one resumes from its latest checkpoint."""
+    label_counts = datasets.label_counts() if cfg.loss.class_weights == "balanced" else None
+    losses.class_weights(cfg.loss, datasets.label_names, label_counts)  # a wrong count of weights stops here
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
@@ -194,6 +199,7 @@ def build_trainer(
         train_loop_config={
             "pipeline": cfg.model_dump(mode="json"),
             "label_names": datasets.label_names,
+            "label_counts": label_counts,
             "batches_per_epoch": batches_per_epoch,
             "image_size": models.image_size_for(cfg.data),
             "monitor": monitor,
@@ -246,6 +252,8 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
 
     try:
         result, events = _fit_with_progress(trainer, monitor, console, cfg, steps_per_epoch, run_dir)
+        if "diverged" in events:
+            raise TrainingDiverged(events["diverged"]["step"], events["diverged"]["epoch"])
         skipped = datasets.skipped_rows()
     except BaseException:
         kept = sorted(Path(storage_path, run_dir.name).glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)

@@ -12,8 +12,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from finetune.config import LossConfig, OptimConfig, ScheduleConfig
 from finetune.data.preprocess import trim_padding
+from finetune.train import TrainingDiverged
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -33,19 +33,6 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def build_optimizer(param_groups: list[dict], cfg: OptimConfig, fused: bool | None = None) -> torch.optim.Optimizer:
-    """`fused` (default: when every parameter is on a GPU): one kernel for the whole update
-    instead of a few per tensor, which a small model's GPU step notices (bench/gpu.py)."""
-    param_groups = [{**group, "params": list(group["params"])} for group in param_groups]  # may be generators
-    if fused is None:
-        fused = all(p.is_cuda for group in param_groups for p in group["params"])
-    if cfg.name == "sgd":
-        return torch.optim.SGD(
-            param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused or None
-        )
-    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused or None)
-
-
 def to_device(model: nn.Module, device: torch.device) -> nn.Module:
     """On a GPU a convolutional net's weights go channels-last (NHWC), which cuDNN's fast
     depthwise and bf16 kernels want; an NCHW input then comes out of the first convolution
@@ -55,25 +42,15 @@ def to_device(model: nn.Module, device: torch.device) -> nn.Module:
     return model.to(device)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int):
-    from transformers import get_scheduler
-
-    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.name]
-    warmup = int(round(cfg.warmup_ratio * total_steps))
-    kwargs = {} if name == "constant_with_warmup" else {"num_training_steps": total_steps}
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, **kwargs)
-
-
-def build_loss(cfg: LossConfig) -> nn.Module:
-    return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-
-
 def split_batch(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Model inputs (padding trimmed) and labels, on the training device."""
     batch = trim_padding(batch)
     labels = batch["label"].to(device, non_blocking=True)
     inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "label"}
     return inputs, labels
+
+
+NO_BAD_STEP = 2**62
 
 
 @dataclass
@@ -117,24 +94,30 @@ def train_epoch(
     max_steps: int,
     grad_accum_steps: int = 1,
     max_grad_norm: float | None = None,
+    max_grad_value: float | None = None,
     scaler: torch.amp.GradScaler | None = None,
     penalty: Callable[[], torch.Tensor | None] | None = None,
     on_step: Callable[[int, float, EpochStats], None] | None = None,
     report_every: int = 1,
     before_step: Callable[[int], None] | None = None,
+    after_step: Callable[[], None] | None = None,
     mix: Callable | None = None,
+    reduce_min: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> EpochStats:
     """One pass: forward, backward, (accumulate), clip, step. After `max_steps` optimizer steps
     the remaining batches are drained unused, so every DDP rank takes the same number of
     collective steps and the data iterator still ends its epoch cleanly.
 
     `on_step(step, mean loss, stats)` runs every `report_every` steps and at the last; only
-    then is the loss copied off the device, so a GPU runs ahead of Python in between."""
+    then is the loss copied off the device, so a GPU runs ahead of Python in between. The same
+    steps check for a NaN/infinite loss (on every rank at once, `reduce_min` being an all-reduce
+    under DDP) and raise TrainingDiverged naming the first bad step."""
     model.train()
     stats = EpochStats()
     start = time.perf_counter()
     micro = 0
     window_loss = 0.0
+    first_bad = torch.tensor(NO_BAD_STEP, device=device)  # the first step with a non-finite loss, kept on the device
     for batch in _timed(batches, stats):
         if stats.steps >= max_steps:
             continue
@@ -156,12 +139,15 @@ def train_epoch(
             loss = loss / grad_accum_steps
             (scaler.scale(loss) if scaler else loss).backward()
         window_loss += loss.detach()
+        first_bad = torch.where(~torch.isfinite(loss.detach()), torch.clamp(first_bad, max=stats.steps), first_bad)
         stats.samples += len(labels)
         micro += 1
         if not last_micro:
             continue
         if scaler:
             scaler.unscale_(optimizer)
+        if max_grad_value:
+            torch.nn.utils.clip_grad_value_(model.parameters(), max_grad_value)
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         if scaler:
@@ -171,16 +157,28 @@ def train_epoch(
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if after_step:
+            after_step()
         stats.steps += 1
         stats.loss_sum += window_loss
         window_loss = 0.0
-        if on_step and (stats.steps % report_every == 0 or stats.steps == max_steps):
-            stats.loss_sum = float(stats.loss_sum)
-            stats.seconds = time.perf_counter() - start
-            on_step(stats.steps, stats.loss_sum / stats.steps, stats)
+        if stats.steps % report_every == 0 or stats.steps == max_steps:
+            _check_finite(first_bad, reduce_min)
+            if on_step:
+                stats.loss_sum = float(stats.loss_sum)
+                stats.seconds = time.perf_counter() - start
+                on_step(stats.steps, stats.loss_sum / stats.steps, stats)
+    _check_finite(first_bad, reduce_min)
     stats.loss_sum = float(stats.loss_sum)
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _check_finite(first_bad: torch.Tensor, reduce_min) -> None:
+    # Every rank checks at the same steps and raises together: the earliest bad step of any rank.
+    step = int(reduce_min(first_bad.clone()) if reduce_min else first_bad)
+    if step != NO_BAD_STEP:
+        raise TrainingDiverged(step)
 
 
 @torch.no_grad()
@@ -188,12 +186,12 @@ def evaluate_counts(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
     num_labels: int,
-    loss_fn: nn.Module,
     *,
     device: torch.device,
     precision: str,
 ) -> torch.Tensor:
-    """Sums that add up across DDP ranks: [confusion matrix (flattened), loss_sum, count]."""
+    """Sums that add up across DDP ranks: [confusion matrix (flattened), loss_sum, count]. The
+    loss is plain cross-entropy whatever the training loss, so runs compare on it."""
     model.eval()
     confusion = torch.zeros(num_labels, num_labels, dtype=torch.float64)
     loss_sum, count = 0.0, 0
@@ -201,7 +199,7 @@ def evaluate_counts(
         inputs, labels = split_batch(batch, device)
         with autocast(precision, device):
             logits = model(**inputs)
-        loss_sum += loss_fn(logits.float(), labels).item() * len(labels)
+        loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
         count += len(labels)
         predictions = logits.argmax(dim=-1).cpu()
         confusion += torch.bincount(
