@@ -69,7 +69,7 @@ def test_searched_values_are_checked_against_the_schema():
     assert problems({"optim.lr": {"loguniform": [1e-5, 1e-3]}}) == []
     assert problems({"optim.lerning_rate": {"choice": [1e-3]}}) == [
         "tune.search_space.optim.lerning_rate=0.001: optim.lerning_rate: unknown key "
-        "(allowed: name, lr, weight_decay, momentum, betas)"
+        "(allowed: name, lr, weight_decay, no_decay, momentum, nesterov, betas, eps, alpha)"
     ]
     assert "train.batch_size: Input should be greater than or equal to 1" in problems(
         {"train.batch_size": {"choice": [0, 8]}}
