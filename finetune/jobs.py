@@ -66,9 +66,10 @@ async def _follow(jobs: JobSubmissionClient, job_id: str, out) -> None:
         out.flush()
 
 
-def follow(jobs: JobSubmissionClient, job_id: str, out=sys.stdout) -> JobStatus:
-    """Print the job's logs as they come until it ends; returns its final status."""
-    asyncio.run(_follow(jobs, job_id, out))
+def follow(jobs: JobSubmissionClient, job_id: str, out=None) -> JobStatus:
+    """Print the job's logs as they come until it ends (to `out`, default: the current
+    sys.stdout, looked up at the call); returns its final status."""
+    asyncio.run(_follow(jobs, job_id, out or sys.stdout))
     return jobs.get_job_status(job_id)
 
 
