@@ -37,7 +37,8 @@ def no_decay_names(model: nn.Module, patterns: list[str]) -> set[str]:
 def split_weight_decay(param_groups: list[dict], model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Each strategy group as two: its decayed parameters (cfg.weight_decay) and the rest
     (weight_decay 0); both keep the group's learning rate and name."""
-    skip = {id(p) for name, p in model.named_parameters() if name in no_decay_names(model, cfg.no_decay)}
+    skipped_names = no_decay_names(model, cfg.no_decay)
+    skip = {id(p) for name, p in model.named_parameters() if name in skipped_names}
     out = []
     for group in param_groups:
         params = list(group["params"])
