@@ -42,6 +42,7 @@ from finetune.config import STRATEGY_CLASSES, ModelConfig, OptimConfig, Schedule
 from finetune.models.groups import layer_groups
 from finetune.strategies import build_strategy
 from finetune.train import optim, steps
+from finetune.train.tasks import Classification
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, in TFLOP/s; the first
 # name fragment that occurs in torch.cuda.get_device_name() wins.
@@ -153,13 +154,12 @@ def measure(name: str, precision: str, ddp: bool, plain: bool, device: torch.dev
     if device.type == "cuda":
         row["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         torch.cuda.reset_peak_memory_stats(device)
-    if ddp:  # the evaluation's sums travel the same way in a Ray worker: an all-reduce
-        counts = steps.evaluate_counts(
-            model, [on_device] * 2, NUM_LABELS, device=device, precision=precision
-        )
-        reduced = counts.to(device)
-        torch.distributed.all_reduce(reduced)
-        row["eval_counts_all_reduced"] = bool(torch.equal(reduced.cpu(), counts))
+    if ddp:  # evaluation rows travel as in a Ray worker: gathered from every rank
+        task = Classification([str(i) for i in range(NUM_LABELS)])
+        rows = steps.evaluate_rows(model, [on_device] * 2, task, device=device, precision=precision)
+        gathered = steps.all_gather_rows(rows)
+        world = torch.distributed.get_world_size()
+        row["eval_rows_gathered"] = len(gathered["loss"]) == world * len(rows["loss"])
     return row
 
 

@@ -38,6 +38,7 @@ from finetune.data.sources import load_source
 from finetune.models.groups import layer_groups
 from finetune.strategies import build_strategy
 from finetune.train import optim, steps
+from finetune.train.tasks import Classification
 
 TASKS = {
     "text": {"source": "rotten_tomatoes", "model": "minilm-l6", "max_length": 64},
@@ -132,10 +133,11 @@ def run_one(task: str, size: int, strategy_name: str, seed: int, args, data) -> 
             precision=precision, max_steps=steps_per_epoch, max_grad_norm=1.0, penalty=lambda: strategy.penalty(model),
             before_step=lambda step, epoch=epoch: before_step(epoch, step),
         )  # fmt: skip
-    counts = steps.evaluate_counts(
-        model, _batches(test, 100, torch.arange(TEST_SAMPLES)), num_labels, device=device, precision=precision
+    evaluation = Classification([str(i) for i in range(num_labels)])
+    rows = steps.evaluate_rows(
+        model, _batches(test, 100, torch.arange(TEST_SAMPLES)), evaluation, device=device, precision=precision
     )
-    metrics = steps.metrics_from_counts(counts, num_labels, "eval")
+    metrics = evaluation.metrics(rows, "eval")
     # Parameters the optimizer held and that were unfrozen at some epoch (gradual unfreezing
     # never reaches its lowest groups in a short run).
     in_optimizer = {id(p) for g in param_groups for p in g["params"]} & ever_trained

@@ -29,6 +29,43 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# ---- tasks and the validation metrics each one reports (every epoch, and on test at the end)
+
+TaskType = Literal["classification", "multi_label", "regression"]
+MetricName = Literal[
+    "val/accuracy", "val/macro_f1", "val/micro_f1", "val/map", "val/mae", "val/rmse", "val/r2", "val/loss"
+]
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "macro_f1", "loss"),
+    "multi_label": ("micro_f1", "macro_f1", "map", "loss"),
+    "regression": ("mae", "rmse", "r2", "loss"),
+}
+# what checkpoint.metric (and so a sweep's metric) is when unset
+DEFAULT_METRIC = {"classification": "val/accuracy", "multi_label": "val/map", "regression": "val/rmse"}
+TASK_LOSSES = {
+    "classification": ("cross_entropy", "focal"),
+    "multi_label": ("bce", "focal"),
+    "regression": ("mse", "huber"),
+}
+
+
+def lower_is_better(metric: str) -> bool:
+    """Losses and errors fall as a model improves; accuracy, F1, mAP and R^2 rise."""
+    return metric.rsplit("/", 1)[-1] in ("loss", "mae", "rmse")
+
+
+def metric_mode(metric: str) -> Literal["min", "max"]:
+    return "min" if lower_is_better(metric) else "max"
+
+
+def _regex_problem(pattern: str) -> str | None:
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        return str(error)
+    return None
+
+
 # ---- training-time image augmentation (torchvision.transforms.v2), one entry per transform
 
 
@@ -95,7 +132,14 @@ class DataConfig(Section):
     )
     text_column: str = Field("text", description="Column holding the input text (text tasks).")
     image_column: str = Field("image", description="Column holding image bytes or paths (image tasks).")
-    label_column: str = Field("label", description="Column holding the class label.")
+    label_column: str = Field(
+        "label",
+        description="Column holding the target: the class (classification), the labels (multi_label: a list, or "
+        "a string split on label_delimiter; an empty list or string = no label applies), or a number (regression).",
+    )
+    label_delimiter: str = Field(
+        "|", min_length=1, description="multi_label: what separates labels in a string label column, e.g. 'drama|comedy'."
+    )
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of `source` held out for validation.")
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of `source` held out for test.")
     max_train_samples: int | None = Field(
@@ -175,10 +219,8 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _groups_are_regexes(self) -> "ModelConfig":
         for pattern in self.layer_groups or []:
-            try:
-                re.compile(pattern)
-            except re.error as error:
-                raise ValueError(f"model.layer_groups: {pattern!r} is not a regex: {error}") from None
+            if problem := _regex_problem(pattern):
+                raise ValueError(f"model.layer_groups: {pattern!r} is not a regex: {problem}")
         return self
 
 
@@ -201,11 +243,8 @@ class PartialConfig(Section):
     def _one_rule(self) -> "PartialConfig":
         if (self.freeze_groups is None) == (self.freeze_regex is None):
             raise ValueError("strategy.freeze_groups and strategy.freeze_regex: set exactly one of them")
-        if self.freeze_regex is not None:
-            try:
-                re.compile(self.freeze_regex)
-            except re.error as error:
-                raise ValueError(f"strategy.freeze_regex={self.freeze_regex!r} is not a regex: {error}") from None
+        if self.freeze_regex is not None and (problem := _regex_problem(self.freeze_regex)):
+            raise ValueError(f"strategy.freeze_regex={self.freeze_regex!r} is not a regex: {problem}")
         return self
 
 
@@ -298,11 +337,8 @@ class OptimConfig(Section):
     @classmethod
     def _no_decay_patterns(cls, value: list[str]) -> list[str]:
         for pattern in value:
-            if pattern not in ("bias", "norm"):
-                try:
-                    re.compile(pattern)
-                except re.error as error:
-                    raise ValueError(f"{pattern!r} is neither 'bias', 'norm' nor a regex ({error})") from None
+            if pattern not in ("bias", "norm") and (problem := _regex_problem(pattern)):
+                raise ValueError(f"{pattern!r} is neither 'bias', 'norm' nor a regex ({problem})")
         return value
 
     @model_validator(mode="after")
@@ -326,25 +362,37 @@ class ScheduleConfig(Section):
     step_epochs: int = Field(1, ge=1, description="step: epochs between decays.")
     gamma: float = Field(0.1, gt=0.0, lt=1.0, description="step / plateau: the factor each decay multiplies by.")
     patience: int = Field(1, ge=0, description="plateau: epochs without improvement before a decay.")
-    metric: Literal["val/accuracy", "val/macro_f1", "val/loss"] | None = Field(
+    metric: MetricName | None = Field(
         None, description="plateau: the validation metric watched; unset = checkpoint.metric."
     )
 
 
 class LossConfig(Section):
-    name: Literal["cross_entropy", "focal"] = Field(
-        "cross_entropy", description="Training loss. focal: cross-entropy times (1 - p_target) ** gamma (Lin et al.)."
+    name: Literal["cross_entropy", "focal", "bce", "mse", "huber"] | None = Field(
+        None,
+        description="Training loss; unset = the task's own: cross_entropy (classification), bce (multi_label: "
+        "sigmoid + binary cross-entropy per label), mse (regression). focal (classification, multi_label): "
+        "the loss times (1 - p_target) ** gamma (Lin et al.); huber (regression): smooth L1 with delta.",
     )
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Share of the target mass spread over all classes.")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Share of the target mass spread over all classes (multi_label: each 0/1 target moves "
+        "this share toward 1/2). Not for regression.",
+    )  # fmt: skip
     class_weights: Literal["balanced"] | list[float] | None = Field(
         None,
         description="Per-class loss weights, in label order (as summary.json lists labels); 'balanced' = "
-        "rows / (classes x rows of the class), counted on the training split.",
+        "rows / (classes x rows of the class), counted on the training split. multi_label (bce): the weight "
+        "of each label's positive rows (torch's pos_weight); 'balanced' = negative / positive rows per label.",
     )
     gamma: float = Field(2.0, ge=0.0, description="focal: focusing exponent; 0 = cross-entropy.")
-    alpha: list[float] | None = Field(
-        None, description="focal: per-class alpha_t weights, in label order (multiplies class_weights)."
+    alpha: float | list[float] | None = Field(
+        None,
+        description="focal: classification, per-class alpha_t weights in label order (multiplies "
+        "class_weights); multi_label, one number in (0, 1), the weight of positives (negatives: 1 - alpha).",
     )
+    delta: float = Field(1.0, gt=0.0, description="huber: where the loss turns from quadratic to linear, in "
+                         "standard deviations of the target when task.normalize_targets is on.")  # fmt: skip
 
     @field_validator("class_weights", "alpha")
     @classmethod
@@ -354,9 +402,36 @@ class LossConfig(Section):
         return value
 
 
+class TaskConfig(Section):
+    type: TaskType = Field(
+        "classification",
+        description="classification: one class per row (softmax); multi_label: any number of labels per row "
+        "(a sigmoid per label; the label column holds a list, or a string split on data.label_delimiter); "
+        "regression: a numeric target (one output).",
+    )
+    threshold: float | list[float] = Field(
+        0.5,
+        description="multi_label: a label is predicted when its probability is at least this; one number for "
+        "every label or one per label, in label order. F1 metrics and `finetune predict` use it.",
+    )
+    normalize_targets: bool = Field(
+        True,
+        description="regression: train on (target - mean) / std of the training split, so the loss and the "
+        "learning rate do not depend on the target's units; metrics and predictions are in its own units.",
+    )
+
+    @field_validator("threshold")
+    @classmethod
+    def _probabilities(cls, value):
+        values = value if isinstance(value, list) else [value]
+        if not values or any(not 0.0 < t < 1.0 for t in values):
+            raise ValueError(f"thresholds are probabilities strictly between 0 and 1 (got {value})")
+        return value
+
+
 class EarlyStoppingConfig(Section):
     patience: int = Field(3, ge=1, description="Epochs without improvement of the metric before the run stops.")
-    metric: Literal["val/accuracy", "val/macro_f1", "val/loss"] | None = Field(
+    metric: MetricName | None = Field(
         None, description="The validation metric watched; unset = checkpoint.metric."
     )
     min_delta: float = Field(0.0, ge=0.0, description="The least change that counts as an improvement.")
@@ -424,11 +499,14 @@ class ScalingConfig(Section):
 
 
 class CheckpointConfig(Section):
-    metric: Literal["val/accuracy", "val/macro_f1", "val/loss"] = Field(
-        "val/accuracy", description="Validation metric that ranks checkpoints and picks the best."
+    metric: MetricName | None = Field(
+        None,
+        description="Validation metric that ranks checkpoints and picks the best: one the task reports "
+        "(classification: accuracy, macro_f1, loss; multi_label: micro_f1, macro_f1, map, loss; regression: "
+        "mae, rmse, r2, loss). Unset = val/accuracy, val/map or val/rmse by task.",
     )
     mode: Literal["max", "min"] | None = Field(
-        None, description="Whether a higher or lower metric is better; unset = min for loss, else max."
+        None, description="Whether a higher or lower metric is better; unset = min for loss, mae, rmse, else max."
     )
     num_to_keep: int = Field(2, ge=1, description="Best checkpoints kept in storage.")
     storage_path: str | None = Field(
@@ -440,17 +518,6 @@ class CheckpointConfig(Section):
         False, description="Declare a local storage_path shared by every node (a mount finetune does not recognise)."
     )
 
-    @model_validator(mode="after")
-    def _mode_matches_metric(self) -> "CheckpointConfig":
-        expected = "min" if self.metric.endswith("loss") else "max"
-        if self.mode is None:
-            self.mode = expected
-        elif self.mode != expected:
-            raise ValueError(
-                f"checkpoint.mode={self.mode} with checkpoint.metric={self.metric}: "
-                f"{self.metric} is better when {'lower' if expected == 'min' else 'higher'}; use mode={expected}"
-            )
-        return self
 
 
 # ---- the `tune` section: a Ray Tune sweep over dotted config keys
@@ -523,10 +590,10 @@ class TuneConfig(Section):
         "that the trial's strategy does not have is left out of that trial.",
     )
     num_samples: int = Field(8, ge=1, description="Trials drawn (with grid keys: repeats of the whole grid).")
-    metric: Literal["val/accuracy", "val/macro_f1", "val/loss"] | None = Field(
+    metric: MetricName | None = Field(
         None, description="Validation metric to optimise; unset = checkpoint.metric. Trials keep their best epoch by it."
     )
-    mode: Literal["max", "min"] | None = Field(None, description="unset = min for a loss, else max.")
+    mode: Literal["max", "min"] | None = Field(None, description="unset = min for loss, mae, rmse, else max.")
     scheduler: SchedulerConfig = Field(default_factory=AshaConfig)
     search_alg: Literal["random", "optuna", "hyperopt"] = Field(
         "random", description="random (and grid keys), or optuna / hyperopt (pip install finetune[search]; no grid)."
@@ -544,10 +611,8 @@ class TuneConfig(Section):
             raise ValueError(f"tune.search_alg={self.search_alg} cannot run grid keys ({', '.join(grid)}); use choice")
         if isinstance(self.scheduler, AshaConfig) and self.scheduler.time_attr == "steps" and self.scheduler.max_t is None:
             raise ValueError("tune.scheduler.max_t: required when time_attr=steps (steps per epoch depend on the data)")
-        if self.mode is not None and self.metric is not None:
-            expected = "min" if self.metric.endswith("loss") else "max"
-            if self.mode != expected:
-                raise ValueError(f"tune.mode={self.mode} with tune.metric={self.metric}: use mode={expected}")
+        if self.mode is not None and self.metric is not None and self.mode != metric_mode(self.metric):
+            raise ValueError(f"tune.mode={self.mode} with tune.metric={self.metric}: use mode={metric_mode(self.metric)}")
         return self
 
 
@@ -555,6 +620,7 @@ class PipelineConfig(Section):
     name: str = Field("finetune", description="Names the run folder and the Ray Train run.")
     data: DataConfig
     model: ModelConfig
+    task: TaskConfig = Field(default_factory=TaskConfig)
     strategy: StrategyConfig = Field(default_factory=FullStrategyConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -570,6 +636,48 @@ class PipelineConfig(Section):
             raise ValueError(
                 "train.precision=fp16 with scaling.use_gpu=false: fp16 autocast needs a GPU; use bf16 or fp32 on CPU"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _settings_fit_task(self) -> "PipelineConfig":
+        """Fill the task's defaults (loss, checkpoint metric and mode), then check that every loss and
+        metric setting is one the task has."""
+        task = self.task.type
+        if self.loss.name is None:
+            self.loss.name = TASK_LOSSES[task][0]
+        if self.checkpoint.metric is None:
+            self.checkpoint.metric = DEFAULT_METRIC[task]
+        if self.checkpoint.mode is None:
+            self.checkpoint.mode = metric_mode(self.checkpoint.metric)
+        problems = []
+        if self.loss.name not in TASK_LOSSES[task]:
+            problems.append(f"loss.name={self.loss.name} is not a {task} loss; use one of {', '.join(TASK_LOSSES[task])}")
+        metrics = {"checkpoint.metric": self.checkpoint.metric, "schedule.metric": self.schedule.metric,
+                   "tune.metric": self.tune and self.tune.metric,
+                   "train.early_stopping.metric": self.train.early_stopping and self.train.early_stopping.metric}  # fmt: skip
+        for key, metric in metrics.items():
+            if metric and metric.split("/", 1)[1] not in TASK_METRICS[task]:
+                allowed = ", ".join(f"val/{name}" for name in TASK_METRICS[task])
+                problems.append(f"{key}={metric}: a {task} task reports {allowed}")
+        if self.checkpoint.mode != metric_mode(self.checkpoint.metric):
+            problems.append(f"checkpoint.mode={self.checkpoint.mode} with checkpoint.metric={self.checkpoint.metric}: "
+                            f"use mode={metric_mode(self.checkpoint.metric)}")  # fmt: skip
+        if task != "classification" and (self.data.mixup_alpha or self.data.cutmix_alpha):
+            problems.append(f"data.mixup_alpha / data.cutmix_alpha: mix class labels; not for a {task} task")
+        if task != "multi_label" and isinstance(self.task.threshold, list):
+            problems.append(f"task.threshold: per-label thresholds are for multi_label, not {task}")
+        if task == "regression" and (self.loss.label_smoothing or self.loss.class_weights is not None):
+            problems.append("loss.label_smoothing / loss.class_weights: a regression target has no classes")
+        if self.loss.alpha is not None and self.loss.name == "focal":
+            per_class = isinstance(self.loss.alpha, list)
+            if task == "classification" and not per_class:
+                problems.append("loss.alpha: classification focal takes one weight per class, in label order")
+            if task == "multi_label" and (per_class or not 0.0 < self.loss.alpha < 1.0):
+                problems.append("loss.alpha: multi_label focal takes one number in (0, 1), the weight of positives")
+        if task == "multi_label" and self.loss.name == "focal" and self.loss.class_weights is not None:
+            problems.append("loss.class_weights: multi_label focal weighs positives with loss.alpha")
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
 

@@ -31,26 +31,25 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, float]:
     cfg, saved = load_run(run_dir)
     ensure_ray()
     quiet_ray_data()
-    datasets = build_datasets(cfg.data, saved.preprocessor, cfg.train.seed, label_names=saved.label_names)
+    datasets = build_datasets(cfg.data, saved.preprocessor, cfg.train.seed, label_names=saved.label_names,
+                              task=saved.task.type)  # fmt: skip
     if datasets.label_names != saved.label_names:  # a builtin dataset's labels, which are fixed
         raise DataError(
             f"the data now has labels {datasets.label_names}, the model was trained on {saved.label_names}"
         )
     device = torch.device("cpu")
     batches = datasets.as_dict()[split].iter_torch_batches(batch_size=cfg.train.eval_batch_size)
-    counts = steps.evaluate_counts(
-        saved.model,
-        batches,
-        len(saved.label_names),
-        device=device,
-        precision=steps.resolve_precision(cfg.train.precision, device),
+    rows = steps.evaluate_rows(
+        saved.model, batches, saved.task, device=device, precision=steps.resolve_precision(cfg.train.precision, device)
     )
-    return steps.metrics_from_counts(counts, len(saved.label_names), split)
+    return saved.task.metrics(rows, split)
 
 
 @torch.no_grad()
 def predict(run_dir: str | Path, inputs: list[str]) -> list[dict]:
-    """Label and class probabilities for each text (text models) or image path (image models)."""
+    """For each text (text models) or image path (image models): the label and class probabilities
+    (classification), the labels at or above their thresholds and every label's probability
+    (multi_label), or the value (regression)."""
     _, saved = load_run(run_dir)
     if saved.preprocessor.kind == "image":
         missing = [p for p in inputs if not Path(p).is_file()]
@@ -62,14 +61,5 @@ def predict(run_dir: str | Path, inputs: list[str]) -> list[dict]:
             raise DataError("; ".join(f"{inputs[i]}: {reason}" for i, reason in bad.rows.items())) from None
     else:
         encoded = saved.preprocessor.encode(inputs)
-    probabilities = torch.softmax(saved.model(**encoded).float(), dim=-1)
-    results = []
-    for text, row in zip(inputs, probabilities):
-        best = int(row.argmax())
-        results.append({
-            "input": text,
-            "label": saved.label_names[best],
-            "probability": float(row[best]),
-            "probabilities": {name: float(p) for name, p in zip(saved.label_names, row)},
-        })  # fmt: skip
-    return results
+    predictions = saved.task.predict(saved.model(**encoded))
+    return [{"input": text, **prediction} for text, prediction in zip(inputs, predictions)]

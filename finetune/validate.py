@@ -14,13 +14,21 @@ from pydantic import ValidationError
 from finetune import config as config_module
 from finetune import models
 from finetune.config import ConfigError, DataConfig, ModelConfig, PipelineConfig
-from finetune.data.sources import check_source
+from finetune.data.sources import CATALOG, check_source
 from finetune.models import check_model
 from finetune.models.groups import layer_groups
 from finetune.strategies import build_strategy
 from finetune.tune.space import check_search_alg, check_search_space
 
 SECTION_CHECKS = (("data", DataConfig, check_source), ("model", ModelConfig, check_model))
+
+
+def check_task(cfg: PipelineConfig) -> list[str]:
+    """A builtin dataset is a classification dataset."""
+    if cfg.task.type != "classification" and cfg.data.source in CATALOG:
+        return [f"data.source={cfg.data.source} is a classification dataset; task.type={cfg.task.type} needs a "
+                "file with that kind of label (data.label_column)"]  # fmt: skip
+    return []
 
 
 def check_augmentation(cfg: PipelineConfig) -> list[str]:
@@ -70,7 +78,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         raise ConfigError(error.problems + _registry_problems(raw)) from None
     problems = _registry_problems(raw)
     if not problems:
-        problems = check_augmentation(cfg) + check_strategy(cfg)
+        problems = check_task(cfg) + check_augmentation(cfg) + check_strategy(cfg)
     if cfg.tune is not None:
         problems += check_search_space(raw, cfg.tune) + check_search_alg(cfg.tune)
     if problems:

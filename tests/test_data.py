@@ -159,3 +159,64 @@ def test_fashion_mnist_catalog(ray_session):
     assert source.splits["train"].count() == pytest.approx(54000, abs=300)  # 10% of train is val
     row = source.splits["test"].take(1)[0]
     assert row["image"].shape == (28, 28) and row["image"].dtype == np.uint8
+
+
+# ---- multi-label and regression labels
+
+
+def _error_text(run) -> str:
+    with pytest.raises(Exception) as error:  # a DataError, wrapped by Ray when a read task raised it
+        run()
+    return str(error.value)
+
+
+def test_multi_label_columns_are_lists_or_delimited_strings(ray_session, tmp_path):
+    rows = [{"text": "a", "tags": "drama|comedy"}, {"text": "b", "tags": "comedy"}, {"text": "c", "tags": ""},
+            {"text": "d", "tags": " horror | drama "}]  # fmt: skip
+    csv_cfg = DataConfig(source=str(write_csv(tmp_path / "t.csv", rows)), label_column="tags",
+                         val_fraction=0.0, test_fraction=0.0)  # fmt: skip
+    as_lists = [{"text": r["text"], "tags": [t.strip() for t in r["tags"].split("|") if t.strip()]} for r in rows]
+    jsonl_cfg = csv_cfg.model_copy(update={"source": str(write_jsonl(tmp_path / "t.jsonl", as_lists))})
+    for cfg in (csv_cfg, jsonl_cfg):
+        source = load_source(cfg, seed=0, task="multi_label")
+        assert source.label_names == ["comedy", "drama", "horror"]
+        encoded = {r["text"]: r["label"].tolist() for r in rows_of(source.splits["train"])}
+        # an empty string or list: no label applies (a row of zeros), not a bad row
+        assert encoded == {"a": [1, 1, 0], "b": [1, 0, 0], "c": [0, 0, 0], "d": [0, 1, 1]}
+    datasets = build_datasets(csv_cfg, TextPreprocessor(_tokenizer_dir(tmp_path), 8), seed=0, task="multi_label")
+    assert datasets.label_stats() == {"rows": 4, "sums": [2.0, 2.0, 1.0], "squares": 0.0}
+    # a label the training split does not have is named; so is a missing (null) label
+    test = write_jsonl(tmp_path / "test.jsonl", [{"text": "e", "tags": ["western"]}])
+    unknown = load_source(jsonl_cfg.model_copy(update={"test_source": str(test)}), seed=0, task="multi_label")
+    assert "label 'western' is not one of the training labels" in _error_text(unknown.splits["test"].take_all)
+    missing = write_jsonl(tmp_path / "missing.jsonl", [*as_lists, {"text": "f", "tags": None}])
+    source = load_source(jsonl_cfg.model_copy(update={"source": str(missing)}), seed=0, task="multi_label")
+    assert "missing.jsonl, row 4: empty label" in _error_text(source.splits["train"].take_all)
+
+
+def _tokenizer_dir(tmp_path) -> str:
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c", "d"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(tmp_path / "tok")
+    return str(tmp_path / "tok")
+
+
+def test_regression_targets_are_numbers(ray_session, tmp_path):
+    rows = [{"text": t, "price": p} for t, p in (("a", 1.5), ("b", 2.5), ("c", 4.0), ("d", 8))]
+    cfg = DataConfig(source=str(write_csv(tmp_path / "p.csv", rows)), label_column="price",
+                     val_fraction=0.0, test_fraction=0.0)  # fmt: skip
+    source = load_source(cfg, seed=0, task="regression")
+    assert source.label_names == ["price"]  # one output, named after the target
+    assert sorted(r["label"] for r in rows_of(source.splits["train"])) == [1.5, 2.5, 4.0, 8.0]
+    datasets = build_datasets(cfg, TextPreprocessor(_tokenizer_dir(tmp_path), 8), seed=0, task="regression")
+    assert datasets.label_stats() == {"rows": 4, "sums": [16.0], "squares": pytest.approx(1.5**2 + 2.5**2 + 16 + 64)}
+    words = write_csv(tmp_path / "w.csv", [{"text": "a", "price": "cheap"}])
+    with pytest.raises(DataError, match=r"label column 'price' holds string values; regression targets are numbers"):
+        load_source(cfg.model_copy(update={"source": str(words)}), seed=0, task="regression")
+    gap = write_csv(tmp_path / "gap.csv", [*rows, {"text": "e", "price": ""}])
+    source = load_source(cfg.model_copy(update={"source": str(gap)}), seed=0, task="regression")
+    assert "gap.csv, row 4: empty label" in _error_text(source.splits["train"].take_all)
+    with pytest.raises(DataError, match="rotten_tomatoes is a classification dataset"):
+        load_source(DataConfig(source="rotten_tomatoes"), seed=0, task="regression")

@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 from finetune import models
 from finetune.config import DataConfig, ModelConfig
 from finetune.data import ImagePreprocessor, TextPreprocessor
+from finetune.train.tasks import Classification
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def test_saved_model_reloads_and_predicts_the_same(tmp_path, tiny_bert_dir, resn
         preprocessor = ImagePreprocessor(32, (0.5,) * 3, (0.5,) * 3)
         inputs = {"pixel_values": torch.randn(2, 3, 32, 32)}
     model = models.build_model(model_cfg, num_labels=2, image_size=32).eval()
-    models.save_model(model, tmp_path / "saved", model_cfg, preprocessor, ["neg", "pos"], image_size=32)
+    models.save_model(model, tmp_path / "saved", model_cfg, preprocessor, Classification(["neg", "pos"]), image_size=32)
     assert set(load_file(tmp_path / "saved" / "model.safetensors")) <= set(model.state_dict())
     saved = models.load_model(tmp_path / "saved")
     assert saved.label_names == ["neg", "pos"]

@@ -15,6 +15,7 @@ from finetune.data import TextPreprocessor
 from finetune.models.groups import layer_groups
 from finetune.strategies import build_strategy
 from finetune.train import optim, steps
+from finetune.train.tasks import Classification
 
 LR = 1e-2
 
@@ -231,7 +232,7 @@ def test_lora_merges_into_plain_weights_on_export(tiny, tmp_path, tiny_bert_dir)
     train(model, batches, strategy)
     model.eval()
     preprocessor = TextPreprocessor(str(tiny_bert_dir), 16)
-    models.save_model(model, tmp_path / "saved", ModelConfig(name=f"hf:{tiny_bert_dir}"), preprocessor, ["neg", "pos"])
+    models.save_model(model, tmp_path / "saved", ModelConfig(name=f"hf:{tiny_bert_dir}"), preprocessor, Classification(["neg", "pos"]))
     saved = models.load_model(tmp_path / "saved")
     assert not any("lora" in n for n, _ in saved.model.named_parameters())
     inputs = preprocessor.encode(["a great film", "dull and boring"])
@@ -275,7 +276,7 @@ def test_lora_on_efficientnet_lite_adapts_pointwise_convs_and_merges(tmp_path):
         adapted_out = model(pixel_values=pixels)
     assert not torch.allclose(adapted_out, before)
     preprocessor = models.build_preprocessor(ModelConfig(name="efficientnet-lite0"), DataConfig(source="x", image_size=32))
-    models.save_model(model, tmp_path, ModelConfig(name="efficientnet-lite0"), preprocessor, ["a", "b", "c"], 32)
+    models.save_model(model, tmp_path, ModelConfig(name="efficientnet-lite0"), preprocessor, Classification(["a", "b", "c"]), 32)
     saved = models.load_model(tmp_path)  # the original static-padding classes, merged weights
     with torch.no_grad():
         torch.testing.assert_close(saved.model(pixel_values=pixels), adapted_out, rtol=1e-4, atol=1e-4)

@@ -9,18 +9,7 @@ from conftest import sentiment_rows, write_csv
 from finetune.cli import main
 from finetune.config import OptimConfig, ScheduleConfig
 from finetune.train import optim, steps
-
-
-def test_metrics_from_counts_match_hand_computation():
-    labels = torch.tensor([0, 0, 1, 1, 2, 2])
-    predictions = torch.tensor([0, 1, 1, 1, 2, 0])
-    confusion = torch.bincount(labels * 3 + predictions, minlength=9).double()
-    counts = torch.cat([confusion, torch.tensor([3.0, 6.0], dtype=torch.float64)])
-    metrics = steps.metrics_from_counts(counts, 3, "val")
-    assert metrics["val/accuracy"] == pytest.approx(4 / 6)
-    f1 = [2 * 1 / (2 + 2), 2 * 2 / (2 + 3), 2 * 1 / (2 + 1)]  # per class: 2TP / (support + predicted)
-    assert metrics["val/macro_f1"] == pytest.approx(sum(f1) / 3)
-    assert metrics["val/loss"] == pytest.approx(0.5)
+from finetune.train.tasks import Classification
 
 
 def test_warmup_then_linear_decay():
@@ -62,8 +51,9 @@ def test_train_epoch_accumulates_and_learns():
         losses.append(stats.loss)
         assert stats.steps == 7 and stats.samples == 7 * 2 * 16
     assert losses[2] < losses[0]
-    counts = steps.evaluate_counts(model, batches, 2, device=device, precision="fp32")
-    assert steps.metrics_from_counts(counts, 2, "val")["val/accuracy"] > 0.9
+    task = Classification(["neg", "pos"])
+    rows = steps.evaluate_rows(model, batches, task, device=device, precision="fp32")
+    assert task.metrics(rows, "val")["val/accuracy"] > 0.9
 
 
 def test_train_epoch_reports_every_n_steps_and_the_last():

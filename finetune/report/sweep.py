@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 from rich.table import Table
 
+from finetune.config import lower_is_better
 
 
 def history(result) -> pd.DataFrame:
@@ -30,7 +31,7 @@ def results_table(rows: pd.DataFrame, metric: str) -> Table:
     for column in shown:
         header = "best" if column == f"best {metric}" else SHORT_NAMES.get(column, column.split(".")[-1])
         table.add_column(header, justify="left" if column in ("trial", "status") else "right")
-    ordered = rows.sort_values(f"best {metric}", ascending=metric.endswith("loss"), na_position="last")
+    ordered = rows.sort_values(f"best {metric}", ascending=lower_is_better(metric), na_position="last")
     for _, row in ordered.iterrows():
         table.add_row(*(_cell(row[c]) for c in shown))
     return table

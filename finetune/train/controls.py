@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from finetune.config import EarlyStoppingConfig, EmaConfig
+from finetune.config import EarlyStoppingConfig, EmaConfig, metric_mode
 
 
 def improved(score: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
@@ -21,7 +21,7 @@ class EarlyStopping:
 
     def __init__(self, cfg: EarlyStoppingConfig, metric: str) -> None:
         self.cfg, self.metric = cfg, metric
-        self.mode = "min" if metric.endswith("loss") else "max"
+        self.mode = metric_mode(metric)
         self.best: float | None = None
         self.epochs_without_improvement = 0
 

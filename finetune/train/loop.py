@@ -21,31 +21,21 @@ import torch
 import torch.distributed as dist
 
 from finetune import models
-from finetune.config import PipelineConfig
+from finetune.config import PipelineConfig, metric_mode
 from finetune.data.augment import batch_mixer
 from finetune.models.groups import layer_groups
 from finetune.strategies import build_strategy
-from finetune.train import TrainingDiverged, controls, losses, optim, steps
+from finetune.train import TrainingDiverged, controls, optim, steps, tasks
 
 TRAIN_STATE_FILE = "train_state.pt"
 
 
-def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        # gloo reduces float64 on CPU; nccl needs the tensor on the GPU.
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-        work = tensor.to(device) if device is not None else tensor
-        dist.all_reduce(work)
-        return work.cpu()
-    return tensor
-
-
-def _evaluate(module, split: str, cfg: PipelineConfig, num_labels, device, precision) -> dict[str, float]:
+def _evaluate(module, split: str, cfg: PipelineConfig, task: tasks.Task, device, precision) -> dict[str, float]:
     """`module` unwrapped from DDP: evaluation needs no DDP collectives, and ranks may differ in batch count."""
     shard = ray.train.get_dataset_shard(split)
     batches = shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, prefetch_batches=cfg.data.prefetch_batches)
-    counts = steps.evaluate_counts(module, batches, num_labels, device=device, precision=precision)
-    return steps.metrics_from_counts(_all_reduce(counts), num_labels, split)
+    rows = steps.evaluate_rows(module, batches, task, device=device, precision=precision)
+    return task.metrics(steps.all_gather_rows(rows), split)
 
 
 def _all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
@@ -95,6 +85,7 @@ def describe_groups(groups, param_groups: list[dict]) -> list[dict]:
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg = PipelineConfig.model_validate(loop_config["pipeline"])
     label_names: list[str] = loop_config["label_names"]
+    task = tasks.task_from_json(loop_config["task"], label_names)
     # Optimizer steps per epoch, the same on every rank (equal shards, full batches only).
     steps_per_epoch: int = loop_config["batches_per_epoch"] // cfg.train.grad_accum_steps
     image_size: int = loop_config["image_size"]
@@ -108,7 +99,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     precision = steps.resolve_precision(cfg.train.precision, device)
 
     # ---- 1. model, strategy, optimizer -------------------------------------------------------
-    model = models.build_model(cfg.model, len(label_names), image_size)
+    model = models.build_model(cfg.model, task.num_outputs, image_size)
     preprocessor = models.build_preprocessor(cfg.model, cfg.data)
     strategy = build_strategy(cfg.strategy)
     strategy.adapt(model)
@@ -122,11 +113,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     total_steps = steps_per_epoch * cfg.train.epochs
     plateau_metric = cfg.schedule.metric or cfg.checkpoint.metric
     scheduler = optim.build_scheduler(optimizer, cfg.schedule, total_steps, steps_per_epoch,
-                                      plateau_mode="min" if plateau_metric.endswith("loss") else "max")  # fmt: skip
+                                      plateau_mode=metric_mode(plateau_metric))  # fmt: skip
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    loss_fn = losses.build_loss(cfg.loss, label_names, loop_config.get("label_counts")).to(device)
-    num_labels = len(label_names)
-    mix = batch_mixer(cfg.data.mixup_alpha, cfg.data.cutmix_alpha, num_labels)
+    loss_fn = task.training_loss(cfg.loss, loop_config.get("label_stats")).to(device)
+    mix = batch_mixer(cfg.data.mixup_alpha, cfg.data.cutmix_alpha, task.num_outputs)  # classification only
     # What is evaluated, checkpointed and exported: the EMA of the weights when train.ema is on.
     ema = controls.ema_model(module, cfg.train.ema)
     evaluated = ema.module if ema else module
@@ -159,7 +149,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # ---- 2. baseline: the pretrained backbone with its untrained head -----------------------
     if start_epoch == 0:
-        baseline = _evaluate(module, "test", cfg, num_labels, device, precision)
+        baseline = _evaluate(module, "test", cfg, task, device, precision)
         baseline = {f"baseline_{k}": v for k, v in baseline.items()}
         if monitor and rank == 0:
             monitor.record.remote("baseline", baseline)
@@ -214,7 +204,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "train/seconds": stats.seconds,
             "train/data_wait_fraction": stats.data_wait_seconds / max(stats.seconds, 1e-9),
             "train/lr": scheduler.get_last_lr()[0],
-            **_evaluate(evaluated, "val", cfg, num_labels, device, precision),
+            **_evaluate(evaluated, "val", cfg, task, device, precision),
         }
         if hasattr(scheduler, "epoch_end"):  # schedule.name=plateau
             scheduler.epoch_end(metrics[plateau_metric])
@@ -234,7 +224,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory() as directory:
             ckpt = None
             if rank == 0:  # one copy of the weights is enough; every rank holds the same
-                models.save_model(evaluated, directory, cfg.model, preprocessor, label_names, image_size)
+                models.save_model(evaluated, directory, cfg.model, preprocessor, task, image_size)
                 torch.save(
                     {"model": module.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "epoch": epoch, "baseline": baseline,
@@ -252,7 +242,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # ---- 4. test the best epoch's weights ------------------------------------------------
     if best["state"] is not None:
         evaluated.load_state_dict(best["state"])
-    final = _evaluate(evaluated, "test", cfg, num_labels, device, precision)
+    final = _evaluate(evaluated, "test", cfg, task, device, precision)
     final.update(baseline)
     final[cfg.checkpoint.metric] = best["metric"]  # the tested weights' score; a sweep ranks every report by it
     if monitor and rank == 0:

@@ -23,7 +23,7 @@ from finetune.data.datasets import Datasets, build_datasets
 from finetune.report.progress import TrainingProgress, summary_table
 from finetune.train.loop import TRAIN_STATE_FILE, train_loop_per_worker
 from finetune.train.monitor import RunMonitor
-from finetune.train import TrainingDiverged, losses
+from finetune.train import TrainingDiverged, tasks
 from finetune.cluster import alive_nodes, on_driver_node
 from finetune.train.storage import check_shared_storage
 
@@ -141,13 +141,12 @@ def _summary(cfg, events, best_epoch, train_rows, wall_s, run_dir, has_best, ski
     final, epochs = events.get("final", {}), events["epochs"]
     group_starts = [s for s in events["starts"] if s["rank"] == 0]
     train_seconds = sum(e["train/seconds"] for e in epochs)
+    # the task's test metrics after fine-tuning and before (new head only): test_accuracy,
+    # baseline_test_accuracy, test_map, test_rmse, ... and test_samples
+    tested = {key.replace("/", "_"): value for key, value in final.items() if key.split("/")[0] in ("test", "baseline_test")}
     return {
-        "test_accuracy": final.get("test/accuracy"),
-        "test_macro_f1": final.get("test/macro_f1"),
-        "test_loss": final.get("test/loss"),
-        "test_samples": final.get("test/samples"),
-        "baseline_test_accuracy": final.get("baseline_test/accuracy"),
-        "baseline_test_macro_f1": final.get("baseline_test/macro_f1"),
+        "task": cfg.task.type,
+        **dict(sorted(tested.items(), key=lambda item: item[0].startswith("baseline"))),
         "best_epoch": best_epoch,
         "best_val_metric": next(
             ({cfg.checkpoint.metric: e[cfg.checkpoint.metric]} for e in epochs if e["epoch"] == best_epoch), None
@@ -183,14 +182,19 @@ def plan_epoch(cfg: PipelineConfig, train_rows: int) -> tuple[int, int]:
     return batches_per_epoch, steps_per_epoch
 
 
+def pipeline_datasets(cfg: PipelineConfig) -> Datasets:
+    return build_datasets(cfg.data, models.build_preprocessor(cfg.model, cfg.data), cfg.train.seed, task=cfg.task.type)
+
+
 def build_trainer(
     cfg: PipelineConfig, datasets: Datasets, batches_per_epoch: int, *, name: str, storage_path: str,
     monitor=None, callbacks: tuple = (),
 ) -> TorchTrainer:  # fmt: skip
     """The Ray Train run of one pipeline: `finetune train`, and each trial of `finetune tune`.
     A run with the name and storage of an earlier one resumes from its latest checkpoint."""
-    label_counts = datasets.label_counts() if cfg.loss.class_weights == "balanced" else None
-    losses.class_weights(cfg.loss, datasets.label_names, label_counts)  # a wrong count of weights stops here
+    label_stats = datasets.label_stats() if tasks.needs_label_stats(cfg.task, cfg.loss) else None
+    task = tasks.build_task(cfg.task, datasets.label_names, label_stats)
+    task.training_loss(cfg.loss, label_stats)  # per-label settings of the wrong length stop here, before Ray Train
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
@@ -199,7 +203,8 @@ def build_trainer(
         train_loop_config={
             "pipeline": cfg.model_dump(mode="json"),
             "label_names": datasets.label_names,
-            "label_counts": label_counts,
+            "task": task.to_json(),
+            "label_stats": label_stats,
             "batches_per_epoch": batches_per_epoch,
             "image_size": models.image_size_for(cfg.data),
             "monitor": monitor,
@@ -240,7 +245,7 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
     config_module.save(cfg, run_dir / "config.yaml")
     console.print(f"run directory: {run_dir}")
     quiet_ray_data()
-    datasets = build_datasets(cfg.data, models.build_preprocessor(cfg.model, cfg.data), cfg.train.seed)
+    datasets = pipeline_datasets(cfg)
     train_rows = datasets.train_rows
     batches_per_epoch, steps_per_epoch = plan_epoch(cfg, train_rows)
     console.print(

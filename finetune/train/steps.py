@@ -14,6 +14,7 @@ from torch import nn
 
 from finetune.data.preprocess import trim_padding
 from finetune.train import TrainingDiverged
+from finetune.train.tasks import Task
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -182,45 +183,34 @@ def _check_finite(first_bad: torch.Tensor, reduce_min) -> None:
 
 
 @torch.no_grad()
-def evaluate_counts(
+def evaluate_rows(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
-    num_labels: int,
+    task: Task,
     *,
     device: torch.device,
     precision: str,
-) -> torch.Tensor:
-    """Sums that add up across DDP ranks: [confusion matrix (flattened), loss_sum, count]. The
-    loss is plain cross-entropy whatever the training loss, so runs compare on it."""
+) -> dict[str, torch.Tensor]:
+    """The task's per-row results (plain loss, targets, predictions or scores) over `batches`,
+    on the CPU; DDP ranks gather them before `task.metrics`."""
     model.eval()
-    confusion = torch.zeros(num_labels, num_labels, dtype=torch.float64)
-    loss_sum, count = 0.0, 0
+    parts: dict[str, list[torch.Tensor]] = {}
     for batch in batches:
         inputs, labels = split_batch(batch, device)
         with autocast(precision, device):
-            logits = model(**inputs)
-        loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
-        count += len(labels)
-        predictions = logits.argmax(dim=-1).cpu()
-        confusion += torch.bincount(
-            labels.cpu() * num_labels + predictions, minlength=num_labels * num_labels
-        ).reshape(num_labels, num_labels)
-    return torch.cat([confusion.flatten(), torch.tensor([loss_sum, float(count)], dtype=torch.float64)])
+            outputs = model(**inputs)
+        for name, values in task.eval_rows(outputs.float(), labels).items():
+            parts.setdefault(name, []).append(values)
+    if not parts:  # an empty split
+        return {"loss": torch.zeros(0)}
+    return {name: torch.cat(values) for name, values in parts.items()}
 
 
-def metrics_from_counts(counts: torch.Tensor, num_labels: int, prefix: str) -> dict[str, float]:
-    """accuracy, macro-F1 (over classes present in labels or predictions) and mean loss."""
-    confusion = counts[: num_labels * num_labels].reshape(num_labels, num_labels)
-    loss_sum, count = counts[-2].item(), counts[-1].item()
-    true_positive = confusion.diag()
-    support = confusion.sum(dim=1)
-    predicted = confusion.sum(dim=0)
-    denominator = support + predicted
-    present = denominator > 0
-    f1 = 2 * true_positive[present] / denominator[present]
-    return {
-        f"{prefix}/accuracy": (true_positive.sum() / max(count, 1)).item(),
-        f"{prefix}/macro_f1": f1.mean().item() if present.any() else 0.0,
-        f"{prefix}/loss": loss_sum / max(count, 1),
-        f"{prefix}/samples": int(count),
-    }
+def all_gather_rows(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every DDP rank's evaluation rows, concatenated in rank order (shards differ in length);
+    `rows` itself outside DDP."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return rows
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, rows)
+    return {name: torch.cat([part[name] for part in gathered if name in part]) for name in rows}

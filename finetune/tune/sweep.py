@@ -31,12 +31,12 @@ from ray import tune
 from rich.console import Console
 
 from finetune import config as config_module
-from finetune import models
-from finetune.config import AshaConfig, PipelineConfig
-from finetune.data.datasets import build_datasets
+from finetune.config import AshaConfig, PipelineConfig, metric_mode
 from finetune.inference import evaluate_run
 from finetune.report.sweep import history, plot_curves, results_table, trial_id
-from finetune.train.run import build_trainer, ensure_ray, export_checkpoint, plan_epoch, quiet_ray_data
+from finetune.train.run import (
+    build_trainer, ensure_ray, export_checkpoint, pipeline_datasets, plan_epoch, quiet_ray_data,
+)  # fmt: skip
 from finetune.cluster import alive_nodes
 from finetune.train.storage import check_shared_storage
 from finetune.tune.space import param_space, trial_config, trial_count, trial_raw, used_params
@@ -55,7 +55,7 @@ def run_trial(params: dict, base_raw: dict, sweep_dir: str) -> None:
 
     cfg = trial_config(base_raw, params)
     quiet_ray_data()
-    datasets = build_datasets(cfg.data, models.build_preprocessor(cfg.model, cfg.data), cfg.train.seed)
+    datasets = pipeline_datasets(cfg)
     batches_per_epoch, _ = plan_epoch(cfg, datasets.train_rows)
     trainer = build_trainer(
         cfg, datasets, batches_per_epoch, name=tune.get_context().get_trial_id(),
@@ -77,7 +77,7 @@ def _trainable(base_raw: dict, sweep_dir: Path):
 
 def _metric(cfg: PipelineConfig) -> tuple[str, str]:
     metric = cfg.tune.metric or cfg.checkpoint.metric
-    return metric, cfg.tune.mode or ("min" if metric.endswith("loss") else "max")
+    return metric, cfg.tune.mode or metric_mode(metric)
 
 
 def _scheduler(cfg: PipelineConfig):
