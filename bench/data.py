@@ -55,9 +55,9 @@ def _png_parquet(folder: Path, count: int, side: int, noise: bool = False, per_f
     if noise:
         pictures = (rng.integers(0, 255, (side, side, 3), dtype=np.uint8) for _ in range(count))
     else:
-        from finetune.data.sources import _fashion_mnist_split
+        from finetune.data.sources import fashion_mnist_arrays
 
-        images, _ = _fashion_mnist_split("train")
+        images, _ = fashion_mnist_arrays("train")
         pictures = (images[i % len(images)] for i in range(count))
     chunk: list[dict] = []
     for i, picture in enumerate(pictures):

@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import yaml
 from rich.console import Console
 
@@ -75,7 +76,7 @@ def run_sweep(raw: dict, sweep_dir: Path, console: Console) -> dict:
             wall_file.write_text(f"{earlier + time.perf_counter() - started:.1f}")
 
     threading.Thread(target=record_wall, daemon=True).start()
-    if (sweep_dir / "summary.json").is_file():
+    if _finished(sweep_dir, cfg.tune.num_samples):
         summary = json.loads((sweep_dir / "summary.json").read_text())
     elif (sweep_dir / EXPERIMENT).is_dir():
         summary = resume(sweep_dir, console=console)
@@ -84,9 +85,23 @@ def run_sweep(raw: dict, sweep_dir: Path, console: Console) -> dict:
     done.set()
     wall = earlier + time.perf_counter() - started
     wall_file.write_text(f"{wall:.1f}")
+    if not _finished(sweep_dir, cfg.tune.num_samples):  # stopped (Ctrl-C) before every trial ended
+        raise SystemExit(f"{sweep_dir}: the sweep stopped before all {cfg.tune.num_samples} trials ended; "
+                         "run the same command again to continue it")  # fmt: skip
+    trials = pd.read_csv(sweep_dir / "results.csv")
     return {"trial_epochs": summary["trial_epochs"], "best": summary["best"]["val/accuracy"],
             "best_params": summary["best"]["params"], "test_accuracy": summary["best"]["test/accuracy"],
-            "stopped_early": summary["stopped_early"], "wall_s": round(wall, 1)}  # fmt: skip
+            "stopped_early": summary["stopped_early"], "wall_s": round(wall, 1),
+            # the trials' own training time, summed: unlike wall time, blind to stalls between trials
+            "trial_s": round(float(trials["wall_s"].sum()), 1)}  # fmt: skip
+
+
+def _finished(sweep_dir: Path, trials: int) -> bool:
+    """A sweep whose summary lists every trial, each ended (not one interrupted mid-way)."""
+    if not (sweep_dir / "summary.json").is_file():
+        return False
+    rows = pd.read_csv(sweep_dir / "results.csv")
+    return len(rows) == trials and bool((rows["status"] == "TERMINATED").all()) and bool((rows["epochs_run"] > 0).all())
 
 
 def main() -> None:
@@ -124,6 +139,7 @@ def main() -> None:
         "best_gap_points": round(100 * (fifo["best"] - asha_result["best"]), 2),
         "fifo_test_accuracy": fifo["test_accuracy"], "asha_test_accuracy": asha_result["test_accuracy"],
         "fifo_wall_s": fifo["wall_s"], "asha_wall_s": asha_result["wall_s"],
+        "fifo_trial_s": fifo["trial_s"], "asha_trial_s": asha_result["trial_s"],
         "asha_stopped_early": asha_result["stopped_early"],
         "fifo_best_params": fifo["best_params"], "asha_best_params": asha_result["best_params"],
     }))  # fmt: skip

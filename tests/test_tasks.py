@@ -1,12 +1,22 @@
 """Task types: each loss against its formula, each metric against a hand computation, the
 task's settings checked against the config, and predictions as `finetune predict` prints them."""
 
+import io
+import json
 import math
+import random
+import statistics
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
+from PIL import Image
 
+from conftest import FILLER, NEGATIVE, POSITIVE, write_csv
+from finetune.cli import main
 from finetune.config import ConfigError, LossConfig, TaskConfig, parse
 from finetune.train.tasks import Classification, MultiLabel, Regression, build_task, task_from_json
 
@@ -152,3 +162,103 @@ def test_task_defaults_fill_loss_metric_and_mode():
 def test_a_wrong_number_of_thresholds_is_a_config_error():
     with pytest.raises(ConfigError, match=r"task.threshold has 2 values; the data has 3 labels \(a, b, c\)"):
         build_task(TaskConfig(type="multi_label", threshold=[0.5, 0.6]), LABELS)
+
+
+# ---- end to end: a multi-label sweep of 2-worker DDP runs (text), a regression run (images)
+
+
+def _topic_rows(count: int, seed: int = 0) -> list[dict]:
+    """Texts with no, one or both kinds of sentiment word; the topics column names the kinds present."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        topics = [["good"], ["bad"], ["good", "bad"], []][i % 4]
+        words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if t == "good" else NEGATIVE) for t in topics]
+        rng.shuffle(words)
+        rows.append({"review": " ".join(words), "topics": "|".join(topics)})
+    return rows
+
+
+def test_multi_label_sweep_over_losses_with_ddp_beats_a_constant_predictor(ray_session, tmp_path, tiny_bert_dir, capsys):
+    rows = _topic_rows(480)
+    data = write_csv(tmp_path / "topics.csv", rows)
+    pipeline = tmp_path / "topics.yaml"
+    pipeline.write_text(yaml.safe_dump({
+        "name": "topics",
+        "task": {"type": "multi_label"},
+        "data": {"source": str(data), "text_column": "review", "label_column": "topics", "max_length": 16,
+                 "val_fraction": 0.15, "test_fraction": 0.2},
+        "model": {"name": f"hf:{tiny_bert_dir}"},
+        "optim": {"lr": 3e-3},
+        "train": {"epochs": 3, "batch_size": 16, "precision": "fp32"},
+        # 2 x 0.45 + the trial actor's 0.01 leave Ray Data a whole CPU of the 2 (0.5 would hang; warned)
+        "scaling": {"num_workers": 2, "cpus_per_worker": 0.45},
+        "checkpoint": {"num_to_keep": 1},
+        "tune": {"search_space": {"loss.name": {"grid": ["bce", "focal"]}}, "num_samples": 1,
+                 "scheduler": {"name": "fifo"}},
+    }))  # fmt: skip
+    sweep_dir = tmp_path / "sweep"
+    assert main(["tune", str(pipeline), "--sweep-dir", str(sweep_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "ranked by val/map" in out and "warning" not in out
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert summary["trials"] == 2 and summary["errored"] == 0 and summary["metric"] == "val/map"
+    best = summary["best"]
+    # A constant predictor: every label on (the best constant F1) or the same score for all rows (AP = prevalence).
+    prevalence = sum(len(r["topics"].split("|")) if r["topics"] else 0 for r in rows) / (2 * len(rows))
+    assert best["test/micro_f1"] > 2 * prevalence / (1 + prevalence) + 0.2
+    assert best["test/map"] > prevalence + 0.4 and best["test/macro_f1"] > 0.85
+    assert json.loads((sweep_dir / "best" / "task.json").read_text()) == {"type": "multi_label", "thresholds": [0.5, 0.5]}
+    # each trial's run folder-less metrics name the task's metrics every epoch
+    for trial in (sweep_dir / "sweep").glob("*/result.json"):
+        epochs = [r for r in map(json.loads, trial.read_text().splitlines()) if "epochs_done" in r]
+        assert len(epochs) == 3 and all({"val/micro_f1", "val/macro_f1", "val/map", "val/loss"} <= set(e) for e in epochs)
+
+    capsys.readouterr()
+    assert main(["predict", str(sweep_dir), "the movie was great and awful", "the film was quite a story"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("bad 0.") and ", good 0." in lines[0]  # both kinds of word: both labels
+    assert lines[1].startswith("(no label)")
+
+
+def test_regression_image_run_beats_the_mean_and_predicts_in_target_units(ray_session, tmp_path, capsys):
+    """Grey squares whose target is their brightness on a 0-10 scale; Huber loss on the standardised target."""
+    rows = []
+    for i in range(240):
+        shade = (i * 37) % 256
+        buffer = io.BytesIO()
+        Image.new("RGB", (12, 12), (shade, shade, shade)).save(buffer, format="PNG")
+        rows.append({"image": buffer.getvalue(), "brightness": shade / 25.5})
+    data = tmp_path / "shades.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), data)
+    pipeline = tmp_path / "shades.yaml"
+    pipeline.write_text(yaml.safe_dump({
+        "name": "shades",
+        "task": {"type": "regression"},
+        "loss": {"name": "huber"},
+        "data": {"source": str(data), "label_column": "brightness", "image_size": 16,
+                 "val_fraction": 0.15, "test_fraction": 0.2},
+        "model": {"name": "torchvision:resnet18", "weights": "none"},
+        "optim": {"lr": 3e-3},
+        "train": {"epochs": 4, "batch_size": 8, "precision": "fp32"},
+        "checkpoint": {"num_to_keep": 1},
+    }))  # fmt: skip
+    run_dir = tmp_path / "run"
+    assert main(["train", str(pipeline), "--run-dir", str(run_dir)]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    targets = [r["brightness"] for r in rows]
+    spread = statistics.pstdev(targets)  # the RMSE of predicting the mean
+    assert summary["task"] == "regression" and summary["best_val_metric"].keys() == {"val/rmse"}
+    assert summary["test_rmse"] < 0.5 * spread and summary["test_r2"] > 0.75
+    assert summary["test_mae"] <= summary["test_rmse"] and summary["baseline_test_r2"] < summary["test_r2"]
+    task = json.loads((run_dir / "best" / "task.json").read_text())
+    assert task["type"] == "regression" and task["mean"] == pytest.approx(statistics.mean(targets), rel=0.1)
+
+    capsys.readouterr()
+    assert main(["evaluate", str(run_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["test/rmse"] == pytest.approx(summary["test_rmse"], rel=1e-4)
+    image = tmp_path / "grey.png"
+    Image.new("RGB", (12, 12), (204, 204, 204)).save(image)
+    assert main(["predict", str(run_dir), str(image)]) == 0
+    value = float(capsys.readouterr().out.split()[0])
+    assert abs(value - 8.0) < 1.5  # 204 / 25.5, in the target's units

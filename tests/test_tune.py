@@ -246,3 +246,12 @@ def test_resume_after_the_driver_is_killed(ray_session, tmp_path, tiny_bert_dir,
     resumed = _epochs_reported(sweep_dir, running[0])
     assert resumed[-1] == 4 and len(resumed) == len(set(resumed))  # continued, no epoch trained twice
     assert _trial_states(sweep_dir) == {finished[0]: "TERMINATED", running[0]: "TERMINATED"}
+
+
+def test_workers_that_leave_ray_data_no_whole_cpu_are_warned_about(ray_session):
+    from finetune.cluster import data_cpus_warning
+
+    assert data_cpus_warning(1.0) is None and data_cpus_warning(0.5) is None  # of 2 CPUs: 1 left
+    # a sweep's 2 workers x 0.5 CPU plus the trial actor's 0.01: Ray Data's 1-CPU tasks never start
+    assert "reserve 1.01 of the cluster's 2 CPUs" in data_cpus_warning(2 * 0.5 + 0.01)
+    assert data_cpus_warning(3.0) is None  # more than the cluster has: an autoscaler's business

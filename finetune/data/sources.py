@@ -96,7 +96,7 @@ def _fashion_mnist_dir() -> Path:
     return root / "FashionMNIST" / "raw"
 
 
-def _fashion_mnist_split(prefix: str) -> tuple[np.ndarray, np.ndarray]:
+def fashion_mnist_arrays(prefix: str) -> tuple[np.ndarray, np.ndarray]:
     folder = _fashion_mnist_dir()
     images = _read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
     labels = _read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
@@ -125,13 +125,13 @@ def _load_rotten_tomatoes(cfg: DataConfig, seed: int) -> Source:
 def _load_fashion_mnist(cfg: DataConfig, seed: int) -> Source:
     # The official 10k test set stays the test split (data.test_fraction does not apply);
     # data.val_fraction of the official 60k train set becomes validation.
-    images, labels = _fashion_mnist_split("train")
+    images, labels = fashion_mnist_arrays("train")
     index = np.arange(len(labels))
     splits = {}
     for split in ("train", "val"):
         mask = split_mask(index, seed, split, cfg.val_fraction, 0.0)
         splits[split] = ray.data.from_arrow(_image_table(images[mask], labels[mask]))
-    test_images, test_labels = _fashion_mnist_split("t10k")
+    test_images, test_labels = fashion_mnist_arrays("t10k")
     splits["test"] = ray.data.from_arrow(_image_table(test_images, test_labels))
     return Source("image", list(FASHION_MNIST_CLASSES), splits)
 

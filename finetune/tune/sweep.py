@@ -37,12 +37,15 @@ from finetune.report.sweep import history, plot_curves, results_table, trial_id
 from finetune.train.run import (
     build_trainer, ensure_ray, export_checkpoint, pipeline_datasets, plan_epoch, quiet_ray_data,
 )  # fmt: skip
-from finetune.cluster import alive_nodes
+from finetune.cluster import alive_nodes, data_cpus_warning
 from finetune.train.storage import check_shared_storage
 from finetune.tune.space import param_space, trial_config, trial_count, trial_raw, used_params
 
 EXPERIMENT = "sweep"
 TIME_ATTRS = {"epochs": "epochs_done", "steps": "steps_done"}
+# The trial's own actor only waits on its TorchTrainer; the workers reserve the CPUs (Tune
+# refuses 0, and a whole CPU per waiting trial would starve the workers on a small machine).
+TRIAL_ACTOR_CPUS = 0.01
 
 
 def default_sweep_dir(cfg: PipelineConfig, root: str | Path = "runs") -> Path:
@@ -69,10 +72,8 @@ def run_trial(params: dict, base_raw: dict, sweep_dir: str) -> None:
 
 
 def _trainable(base_raw: dict, sweep_dir: Path):
-    # The trial's own actor only waits on its TorchTrainer; the workers reserve the CPUs (Tune
-    # refuses 0, and a whole CPU per waiting trial would starve the workers on a small machine).
     trainable = tune.with_parameters(run_trial, base_raw=base_raw, sweep_dir=str(sweep_dir))
-    return tune.with_resources(trainable, {"CPU": 0.01})
+    return tune.with_resources(trainable, {"CPU": TRIAL_ACTOR_CPUS})
 
 
 def _metric(cfg: PipelineConfig) -> tuple[str, str]:
@@ -129,6 +130,9 @@ def sweep(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, console: Console
     ensure_ray()
     # the trials' checkpoints and Tune's state live in the sweep folder: every node writes there
     check_shared_storage(str(sweep_dir), cfg.checkpoint.storage_is_shared, alive_nodes())
+    per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + TRIAL_ACTOR_CPUS
+    if warning := data_cpus_warning(cfg.tune.max_concurrent_trials * per_trial):
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     (sweep_dir / "pipeline.yaml").write_text(yaml.safe_dump(base_raw, sort_keys=False))
     console.print(f"sweep directory: {sweep_dir}\n{trial_count(cfg.tune)} trials, {cfg.tune.max_concurrent_trials} at a time")
     started = time.time()
@@ -216,9 +220,10 @@ def _report(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, results, wall_
             # Tested here, once: ASHA ends a trial at max_t before its own test report.
             tested = evaluate_run(sweep_dir, "test")
             summary["best"].update(checkpoint=str(sweep_dir / "best"), **tested)
+        tested_metric = "test/" + metric.split("/", 1)[1]
         console.print(
             f"best trial {best['trial']}: {params} -> {metric} {best[f'best {metric}']:.4f}"
-            + (f", test accuracy {summary['best']['test/accuracy']:.4f}" if "test/accuracy" in summary["best"] else "")
+            + (f", {tested_metric} {summary['best'][tested_metric]:.4f}" if tested_metric in summary["best"] else "")
         )
         console.print(f"best model: {summary['best'].get('checkpoint')}\nretrain with: finetune train {sweep_dir / 'best.yaml'}")
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
