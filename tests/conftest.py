@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun"]
 NEGATIVE = ["bad", "awful", "dull", "poor", "boring", "weak"]
@@ -76,3 +77,24 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.fixture
 def sentiment_csv(tmp_path) -> Path:
     return write_csv(tmp_path / "reviews.csv", sentiment_rows(400))
+
+
+def tiny_sentiment_pipeline(tmp_path: Path, tiny_bert_dir: Path, *, rows: int = 400, name: str = "tiny",
+                            **sections) -> Path:  # fmt: skip
+    """A tiny-BERT pipeline over `rows` sentiment rows written to a CSV, one worker; each section
+    given is merged over these defaults (a section not here, e.g. tune, is taken as it is)."""
+    data = write_csv(tmp_path / "reviews.csv", sentiment_rows(rows))
+    raw = {
+        "name": name,
+        "data": {"source": str(data), "text_column": "review", "label_column": "sentiment", "max_length": 16},
+        "model": {"name": f"hf:{tiny_bert_dir}"},
+        "optim": {"lr": 3e-3},
+        "train": {"epochs": 3, "batch_size": 16, "precision": "fp32", "seed": 0},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
+        "checkpoint": {"num_to_keep": 1},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw[section], **values} if section in raw else values
+    pipeline = tmp_path / f"{name}.yaml"
+    pipeline.write_text(yaml.safe_dump(raw))
+    return pipeline

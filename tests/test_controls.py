@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
-from conftest import sentiment_rows, write_csv
+from conftest import tiny_sentiment_pipeline
 from finetune.cli import main
 from finetune.config import EarlyStoppingConfig, EmaConfig, OptimConfig, ScheduleConfig
 from finetune.train import TrainingDiverged, controls, optim, steps
@@ -93,21 +92,8 @@ def test_a_non_finite_loss_raises_naming_the_first_bad_step():
 
 
 def _pipeline(tmp_path: Path, tiny_bert_dir: Path, **sections) -> Path:
-    data = write_csv(tmp_path / "reviews.csv", sentiment_rows(400))
-    pipeline = tmp_path / "p.yaml"
-    raw = {
-        "name": "controls",
-        "data": {"source": str(data), "text_column": "review", "label_column": "sentiment", "max_length": 16},
-        "model": {"name": f"hf:{tiny_bert_dir}"},
-        "optim": {"lr": 3e-3},
-        "train": {"epochs": 3, "batch_size": 16, "precision": "fp32", "seed": 0},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5, "max_failures": 2},
-        "checkpoint": {"num_to_keep": 3},
-    }
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values}
-    pipeline.write_text(yaml.safe_dump(raw))
-    return pipeline
+    return tiny_sentiment_pipeline(tmp_path, tiny_bert_dir, name="controls", **{
+        "scaling": {"max_failures": 2}, "checkpoint": {"num_to_keep": 3}, **sections})  # fmt: skip
 
 
 def _epochs(run_dir: Path) -> list[dict]:

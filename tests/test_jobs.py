@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import sentiment_rows, write_csv
+from conftest import tiny_sentiment_pipeline
 from finetune.cli import main
 
 
@@ -85,19 +85,7 @@ def ray_head(tmp_path_factory):
 
 
 def _job_pipeline(tmp_path: Path, tiny_bert_dir: Path, **sections) -> Path:
-    data = write_csv(tmp_path / "reviews.csv", sentiment_rows(200))
-    pipeline = tmp_path / "job.yaml"
-    pipeline.write_text(yaml.safe_dump({
-        "name": "job",
-        "data": {"source": str(data), "text_column": "review", "label_column": "sentiment", "max_length": 16},
-        "model": {"name": f"hf:{tiny_bert_dir}"},
-        "optim": {"lr": 3e-3},
-        "train": {"epochs": 1, "batch_size": 16, "precision": "fp32"},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
-        "checkpoint": {"num_to_keep": 1},
-        **sections,
-    }))  # fmt: skip
-    return pipeline
+    return tiny_sentiment_pipeline(tmp_path, tiny_bert_dir, rows=200, name="job", **{"train": {"epochs": 1}, **sections})
 
 
 def test_submit_waits_for_the_job_and_its_checkpoint_lands_in_storage(ray_head, tmp_path, tiny_bert_dir, capsys):

@@ -5,7 +5,7 @@ import torch
 import yaml
 from torch import nn
 
-from conftest import sentiment_rows, write_csv
+from conftest import tiny_sentiment_pipeline, write_csv
 from finetune.cli import main
 from finetune.config import OptimConfig, ScheduleConfig
 from finetune.train import optim, steps
@@ -85,18 +85,8 @@ def test_step_code_and_models_import_without_ray():
 
 
 def tiny_pipeline(tmp_path, tiny_bert_dir):
-    data = write_csv(tmp_path / "reviews.csv", sentiment_rows(640))
-    pipeline = tmp_path / "tiny.yaml"
-    pipeline.write_text(yaml.safe_dump({
-        "name": "tiny",
-        "data": {"source": str(data), "text_column": "review", "label_column": "sentiment", "max_length": 16},
-        "model": {"name": f"hf:{tiny_bert_dir}"},
-        "optim": {"lr": 3e-3},
-        "train": {"epochs": 3, "batch_size": 16, "precision": "fp32", "log_every_steps": 2},
-        "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
-        "checkpoint": {"num_to_keep": 1},
-    }))  # fmt: skip
-    return pipeline
+    return tiny_sentiment_pipeline(tmp_path, tiny_bert_dir, rows=640, train={"log_every_steps": 2},
+                                   scaling={"num_workers": 2})  # fmt: skip
 
 
 def test_two_worker_run_learns_and_its_checkpoint_reloads(ray_session, tmp_path, tiny_bert_dir, capsys):
@@ -134,7 +124,7 @@ def test_same_seed_same_run(ray_session, tmp_path, tiny_bert_dir):
     pipeline = tiny_pipeline(tmp_path, tiny_bert_dir)
     losses = []
     for name in ("first", "second"):
-        overrides = ["train.epochs=2", "scaling.num_workers=1", "--run-dir", str(tmp_path / name)]
+        overrides = ["train.epochs=2", "scaling.num_workers=1", "data.max_train_samples=192", "--run-dir", str(tmp_path / name)]
         assert main(["train", str(pipeline), *overrides]) == 0
         epochs = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         losses.append([value for e in epochs for value in (e["train/loss"], e["val/loss"])])

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from ray import tune
 
-from conftest import sentiment_rows, write_csv
+from conftest import sentiment_rows, tiny_sentiment_pipeline, write_csv
 from finetune.cli import main
 from finetune.config import ConfigError, parse
 from finetune.tune.space import check_search_space, param_space, trial_config, trial_count, used_params
@@ -136,19 +136,7 @@ def test_validate_refuses_a_bad_search_space_with_exit_2(tmp_path, capsys):
 
 
 def sweep_pipeline(tmp_path: Path, tiny_bert_dir: Path, rows: int, tune_section: dict) -> Path:
-    data = write_csv(tmp_path / "reviews.csv", sentiment_rows(rows))
-    pipeline = tmp_path / "sweep.yaml"
-    pipeline.write_text(yaml.safe_dump({
-        "name": "tiny",
-        "data": {"source": str(data), "text_column": "review", "label_column": "sentiment", "max_length": 16,
-                 "val_fraction": 0.2},
-        "model": {"name": f"hf:{tiny_bert_dir}"},
-        "train": {"epochs": 3, "batch_size": 16, "precision": "fp32", "seed": 0},
-        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
-        "checkpoint": {"num_to_keep": 1},
-        "tune": tune_section,
-    }))  # fmt: skip
-    return pipeline
+    return tiny_sentiment_pipeline(tmp_path, tiny_bert_dir, rows=rows, data={"val_fraction": 0.2}, tune=tune_section)
 
 
 def test_asha_stops_weak_trials_and_best_yaml_is_the_best_trial(ray_session, tmp_path, tiny_bert_dir, capsys):
