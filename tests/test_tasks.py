@@ -262,3 +262,13 @@ def test_regression_image_run_beats_the_mean_and_predicts_in_target_units(ray_se
     assert main(["predict", str(run_dir), str(image)]) == 0
     value = float(capsys.readouterr().out.split()[0])
     assert abs(value - 8.0) < 1.5  # 204 / 25.5, in the target's units
+
+
+def test_task_settings_are_searchable_and_checked_per_value():
+    from finetune.tune.space import check_search_space
+
+    raw = {"data": {"source": "x.csv"}, "model": {"name": "x"}, "task": {"type": "multi_label"},
+           "tune": {"search_space": {"loss.name": {"choice": ["bce", "focal", "mse"]},
+                                     "task.threshold": {"uniform": [0.3, 0.7]}, "loss.gamma": {"choice": [1.0, 2.0]}}}}  # fmt: skip
+    problems = check_search_space(raw, parse(raw).tune)
+    assert problems == ["tune.search_space.loss.name='mse': loss.name=mse is not a multi_label loss; use one of bce, focal"]

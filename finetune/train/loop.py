@@ -31,7 +31,8 @@ TRAIN_STATE_FILE = "train_state.pt"
 
 
 def _evaluate(module, split: str, cfg: PipelineConfig, task: tasks.Task, device, precision) -> dict[str, float]:
-    """`module` unwrapped from DDP: evaluation needs no DDP collectives, and ranks may differ in batch count."""
+    """`module` unwrapped from DDP: ranks may differ in batch count, so evaluation runs without DDP's
+    collectives; the rows are gathered from every rank once, at the end."""
     shard = ray.train.get_dataset_shard(split)
     batches = shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, prefetch_batches=cfg.data.prefetch_batches)
     rows = steps.evaluate_rows(module, batches, task, device=device, precision=precision)
