@@ -1,15 +1,18 @@
 """ASHA vs FIFO: the same 16-trial search on a real offline task, run twice in one go.
 
-MiniLM-L6 on Rotten Tomatoes (500 training texts, 300 validation, 300 test), 9 epochs per
-trial, one trial at a time; the search draws the learning rate, weight decay, strategy
-(full or discriminative) and layer decay with the same seed in both sweeps, so both see the
-same 16 configurations, in the same order. FIFO runs every trial to the end; ASHA (grace 1
-epoch, reduction factor 3: rungs at 1 and 3 epochs) stops the trailing ones. One trial at a
-time and one worker per trial, seeded: a configuration trains nearly alike in both sweeps
-(bf16 CPU kernels are not bit-exact between runs), so the difference in the winners is
-ASHA's decisions. Each sweep tests its winner on the test split (summary.json).
+MiniLM-L6 on Rotten Tomatoes (--train-rows training texts, 300 validation, 300 test), 9
+epochs per trial, one trial at a time; the search draws the learning rate, weight decay,
+strategy (full or discriminative) and layer decay with the same seed in both sweeps, so both
+see the same 16 configurations, in the same order. FIFO runs every trial to the end; ASHA
+(grace 1 epoch, reduction factor 3: rungs at 1 and 3 epochs; --reduction-factor 4: at 1 and
+4) stops the trailing ones. One trial at a time and one worker per trial, seeded: a
+configuration trains nearly alike in both sweeps (bf16 CPU kernels are not bit-exact between
+runs), so the difference in the winners is ASHA's decisions. Each sweep tests its winner on
+the test split (summary.json).
 
-    .venv/bin/python bench/tune.py --train-rows 400       # ~60 min on 2 cores (the recorded run)
+    .venv/bin/python bench/tune.py --train-rows 1000 --keep /tmp/tunebench2   # ~2.5 h on 2 cores (recorded)
+    .venv/bin/python bench/tune.py --train-rows 1000 --keep /tmp/tunebench2 --reduction-factor 4  # + ASHA rf 4
+    .venv/bin/python bench/tune.py --train-rows 400       # ~60 min on 2 cores (the first recorded run)
     .venv/bin/python bench/tune.py --samples 4 --epochs 3 --train-rows 200   # a quick look
 
 Goal: ASHA's best validation accuracy within 0.5 points of FIFO's, using at most a third of
@@ -111,6 +114,8 @@ def main() -> None:
     parser.add_argument("--train-rows", type=int, default=500)
     parser.add_argument("--eval-rows", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reduction-factor", type=float, default=3.0,
+                        help="ASHA's reduction factor (its sweep folder is asha-rf<N> when not 3)")
     parser.add_argument("--keep", help="keep both sweep folders here (default: a temporary folder); "
                         "run again with the same folder to continue an interrupted benchmark")
     args = parser.parse_args()
@@ -119,19 +124,21 @@ def main() -> None:
 
     ray.init(log_to_driver=False, logging_level="ERROR")  # with the dashboard: Train's PG cleaner needs it
     console = Console(quiet=True)
-    asha = {"name": "asha", "time_attr": "epochs", "grace_period": 1, "reduction_factor": 3}
+    asha = {"name": "asha", "time_attr": "epochs", "grace_period": 1, "reduction_factor": args.reduction_factor}
+    asha_dir = "asha" if args.reduction_factor == 3 else f"asha-rf{args.reduction_factor:g}"
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
         results = {}
-        for name, scheduler in (("fifo", {"name": "fifo"}), ("asha", asha)):
+        for name, folder, scheduler in (("fifo", "fifo", {"name": "fifo"}), ("asha", asha_dir, asha)):
             raw = pipeline(args, scheduler)
-            results[name] = run_sweep(raw, root / name, console)
+            results[name] = run_sweep(raw, root / folder, console)
             print(json.dumps({"sweep": name, **results[name]}), flush=True)
         (root / "pipeline.yaml").write_text(yaml.safe_dump(pipeline(args, asha), sort_keys=False))
     ray.shutdown()
     fifo, asha_result = results["fifo"], results["asha"]
     print(json.dumps({
         "task": f"minilm-l6 / rotten_tomatoes, {args.train_rows} train rows", "trials": args.samples,
+        "asha_reduction_factor": args.reduction_factor,
         "epochs_per_trial": args.epochs,
         "fifo_trial_epochs": fifo["trial_epochs"], "asha_trial_epochs": asha_result["trial_epochs"],
         "trial_epochs_ratio": round(asha_result["trial_epochs"] / fifo["trial_epochs"], 3),

@@ -41,7 +41,9 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "regression": ("mae", "rmse", "r2", "loss"),
 }
 # what checkpoint.metric (and so a sweep's metric) is when unset
-DEFAULT_METRIC = {"classification": "val/accuracy", "multi_label": "val/map", "regression": "val/rmse"}
+# (multi_label: F1 at the thresholds, what `predict` delivers. mAP only ranks scores: a barely trained
+# model whose near-0.5 scores happen to rank well has a high mAP and predicts nothing useful.)
+DEFAULT_METRIC = {"classification": "val/accuracy", "multi_label": "val/micro_f1", "regression": "val/rmse"}
 TASK_LOSSES = {
     "classification": ("cross_entropy", "focal"),
     "multi_label": ("bce", "focal"),
@@ -503,7 +505,7 @@ class CheckpointConfig(Section):
         None,
         description="Validation metric that ranks checkpoints and picks the best: one the task reports "
         "(classification: accuracy, macro_f1, loss; multi_label: micro_f1, macro_f1, map, loss; regression: "
-        "mae, rmse, r2, loss). Unset = val/accuracy, val/map or val/rmse by task.",
+        "mae, rmse, r2, loss). Unset = val/accuracy, val/micro_f1 or val/rmse by task.",
     )
     mode: Literal["max", "min"] | None = Field(
         None, description="Whether a higher or lower metric is better; unset = min for loss, mae, rmse, else max."
