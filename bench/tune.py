@@ -82,7 +82,8 @@ def run_sweep(raw: dict, sweep_dir: Path, console: Console) -> dict:
     if _finished(sweep_dir, cfg.tune.num_samples):
         summary = json.loads((sweep_dir / "summary.json").read_text())
     elif (sweep_dir / EXPERIMENT).is_dir():
-        summary = resume(sweep_dir, console=console)
+        # an errored trial failed on the machine (a full disk, say), not on its values: run it again
+        summary = resume(sweep_dir, retry_errored=True, console=console)
     else:
         summary = sweep(cfg, raw, sweep_dir, console)
     done.set()

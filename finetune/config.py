@@ -744,7 +744,8 @@ def describe_errors(error: ValidationError) -> list[str]:
             problems.append(f"{key}: required, not set")
         elif item["type"] == "value_error":
             message = str(item["ctx"]["error"]) if "ctx" in item else item["msg"]
-            problems.append(f"{key}: {message}" if key else message)
+            # a cross-section check reports each of its problems on a line of its own
+            problems += [f"{key}: {line}" if key else line for line in message.split("\n")]
         else:
             problems.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
     return problems
