@@ -274,3 +274,22 @@ def test_task_settings_are_searchable_and_checked_per_value():
                                      "task.threshold": {"uniform": [0.3, 0.7]}, "loss.gamma": {"choice": [1.0, 2.0]}}}}  # fmt: skip
     problems = check_search_space(raw, parse(raw).tune)
     assert problems == ["tune.search_space.loss.name='mse': loss.name=mse is not a multi_label loss; use one of bce, focal"]
+
+
+def test_evaluation_rows_gather_across_ranks_when_one_shard_is_empty(tmp_path):
+    """Two gloo ranks: rank 1 sees no test rows (a small split), rank 0 some; both get every row."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_on_rank, args=(2, str(tmp_path / "store")), nprocs=2, join=True)
+
+
+def _gather_on_rank(rank: int, world: int, store: str) -> None:
+    from finetune.train import steps
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    task = Classification(LABELS)
+    batches = [{"input": LOGITS, "label": torch.tensor([0, 1, 2, 0])}] if rank == 0 else []
+    rows = steps.evaluate_rows(torch.nn.Identity(), batches, task, device=torch.device("cpu"), precision="fp32")
+    metrics = task.metrics(steps.all_gather_rows(rows), "test")
+    assert metrics["test/samples"] == 4 and metrics["test/accuracy"] == 1.0
+    torch.distributed.destroy_process_group()

@@ -213,4 +213,6 @@ def all_gather_rows(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return rows
     gathered: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, rows)
-    return {name: torch.cat([part[name] for part in gathered if name in part]) for name in rows}
+    # A rank whose shard was empty has only an empty `loss`: take the names from every rank.
+    names = dict.fromkeys(name for part in gathered for name in part)
+    return {name: torch.cat([part[name] for part in gathered if name in part]) for name in names}
