@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from rich.console import Console
 
 
 def alive_nodes() -> int:
@@ -27,3 +28,8 @@ def data_cpus_warning(reserved: float) -> str | None:
                 "Ray Data task needs: the run will wait until a node joins. Lower scaling.cpus_per_worker or "
                 "scaling.num_workers (or tune.max_concurrent_trials)")  # fmt: skip
     return None
+
+
+def warn_if_data_starved(reserved: float, console: Console) -> None:
+    if warning := data_cpus_warning(reserved):
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)

@@ -194,46 +194,93 @@ def _epochs_reported(sweep_dir: Path, trial: str) -> list[int]:
     return [r["epochs_done"] for r in map(json.loads, path.read_text().splitlines()) if "epochs_done" in r]
 
 
+def _report_times(sweep_dir: Path, trial: str, after: float = 0.0) -> list[int]:
+    path = next((sweep_dir / "sweep").glob(f"*{trial}*/result.json"))
+    reports = map(json.loads, path.read_text().splitlines())
+    return [r["timestamp"] for r in reports if "epochs_done" in r and r["timestamp"] > after]
+
+
 def test_resume_after_the_driver_is_killed(ray_session, tmp_path, tiny_bert_dir, capsys):
-    """The driver dies while the second of two trials runs; --resume continues that trial from
-    its checkpoint and leaves the finished one alone."""
+    """The driver dies after the first trial errored (its model folder was still empty), the
+    second finished and the third trained an epoch. `--resume --retry-errored` reruns the first
+    (its folder filled meanwhile), continues the third from its checkpoint, leaves the second
+    alone, and runs the two restored trials one at a time as tune.max_concurrent_trials says
+    (Tune itself would start every restored trial at once)."""
+    import shutil
+
+    empty_model, model_copy = tmp_path / "model-being-copied", tmp_path / "model-copy"
+    empty_model.mkdir()
+    shutil.copytree(tiny_bert_dir, model_copy)
     pipeline = sweep_pipeline(tmp_path, tiny_bert_dir, 400, {
-        "search_space": {"optim.lr": {"grid": [3e-3, 1e-3]}}, "num_samples": 1, "scheduler": {"name": "fifo"},
+        "search_space": {"model.name": {"grid": [f"hf:{empty_model}", f"hf:{tiny_bert_dir}", f"hf:{model_copy}"]}},
+        "num_samples": 1, "scheduler": {"name": "fifo"}, "max_concurrent_trials": 1,
     })  # fmt: skip
     sweep_dir = tmp_path / "sweep"
     # a second driver on the test session's Ray, which (as any local Ray now) wants its auth token
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
     driver = subprocess.Popen(
-        [sys.executable, "-m", "finetune.cli", "tune", str(pipeline), "train.epochs=4", "--sweep-dir", str(sweep_dir)],
+        [sys.executable, "-m", "finetune.cli", "tune", str(pipeline), "--sweep-dir", str(sweep_dir)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
         deadline = time.time() + 400
         while time.time() < deadline:
             states = _trial_states(sweep_dir)
-            finished = [t for t, status in states.items() if status == "TERMINATED"]
-            running = [t for t, status in states.items() if status == "RUNNING"]
-            # kill once the second trial has saved a checkpoint (so it has something to resume)
-            if finished and running and list((sweep_dir / "train" / running[0]).glob("checkpoint_*")):
+            by_status = {status: [t for t, s in states.items() if s == status] for status in states.values()}
+            running = by_status.get("RUNNING", [])
+            # kill once the third trial has saved a checkpoint (so it has something to resume)
+            if len(states) == 3 and running and list((sweep_dir / "train" / running[0]).glob("checkpoint_*")):
                 break
             assert driver.poll() is None, f"the sweep ended (exit {driver.returncode}) before it could be interrupted"
             time.sleep(0.5)
         else:
-            pytest.fail("the second trial never reported")
+            pytest.fail("the third trial never reported")
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    finished_train = sweep_dir / "train" / finished[0] / "checkpoint_manager_snapshot.json"
+    killed_at = time.time()
+    (errored,), (finished,), (interrupted,) = by_status["ERROR"], by_status["TERMINATED"], running
+    finished_train = sweep_dir / "train" / finished / "checkpoint_manager_snapshot.json"
     snapshot = (finished_train.read_text(), finished_train.stat().st_mtime)
+    shutil.copytree(tiny_bert_dir, empty_model, dirs_exist_ok=True)  # the copy the first trial missed ends
 
-    assert main(["tune", "--resume", str(sweep_dir)]) == 0
+    assert main(["tune", "--resume", str(sweep_dir), "--retry-errored"]) == 0
     assert "resuming sweep" in capsys.readouterr().out
     summary = json.loads((sweep_dir / "summary.json").read_text())
-    assert summary["trials"] == 2 and summary["errored"] == 0 and summary["trial_epochs"] == 8
+    assert summary["trials"] == 3 and summary["errored"] == 0 and summary["trial_epochs"] == 9
     assert (finished_train.read_text(), finished_train.stat().st_mtime) == snapshot  # not trained again
-    resumed = _epochs_reported(sweep_dir, running[0])
-    assert resumed[-1] == 4 and len(resumed) == len(set(resumed))  # continued, no epoch trained twice
-    assert _trial_states(sweep_dir) == {finished[0]: "TERMINATED", running[0]: "TERMINATED"}
+    resumed = _epochs_reported(sweep_dir, interrupted)
+    assert resumed[-1] == 3 and len(resumed) == len(set(resumed))  # continued, no epoch trained twice
+    assert _epochs_reported(sweep_dir, errored) == [1, 2, 3]
+    assert set(_trial_states(sweep_dir).values()) == {"TERMINATED"}
+    # one at a time: every epoch of one restored trial was reported before any of the other's
+    first, second = sorted((_report_times(sweep_dir, t, killed_at) for t in (errored, interrupted)), key=min)
+    assert max(first) <= min(second), (first, second)
+
+
+def test_trial_slots_hold_trials_back_until_tune_ends_one(ray_session):
+    import ray
+    from types import SimpleNamespace
+
+    from finetune.tune.slots import ReleaseTrialSlot, create_slots
+
+    slots = create_slots(1)
+    try:
+        assert ray.get(slots.acquire.remote("a", wait=False))
+        assert ray.get(slots.acquire.remote("a", wait=False))  # a retried trial keeps its slot
+        assert not ray.get(slots.acquire.remote("b", wait=False))
+        waiting = slots.acquire.remote("b")
+        assert not ray.wait([waiting], timeout=1.0)[0]
+        # the driver's callback, as Tune calls it when it ends trial a (or when it errors)
+        ReleaseTrialSlot().on_trial_complete(0, [], SimpleNamespace(trial_id="a"))
+        assert ray.get(waiting, timeout=30) and ray.get(slots.held.remote()) == ["b"]
+        ReleaseTrialSlot().on_trial_error(0, [], SimpleNamespace(trial_id="b"))
+        deadline = time.time() + 30  # the callback does not wait for its release to land
+        while ray.get(slots.held.remote()) and time.time() < deadline:
+            time.sleep(0.1)
+        assert ray.get(slots.held.remote()) == []
+    finally:
+        ray.kill(slots)
 
 
 def test_workers_that_leave_ray_data_no_whole_cpu_are_warned_about(ray_session):

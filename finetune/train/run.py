@@ -24,7 +24,7 @@ from finetune.report.progress import TrainingProgress, summary_table
 from finetune.train.loop import TRAIN_STATE_FILE, train_loop_per_worker
 from finetune.train.monitor import RunMonitor
 from finetune.train import TrainingDiverged, tasks
-from finetune.cluster import alive_nodes, data_cpus_warning, on_driver_node
+from finetune.cluster import alive_nodes, on_driver_node, warn_if_data_starved
 from finetune.train.storage import check_shared_storage
 
 
@@ -239,8 +239,7 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
     if not resume and (run_dir / "config.yaml").exists():
         raise ConfigError([f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --run-dir"])
     ensure_ray()
-    if warning := data_cpus_warning(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker):
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    warn_if_data_starved(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, console)
     storage_path = cfg.checkpoint.storage_path or str(run_dir / "ray")
     check_shared_storage(storage_path, cfg.checkpoint.storage_is_shared, alive_nodes())
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -37,8 +37,9 @@ from finetune.report.sweep import history, plot_curves, results_table, trial_id
 from finetune.train.run import (
     build_trainer, ensure_ray, export_checkpoint, pipeline_datasets, plan_epoch, quiet_ray_data,
 )  # fmt: skip
-from finetune.cluster import alive_nodes, data_cpus_warning
+from finetune.cluster import alive_nodes, warn_if_data_starved
 from finetune.train.storage import check_shared_storage
+from finetune.tune.slots import ReleaseTrialSlot, create_slots, wait_for_slot
 from finetune.tune.space import param_space, trial_config, trial_count, trial_raw, used_params
 
 EXPERIMENT = "sweep"
@@ -56,12 +57,14 @@ def run_trial(params: dict, base_raw: dict, sweep_dir: str) -> None:
     """One trial (runs in a Tune actor): the trial's pipeline through the `finetune train` path."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    trial_id = tune.get_context().get_trial_id()
+    wait_for_slot(trial_id)
     cfg = trial_config(base_raw, params)
     quiet_ray_data()
     datasets = pipeline_datasets(cfg)
     batches_per_epoch, _ = plan_epoch(cfg, datasets.train_rows)
     trainer = build_trainer(
-        cfg, datasets, batches_per_epoch, name=tune.get_context().get_trial_id(),
+        cfg, datasets, batches_per_epoch, name=trial_id,
         storage_path=str(Path(sweep_dir) / "train"), callbacks=(TuneReportCallback(),),
     )  # fmt: skip
     try:
@@ -118,8 +121,18 @@ def _tuner(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path) -> tune.Tuner:
             max_concurrent_trials=None if cfg.tune.search_alg == "random" else cfg.tune.max_concurrent_trials,
             time_budget_s=cfg.tune.time_budget_s,
         ),  # fmt: skip
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(sweep_dir), verbose=1),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT, storage_path=str(sweep_dir), verbose=1, callbacks=[ReleaseTrialSlot()],
+        ),  # fmt: skip
     )
+
+
+def _fit(tuner: tune.Tuner, cfg: PipelineConfig):
+    slots = create_slots(cfg.tune.max_concurrent_trials)
+    try:
+        return tuner.fit()
+    finally:
+        ray.kill(slots)
 
 
 def sweep(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, console: Console | None = None) -> dict:
@@ -131,12 +144,11 @@ def sweep(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, console: Console
     # the trials' checkpoints and Tune's state live in the sweep folder: every node writes there
     check_shared_storage(str(sweep_dir), cfg.checkpoint.storage_is_shared, alive_nodes())
     per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + TRIAL_ACTOR_CPUS
-    if warning := data_cpus_warning(cfg.tune.max_concurrent_trials * per_trial):
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    warn_if_data_starved(cfg.tune.max_concurrent_trials * per_trial, console)
     (sweep_dir / "pipeline.yaml").write_text(yaml.safe_dump(base_raw, sort_keys=False))
     console.print(f"sweep directory: {sweep_dir}\n{trial_count(cfg.tune)} trials, {cfg.tune.max_concurrent_trials} at a time")
     started = time.time()
-    results = _tuner(cfg, base_raw, sweep_dir).fit()
+    results = _fit(_tuner(cfg, base_raw, sweep_dir), cfg)
     return _report(cfg, base_raw, sweep_dir, results, time.time() - started, console)
 
 
@@ -159,7 +171,7 @@ def resume(sweep_dir: Path, retry_errored: bool = False, console: Console | None
         resume_unfinished=True, resume_errored=retry_errored,
     )  # fmt: skip
     console.print(f"resuming sweep {sweep_dir}")
-    results = tuner.fit()
+    results = _fit(tuner, cfg)
     return _report(cfg, base_raw, sweep_dir, results, time.time() - started, console)
 
 
