@@ -12,6 +12,10 @@ import pytest
 import torch
 import yaml
 
+# Ray Train's controller polls its workers every 2 s and acts on what it sees at the next poll:
+# a tiny run spent ~5 s just waiting to be seen finished. Subprocesses (drivers, heads) inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun"]
 NEGATIVE = ["bad", "awful", "dull", "poor", "boring", "weak"]
 FILLER = ["the", "movie", "was", "plot", "acting", "a", "story", "film", "really", "quite"]

@@ -14,13 +14,14 @@ from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from finetune.data.augment import ImageTransforms
 from finetune.data.rows import BadRows, RowPolicy
 
 if TYPE_CHECKING:
     import ray.data
+    import torch
+
+    from finetune.data.augment import ImageTransforms
 
 
 @lru_cache(maxsize=4)
@@ -62,6 +63,8 @@ class TextPreprocessor:
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """One-off inputs (predict): tokenized and trimmed like a training batch."""
+        import torch
+
         batch = {k: torch.from_numpy(v) for k, v in self({"text": np.array(texts, dtype=object)}).items()}
         return trim_padding(batch)
 
@@ -76,6 +79,10 @@ class ImagePreprocessor:
 
     @cached_property
     def transforms(self) -> ImageTransforms:
+        # imported here: torchvision (and torch._dynamo with it) costs a text pipeline's every
+        # Ray Data process a second
+        from finetune.data.augment import ImageTransforms
+
         return ImageTransforms(self.size, self.augment)
 
     @staticmethod
@@ -108,6 +115,8 @@ class ImagePreprocessor:
         std = np.asarray(self.std, dtype=np.float32)
         pixels = np.ascontiguousarray(((pixels - mean) / std).transpose(0, 3, 1, 2))  # NHWC -> NCHW
         if transforms.erase is not None and len(pixels):  # one random rectangle per image, not per batch
+            import torch
+
             tensor = torch.from_numpy(pixels)
             pixels = torch.stack([transforms.erase(image) for image in tensor]).numpy()
         out = {"pixel_values": pixels}
@@ -116,6 +125,8 @@ class ImagePreprocessor:
         return out
 
     def encode(self, images: list) -> dict[str, torch.Tensor]:
+        import torch
+
         batch = self({"image": images})
         return {"pixel_values": torch.from_numpy(batch["pixel_values"])}
 
