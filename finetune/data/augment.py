@@ -7,11 +7,18 @@ random_erasing acts on the normalised tensor, as in the papers; the rest keep li
 
 from __future__ import annotations
 
-import torch
-from torchvision.transforms import v2
+from typing import TYPE_CHECKING
+
+# torchvision is imported where a transform is built: with it comes torch._dynamo, over a
+# second of imports in every Ray process of a text pipeline, which has no use for it.
+if TYPE_CHECKING:
+    import torch
+    from torchvision.transforms import v2
 
 
 def _transform(spec: dict) -> v2.Transform:
+    from torchvision.transforms import v2
+
     name = spec["name"]
     if name == "horizontal_flip":
         return v2.RandomHorizontalFlip(spec["p"])
@@ -30,6 +37,8 @@ class ImageTransforms:
     """`to_size(picture)`: PIL image at `size`, augmented when `specs` say so; `erase(tensor)`."""
 
     def __init__(self, size: int, specs: tuple[dict, ...] = ()):
+        from torchvision.transforms import v2
+
         crop = next((s for s in specs if s["name"] == "random_resized_crop"), None)
         resize = (
             v2.RandomResizedCrop(size, scale=tuple(crop["scale"]), ratio=tuple(crop["ratio"]))
@@ -45,13 +54,15 @@ class ImageTransforms:
 def batch_mixer(mixup_alpha: float, cutmix_alpha: float, num_labels: int):
     """mixup/cutmix over a training batch: (pixels, int labels) -> (mixed pixels, soft labels).
     None when both are off."""
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        return None
+    from torchvision.transforms import v2
+
     mixers = []
     if mixup_alpha > 0:
         mixers.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_labels))
     if cutmix_alpha > 0:
         mixers.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_labels))
-    if not mixers:
-        return None
     mixer = mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
 
     def mix(inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
