@@ -70,29 +70,31 @@ def run_sweep(raw: dict, sweep_dir: Path, console: Console) -> dict:
     assert not check_search_space(raw, cfg.tune)
     wall_file = sweep_dir / "bench_wall_s.txt"
     earlier = float(wall_file.read_text()) if wall_file.is_file() else 0.0
-    started = time.perf_counter()
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    done = threading.Event()
-
-    def record_wall() -> None:  # every few seconds, so a killed attempt's time still counts
-        while not done.wait(5):
-            wall_file.write_text(f"{earlier + time.perf_counter() - started:.1f}")
-
-    threading.Thread(target=record_wall, daemon=True).start()
-    if _finished(sweep_dir, cfg.tune.num_samples):
+    if _finished_trials(sweep_dir, cfg.tune.num_samples) is not None:
         summary = json.loads((sweep_dir / "summary.json").read_text())
-    elif (sweep_dir / EXPERIMENT).is_dir():
-        # an errored trial failed on the machine (a full disk, say), not on its values: run it again
-        summary = resume(sweep_dir, retry_errored=True, console=console)
+        wall = earlier
     else:
-        summary = sweep(cfg, raw, sweep_dir, console)
-    done.set()
-    wall = earlier + time.perf_counter() - started
-    wall_file.write_text(f"{wall:.1f}")
-    if not _finished(sweep_dir, cfg.tune.num_samples):  # stopped (Ctrl-C) before every trial ended
+        started = time.perf_counter()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        done = threading.Event()
+
+        def record_wall() -> None:  # every few seconds, so a killed attempt's time still counts
+            while not done.wait(5):
+                wall_file.write_text(f"{earlier + time.perf_counter() - started:.1f}")
+
+        threading.Thread(target=record_wall, daemon=True).start()
+        if (sweep_dir / EXPERIMENT).is_dir():
+            # an errored trial failed on the machine (a full disk, say), not on its values: run it again
+            summary = resume(sweep_dir, retry_errored=True, console=console)
+        else:
+            summary = sweep(cfg, raw, sweep_dir, console)
+        done.set()
+        wall = earlier + time.perf_counter() - started
+        wall_file.write_text(f"{wall:.1f}")
+    trials = _finished_trials(sweep_dir, cfg.tune.num_samples)
+    if trials is None:  # stopped (Ctrl-C) before every trial ended
         raise SystemExit(f"{sweep_dir}: the sweep stopped before all {cfg.tune.num_samples} trials ended; "
                          "run the same command again to continue it")  # fmt: skip
-    trials = pd.read_csv(sweep_dir / "results.csv")
     return {"trial_epochs": summary["trial_epochs"], "best": summary["best"]["val/accuracy"],
             "best_params": summary["best"]["params"], "test_accuracy": summary["best"]["test/accuracy"],
             "stopped_early": summary["stopped_early"], "wall_s": round(wall, 1),
@@ -100,12 +102,14 @@ def run_sweep(raw: dict, sweep_dir: Path, console: Console) -> dict:
             "trial_s": round(float(trials["wall_s"].sum()), 1)}  # fmt: skip
 
 
-def _finished(sweep_dir: Path, trials: int) -> bool:
-    """A sweep whose summary lists every trial, each ended (not one interrupted mid-way)."""
+def _finished_trials(sweep_dir: Path, trials: int) -> pd.DataFrame | None:
+    """The trial table of a sweep whose summary lists every trial, each ended (not one
+    interrupted mid-way); None for a sweep still to run or continue."""
     if not (sweep_dir / "summary.json").is_file():
-        return False
+        return None
     rows = pd.read_csv(sweep_dir / "results.csv")
-    return len(rows) == trials and bool((rows["status"] == "TERMINATED").all()) and bool((rows["epochs_run"] > 0).all())
+    ended = len(rows) == trials and (rows["status"] == "TERMINATED").all() and (rows["epochs_run"] > 0).all()
+    return rows if ended else None
 
 
 def main() -> None:
