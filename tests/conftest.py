@@ -65,6 +65,17 @@ def sentiment_rows(count: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def registered_checkpoint(run_dir: Path) -> bool:
+    """Whether Ray Train's controller has taken a reported checkpoint of `finetune train
+    --run-dir RUN_DIR` as the latest, what a restart or --resume continues from (the
+    checkpoint's folder appears before that)."""
+    snapshot = run_dir / "ray" / run_dir.name / "checkpoint_manager_snapshot.json"
+    try:
+        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written
+        return False
+
+
 def write_csv(path: Path, rows: list[dict]) -> Path:
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_sentiment_pipeline
+from conftest import registered_checkpoint, tiny_sentiment_pipeline
 from finetune.cli import main
 from finetune.config import ConfigError
 from finetune.train.storage import check_shared_storage, mount_type
@@ -45,10 +45,6 @@ def _pipeline(tmp_path: Path, tiny_bert_dir: Path, rows: int = 400, scaling: dic
                                    scaling={"max_failures": 2, **(scaling or {})}, checkpoint={"num_to_keep": 2})  # fmt: skip
 
 
-def _checkpoints(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "ray" / run_dir.name).glob("checkpoint_*"))
-
-
 def _epochs(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -62,10 +58,9 @@ def test_a_killed_driver_resumes_from_its_last_checkpoint(ray_session, tmp_path,
     )  # fmt: skip
     try:
         deadline = time.time() + 300
-        while not _checkpoints(run_dir):
+        while not registered_checkpoint(run_dir):
             assert driver.poll() is None and time.time() < deadline, "no checkpoint before the driver ended"
-            time.sleep(0.5)
-        time.sleep(3)  # Ray registers a reported checkpoint on a ~2 s poll
+            time.sleep(0.2)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()

@@ -7,7 +7,7 @@ what tests/test_fault_tolerance.py checks on a multi-node cluster. It runs in it
 Scenarios, in order, on one cluster:
   refused    the pipeline as written: checkpoints on this machine's disk -> exit 2
   clean      checkpoint.storage_is_shared=true: an uninterrupted run, the reference
-  kill       SIGKILL of rank 1's process a few seconds into the epoch after the first checkpoint
+  kill       SIGKILL of rank 1's process once the first epoch's checkpoint is registered
   remove     the node holding rank 1 removed at that moment, a replacement node added
 """
 
@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from conftest import registered_checkpoint  # this folder is the script's: first on sys.path
+
 NODE_CPUS = 2  # per node: one for the training worker, one for Ray Data
 
 
@@ -33,10 +35,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def _checkpoints(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "ray" / run_dir.name).glob("checkpoint_*"))
 
 
 def _train_in_background(argv: list[str]) -> tuple[threading.Thread, dict]:
@@ -62,14 +60,15 @@ def _summary(run_dir: Path) -> dict:
 
 
 def _run_with_fault(workdir: Path, pipeline: str, name: str, fault) -> dict:
-    """Train; a few seconds after the first checkpoint, `fault(rank 1's worker)`."""
+    """Train; once Ray Train has registered the first epoch's checkpoint, `fault(rank 1's worker)`:
+    it lands in epoch 2 (a fixed delay after the checkpoint's folder appeared missed the training
+    once runs got faster)."""
     run_dir = workdir / name
     thread, outcome = _train_in_background(["train", pipeline, "--run-dir", str(run_dir), "checkpoint.storage_is_shared=true"])
     deadline = time.time() + 300
-    while not _checkpoints(run_dir):
+    while not registered_checkpoint(run_dir):
         assert thread.is_alive() and time.time() < deadline, f"{name}: no checkpoint before the run ended"
-        time.sleep(0.5)
-    time.sleep(3)  # Ray registers a reported checkpoint on a ~2 s poll: the fault lands mid-epoch 2
+        time.sleep(0.2)
     hit_while_training = thread.is_alive()
     fault()
     thread.join(timeout=600)

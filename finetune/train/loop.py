@@ -124,7 +124,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     stopper = controls.EarlyStopping(cfg.train.early_stopping, cfg.train.early_stopping.metric or cfg.checkpoint.metric) \
         if cfg.train.early_stopping else None  # fmt: skip
 
-    start_epoch, best, baseline = 0, {"metric": None, "epoch": None, "state": None}, {}
+    start_epoch, best, baseline, history = 0, {"metric": None, "epoch": None, "state": None}, {}, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
@@ -137,6 +137,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if stopper:
             stopper.load_state_dict(state["early_stopping"])
         start_epoch, best, baseline = state["epoch"] + 1, state["best"], state["baseline"]
+        history = state.get("history", [])  # checkpoints written before it was kept have none
         if best["state"] is None:  # the checkpoint's own epoch was the best
             best["state"] = {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}
         if stopper and stopper.epochs_without_improvement >= stopper.cfg.patience:
@@ -147,6 +148,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "rank": rank, "start_epoch": start_epoch, "node_id": ray.get_runtime_context().get_node_id(),
             "hostname": socket.gethostname(), "pid": os.getpid(),
         })  # fmt: skip
+        if rank == 0:
+            # the epochs before the checkpoint again: a driver that died right after the
+            # checkpoint may not have written the last of them to metrics.jsonl
+            for metrics in history:
+                monitor.record.remote("epoch", metrics)
 
     # ---- 2. baseline: the pretrained backbone with its untrained head -----------------------
     if start_epoch == 0:
@@ -219,6 +225,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         stop_now = stopper is not None and stopper.should_stop(metrics)
         if stop_now:
             metrics["early_stopped"] = True
+        history.append(metrics)
         if monitor and rank == 0:
             monitor.record.remote("epoch", metrics)
 
@@ -228,7 +235,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 models.save_model(evaluated, directory, cfg.model, preprocessor, task, image_size)
                 torch.save(
                     {"model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch, "baseline": baseline,
+                     "scheduler": scheduler.state_dict(), "epoch": epoch, "baseline": baseline, "history": history,
                      "ema": ema.state_dict() if ema else None,
                      "early_stopping": stopper.state_dict() if stopper else None,
                      # the best weights only when they differ from this epoch's (saves a copy)

@@ -118,6 +118,8 @@ def _fit_with_progress(trainer, monitor, console, cfg, steps_per_epoch, run_dir)
             if latest:
                 progress.step(latest)
             for kind, metrics in new_events:
+                if kind == "epoch" and events["epochs"].get(metrics["epoch"]) == metrics:
+                    continue  # a resumed run resends the epochs before its checkpoint
                 progress.event(kind, metrics)
                 if kind == "epoch":
                     metrics_file.write(json.dumps(metrics) + "\n")
