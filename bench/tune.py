@@ -70,7 +70,8 @@ def run_sweep(raw: dict, sweep_dir: Path, console: Console) -> dict:
     assert not check_search_space(raw, cfg.tune)
     wall_file = sweep_dir / "bench_wall_s.txt"
     earlier = float(wall_file.read_text()) if wall_file.is_file() else 0.0
-    if _finished_trials(sweep_dir, cfg.tune.num_samples) is not None:
+    trials = _finished_trials(sweep_dir, cfg.tune.num_samples)
+    if trials is not None:
         summary = json.loads((sweep_dir / "summary.json").read_text())
         wall = earlier
     else:
@@ -91,10 +92,10 @@ def run_sweep(raw: dict, sweep_dir: Path, console: Console) -> dict:
         done.set()
         wall = earlier + time.perf_counter() - started
         wall_file.write_text(f"{wall:.1f}")
-    trials = _finished_trials(sweep_dir, cfg.tune.num_samples)
-    if trials is None:  # stopped (Ctrl-C) before every trial ended
-        raise SystemExit(f"{sweep_dir}: the sweep stopped before all {cfg.tune.num_samples} trials ended; "
-                         "run the same command again to continue it")  # fmt: skip
+        trials = _finished_trials(sweep_dir, cfg.tune.num_samples)
+        if trials is None:  # stopped (Ctrl-C) before every trial ended
+            raise SystemExit(f"{sweep_dir}: the sweep stopped before all {cfg.tune.num_samples} trials ended; "
+                             "run the same command again to continue it")  # fmt: skip
     return {"trial_epochs": summary["trial_epochs"], "best": summary["best"]["val/accuracy"],
             "best_params": summary["best"]["params"], "test_accuracy": summary["best"]["test/accuracy"],
             "stopped_early": summary["stopped_early"], "wall_s": round(wall, 1),
