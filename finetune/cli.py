@@ -188,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_pipeline(args.pipeline, args.overrides)
             if args.command == "validate":
                 console.print(f"{args.pipeline}: valid")
+                from finetune.validate import describe_batchnorm
+
+                if note := describe_batchnorm(cfg):
+                    console.print(note, highlight=False, soft_wrap=True)
                 return 0
             from finetune.train.run import default_run_dir, run
 

@@ -196,6 +196,44 @@ class DataConfig(Section):
         return self
 
 
+class BatchNormConfig(Section):
+    """What happens to a CNN's BatchNorm layers (none in text models: this section changes nothing there)."""
+
+    recalibrate: bool | None = Field(
+        None,
+        description="Recompute the running mean/variance of every trained BatchNorm layer over training rows "
+        "(no augmentation, no gradients, all workers together) before each validation that ranks checkpoints, "
+        "so the tested and exported model normalises with statistics of its own weights on your data. "
+        "Unset = on, unless freeze_statistics.",
+    )
+    recalibrate_batches: int = Field(
+        16, ge=1, description="Batches of train.batch_size per worker that a recalibration reads (from the fixed "
+        "training sample that train.train_eval_rows also draws on): its cost is about this many forward passes."
+    )
+    momentum: float | None = Field(
+        None, gt=0.0, le=1.0, description="Every BatchNorm layer's momentum, in PyTorch's sense (the weight of the "
+        "new batch; TensorFlow's 0.99 is 0.01 here). Unset = each layer's own."
+    )
+    sync: bool = Field(
+        False, description="nn.SyncBatchNorm: batch statistics over all workers' batches, for small per-GPU "
+        "batches. GPUs only (scaling.use_gpu)."
+    )
+    freeze_statistics: bool = Field(
+        False, description="Every BatchNorm layer in eval mode for the whole run, its pretrained statistics kept "
+        "(Keras' fine-tuning advice); the layers' scale and shift still train if the strategy trains them. "
+        "For comparison; recalibration is off with it.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source_of_statistics(self) -> "BatchNormConfig":
+        if self.freeze_statistics and self.recalibrate:
+            raise ValueError("model.batchnorm: freeze_statistics keeps the pretrained statistics, recalibrate replaces "
+                             "them; set one of them")  # fmt: skip
+        if self.recalibrate is None:
+            self.recalibrate = not self.freeze_statistics
+        return self
+
+
 class ModelConfig(Section):
     name: str = Field(
         description="Model to fine-tune: minilm-l6 or efficientnet-lite0 (packaged, offline), "
@@ -216,6 +254,10 @@ class ModelConfig(Section):
         description="The model's layer groups, input -> output, as regexes over parameter names (a parameter "
         "joins the first group that matches; the new head is its own last group). Default: found from the "
         "architecture (BERT-family, ResNet, MobileNet, EfficientNet, ViT, EfficientNet-Lite).",
+    )
+    batchnorm: BatchNormConfig = Field(
+        default_factory=BatchNormConfig,
+        description="BatchNorm layers: frozen ones keep their statistics; trained ones are recalibrated.",
     )
 
     @model_validator(mode="after")
@@ -476,6 +518,10 @@ class TrainConfig(Section):
         None, ge=1, description="Intra-op threads per worker; unset = the machine's cores / workers on it."
     )
     log_every_steps: int = Field(10, ge=1, description="Progress update interval in optimizer steps.")
+    train_eval_rows: int = Field(
+        500, ge=0, description="A fixed sample of training rows (no augmentation) evaluated in eval mode each "
+        "epoch as train_eval/<metric>, so train and val compare on the same footing; 0 = off."
+    )
 
 
 class ScalingConfig(Section):
@@ -633,11 +679,13 @@ class PipelineConfig(Section):
     tune: TuneConfig | None = Field(None, description="A hyperparameter sweep (`finetune tune`); train ignores it.")
 
     @model_validator(mode="after")
-    def _precision_fits_device(self) -> "PipelineConfig":
+    def _settings_fit_device(self) -> "PipelineConfig":
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError(
                 "train.precision=fp16 with scaling.use_gpu=false: fp16 autocast needs a GPU; use bf16 or fp32 on CPU"
             )
+        if self.model.batchnorm.sync and not self.scaling.use_gpu:
+            raise ValueError("model.batchnorm.sync=true with scaling.use_gpu=false: nn.SyncBatchNorm runs on GPUs only")
         return self
 
     @model_validator(mode="after")

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from pydantic import ValidationError
 
 from finetune import config as config_module
 from finetune import models
 from finetune.config import ConfigError, DataConfig, ModelConfig, PipelineConfig
 from finetune.data.sources import CATALOG, check_source
-from finetune.models import check_model
+from finetune.models import batchnorm, check_model
 from finetune.models.groups import layer_groups
 from finetune.strategies import build_strategy
 from finetune.tune.space import check_search_alg, check_search_space
@@ -43,11 +42,8 @@ def check_strategy(cfg: PipelineConfig) -> list[str]:
     """Apply the strategy to the model's structure on the meta device (no weights, no memory):
     undeclarable layer groups, freeze_groups beyond the model's groups, a freeze regex or LoRA
     target that matches nothing all show here instead of inside a Ray worker."""
-    ref = models.resolve(cfg.model.name)
-    try:
-        with torch.device("meta"):
-            model = models.build_architecture(ref.family, ref.target, 2, models.image_size_for(cfg.data))
-    except OSError:
+    model = models.meta_architecture(cfg.model, models.image_size_for(cfg.data))
+    if model is None:
         return []  # the config is not reachable from here (hub offline): the workers will say so
     strategy = build_strategy(cfg.strategy)
     try:
@@ -56,6 +52,19 @@ def check_strategy(cfg: PipelineConfig) -> list[str]:
     except ValueError as error:  # UnknownArchitecture included
         return [str(error)]
     return []
+
+
+def describe_batchnorm(cfg: PipelineConfig) -> str | None:
+    """What happens to the model's BatchNorm layers under this strategy (None: it has none)."""
+    model = models.meta_architecture(cfg.model, models.image_size_for(cfg.data))
+    if model is None:
+        return None
+    strategy = build_strategy(cfg.strategy)
+    strategy.adapt(model)
+    strategy.setup(model, layer_groups(model, cfg.model.layer_groups), cfg.optim.lr)
+    bn = cfg.model.batchnorm
+    recalibrate = bn.recalibrate_batches if bn.recalibrate else None
+    return batchnorm.describe(model, batchnorm.frozen_layers(model), recalibrate, bn.freeze_statistics)
 
 
 def _registry_problems(raw: dict) -> list[str]:

@@ -31,9 +31,13 @@ class Datasets:
     bad_row_log: Any = None  # BadRowLog actor when data.on_bad_rows=skip
     train_labels: ray.data.Dataset | None = None  # the training split's encoded labels, before preprocessing
     task: str = "classification"
+    # a fixed sample of training rows, preprocessed as for evaluation (no augmentation): the
+    # train_eval metrics and BatchNorm recalibration read it
+    train_eval: ray.data.Dataset | None = None
 
     def as_dict(self) -> dict[str, ray.data.Dataset]:
-        return {"train": self.train, "val": self.val, "test": self.test}
+        splits = {"train": self.train, "val": self.val, "test": self.test}
+        return splits if self.train_eval is None else {**splits, "train_eval": self.train_eval}
 
     def label_stats(self) -> dict:
         """What the training split's labels add up to, in one pass over the label column (per-block
@@ -73,10 +77,12 @@ def _label_sums(batch: dict[str, np.ndarray], task: str, outputs: int) -> dict[s
 
 def build_datasets(
     cfg: DataConfig, preprocessor: Preprocessor, seed: int, label_names: list[str] | None = None,
-    task: str = "classification",
+    task: str = "classification", train_eval_rows: int = 0,
 ) -> Datasets:  # fmt: skip
     """Train/val/test datasets ready for the model: model inputs plus `label`, encoded for `task`.
-    `label_names`: a trained model's labels (evaluate); a label outside them is a DataError."""
+    `label_names`: a trained model's labels (evaluate); a label outside them is a DataError.
+    `train_eval_rows`: about this many training rows, drawn with the seed (the same rows every
+    epoch), preprocessed without augmentation as `Datasets.train_eval`; 0 = none."""
     log = BadRowLogActor.options(scheduling_strategy=on_driver_node()).remote() if cfg.on_bad_rows == "skip" else None
     policies = {split: RowPolicy(split, skip=log is not None, log=log) for split in SPLITS}
     source = load_source(cfg, seed, policies, label_names, task)
@@ -93,6 +99,14 @@ def build_datasets(
         splits["train"] = splits["train"].random_shuffle(seed=ray.data.RandomSeedConfig(seed, reseed_after_execution=True))
     ready = {split: preprocess(ds, for_split[split], policies[split]) for split, ds in splits.items()}
     train_labels = source.splits["train"].select_columns(["label"])
+    train_eval = None
+    if train_eval_rows and train_rows:
+        # a training row skipped as bad is logged once, by the training split itself
+        # shuffled (a folder's rows come class by class, and a worker reads only the first rows of its
+        # share) and held in the object store, so that every epoch sees the same rows in the same order
+        sample = source.splits["train"].random_sample(min(1.0, train_eval_rows / train_rows), seed=seed)
+        sample = sample.random_shuffle(seed=seed).materialize()
+        train_eval = preprocess(sample, preprocessor, RowPolicy("train", skip=log is not None, log=None))
     return Datasets(
-        ready["train"], ready["val"], ready["test"], source.label_names, train_rows, log, train_labels, task
+        ready["train"], ready["val"], ready["test"], source.label_names, train_rows, log, train_labels, task, train_eval
     )

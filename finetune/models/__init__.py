@@ -118,6 +118,19 @@ def build_architecture(
     return vision.rebuild_torchvision(target, num_labels)
 
 
+def meta_architecture(model_cfg: ModelConfig, image_size: int, num_labels: int = 2) -> nn.Module | None:
+    """The classifier's structure on the meta device (no weights, no memory), for checks before
+    anything loads; None when its config is out of reach from here (a hub model offline)."""
+    import torch
+
+    ref = resolve(model_cfg.name)
+    try:
+        with torch.device("meta"):
+            return build_architecture(ref.family, ref.target, num_labels, image_size)
+    except OSError:
+        return None
+
+
 def _architecture(model_cfg: ModelConfig, num_labels: int, image_size: int) -> dict:
     ref = resolve(model_cfg.name)
     return {"name": model_cfg.name, "family": ref.family, "target": ref.target,

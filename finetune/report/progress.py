@@ -49,11 +49,16 @@ class TrainingProgress:
     def event(self, kind: str, metrics) -> None:
         if kind == "groups":
             self.console.print(groups_table(metrics))
+        elif kind == "batchnorm":
+            self.console.print(metrics["text"], highlight=False)
         elif kind == "baseline":
             self.console.print(f"baseline (new head only): {_scores(metrics, 'baseline_test/', 'test ')}")
         elif kind == "epoch":
+            # the task's first metric on the fixed training sample, to read beside val's
+            train_eval = next((f"train-eval {key.split('/')[1]} {value:.4f}, " for key, value in metrics.items()
+                               if key.startswith("train_eval/") and not key.endswith(("/samples", "/loss"))), "")  # fmt: skip
             self.console.print(
-                f"epoch {metrics['epoch'] + 1}/{self.epochs}: train loss {metrics['train/loss']:.4f}, "
+                f"epoch {metrics['epoch'] + 1}/{self.epochs}: train loss {metrics['train/loss']:.4f}, {train_eval}"
                 f"{_scores(metrics, 'val/', 'val ')}, {metrics['train/samples_per_s']:.1f} samples/s"
             )
 

@@ -2,8 +2,8 @@
 
   1. build the model and the strategy's param groups, wrap in DDP
   2. evaluate the untouched model (new head only) on test: the baseline
-  3. per epoch: strategy hook, train on this worker's shard, evaluate on val,
-     report metrics + checkpoint to Ray Train
+  3. per epoch: strategy hook, train on this worker's shard, recalibrate BatchNorm statistics,
+     evaluate a fixed training sample (train_eval) and val, report metrics + checkpoint to Ray Train
   4. evaluate the best epoch's weights on test, report the final metrics
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import ray
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from finetune import models
 from finetune.config import PipelineConfig, metric_mode
 from finetune.data.augment import batch_mixer
+from finetune.models import batchnorm
 from finetune.models.groups import layer_groups
 from finetune.strategies import build_strategy
 from finetune.train import TrainingDiverged, controls, optim, steps, tasks
@@ -30,19 +32,35 @@ from finetune.train import TrainingDiverged, controls, optim, steps, tasks
 TRAIN_STATE_FILE = "train_state.pt"
 
 
-def _evaluate(module, split: str, cfg: PipelineConfig, task: tasks.Task, device, precision) -> dict[str, float]:
+def _evaluate(module, split: str, cfg: PipelineConfig, task: tasks.Task, device, precision,
+              constant: bool = False, max_rows: int | None = None) -> dict[str, float]:  # fmt: skip
     """`module` unwrapped from DDP: ranks may differ in batch count, so evaluation runs without DDP's
-    collectives; the rows are gathered from every rank once, at the end."""
+    collectives; the rows are gathered from every rank once, at the end. `constant`: also what a
+    predictor that ignores its input scores on these rows. `max_rows`: per rank."""
     shard = ray.train.get_dataset_shard(split)
     batches = shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, prefetch_batches=cfg.data.prefetch_batches)
-    rows = steps.evaluate_rows(module, batches, task, device=device, precision=precision)
-    return task.metrics(steps.all_gather_rows(rows), split)
+    rows = steps.evaluate_rows(module, batches, task, device=device, precision=precision, max_rows=max_rows)
+    rows = steps.all_gather_rows(rows)
+    return {**task.metrics(rows, split), **(task.constant_metrics(rows, split) if constant else {})}
 
 
-def _all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return tensor
+def _recalibrate(target, layers: set[str], cfg: PipelineConfig, device, precision) -> int:
+    """BatchNorm statistics of `layers` recomputed over the fixed training sample (all ranks together)."""
+    shard = ray.train.get_dataset_shard("train_eval")
+    batches = shard.iter_torch_batches(batch_size=cfg.train.batch_size, prefetch_batches=cfg.data.prefetch_batches)
+    return batchnorm.recalibrate(
+        target, batches, layers, lambda batch: steps.forward(target, batch, device, precision),
+        max_batches=cfg.model.batchnorm.recalibrate_batches, all_reduce_sum=_all_reduce(dist.ReduceOp.SUM),
+    )  # fmt: skip
+
+
+def _all_reduce(op):
+    def reduce(tensor: torch.Tensor) -> torch.Tensor:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(tensor, op=op)
+        return tensor
+
+    return reduce
 
 
 def _threads_per_worker(cfg: PipelineConfig) -> int:
@@ -101,6 +119,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # ---- 1. model, strategy, optimizer -------------------------------------------------------
     model = models.build_model(cfg.model, task.num_outputs, image_size)
+    batchnorm.set_momentum(model, cfg.model.batchnorm.momentum)
+    if cfg.model.batchnorm.sync and world_size > 1:  # same Parameter objects: groups and strategies are unaffected
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     preprocessor = models.build_preprocessor(cfg.model, cfg.data)
     strategy = build_strategy(cfg.strategy)
     strategy.adapt(model)
@@ -109,8 +130,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = _prepare_ddp(steps.to_device(model, device), param_groups, strategy.freezes)
     module = getattr(model, "module", model)
     optimizer = optim.build_optimizer(optim.split_weight_decay(param_groups, module, cfg.optim), cfg.optim)
+    bn_cfg = cfg.model.batchnorm
+    # a BatchNorm layer frozen with its group runs in eval mode; a group that thaws tracks again
+    train_modes = batchnorm.TrainModes(module, bn_cfg.freeze_statistics)
+    recalibrating = bn_cfg.recalibrate and bool(train_modes.layers) and loop_config.get("train_eval_rows", 0) > 0
     if monitor and rank == 0:
         monitor.record.remote("groups", describe_groups(groups, param_groups))
+        note = batchnorm.describe(module, batchnorm.frozen_layers(module),
+                                  bn_cfg.recalibrate_batches if recalibrating else None, bn_cfg.freeze_statistics)  # fmt: skip
+        if note:
+            monitor.record.remote("batchnorm", {"text": note, "layers": len(train_modes.layers)})
     total_steps = steps_per_epoch * cfg.train.epochs
     plateau_metric = cfg.schedule.metric or cfg.checkpoint.metric
     scheduler = optim.build_scheduler(optimizer, cfg.schedule, total_steps, steps_per_epoch,
@@ -186,7 +215,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 on_step=on_step, report_every=cfg.train.log_every_steps,
                 before_step=lambda step, epoch=epoch: strategy.before_step(epoch, epoch * steps_per_epoch + step, module),
                 after_step=(lambda: ema.update_parameters(module)) if ema else None,
-                mix=mix, reduce_min=_all_reduce_min,
+                mix=mix, reduce_min=_all_reduce(dist.ReduceOp.MIN), train_modes=train_modes.apply,
             )  # fmt: skip
         except TrainingDiverged as diverged:
             # Every rank stops here together; no checkpoint of these weights. The driver names the
@@ -211,8 +240,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "train/seconds": stats.seconds,
             "train/data_wait_fraction": stats.data_wait_seconds / max(stats.seconds, 1e-9),
             "train/lr": scheduler.get_last_lr()[0],
-            **_evaluate(evaluated, "val", cfg, task, device, precision),
         }
+        if recalibrating:  # the statistics of these weights on this data, before anything is measured
+            started = time.perf_counter()
+            tracked = set(batchnorm.batchnorm_layers(module)) - batchnorm.frozen_layers(module)
+            metrics["batchnorm/recalibrated_rows"] = _recalibrate(evaluated, tracked, cfg, device, precision)
+            metrics["batchnorm/recalibrate_seconds"] = time.perf_counter() - started
+        if cfg.train.train_eval_rows:  # the sample may be larger, for recalibration
+            metrics.update(_evaluate(evaluated, "train_eval", cfg, task, device, precision,
+                                     max_rows=-(-cfg.train.train_eval_rows // world_size)))  # fmt: skip
+        metrics.update(_evaluate(evaluated, "val", cfg, task, device, precision))
         if hasattr(scheduler, "epoch_end"):  # schedule.name=plateau
             scheduler.epoch_end(metrics[plateau_metric])
         score = metrics[cfg.checkpoint.metric]
@@ -250,7 +287,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # ---- 4. test the best epoch's weights ------------------------------------------------
     if best["state"] is not None:
         evaluated.load_state_dict(best["state"])
-    final = _evaluate(evaluated, "test", cfg, task, device, precision)
+    final = _evaluate(evaluated, "test", cfg, task, device, precision, constant=True)
     final.update(baseline)
     final[cfg.checkpoint.metric] = best["metric"]  # the tested weights' score; a sweep ranks every report by it
     if monitor and rank == 0:

@@ -14,12 +14,15 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 from rich.console import Console
+from rich.markup import escape
 
 from finetune import config as config_module
 from finetune import models
+from finetune.models import batchnorm
 from finetune.config import ConfigError, PipelineConfig
 from finetune.data import DataError
 from finetune.data.datasets import Datasets, build_datasets
+from finetune.report import verdict
 from finetune.report.progress import TrainingProgress, summary_table
 from finetune.train.loop import TRAIN_STATE_FILE, train_loop_per_worker
 from finetune.train.monitor import RunMonitor
@@ -145,14 +148,17 @@ def _summary(cfg, events, best_epoch, train_rows, wall_s, run_dir, has_best, ski
     train_seconds = sum(e["train/seconds"] for e in epochs)
     # the task's test metrics after fine-tuning and before (new head only): test_accuracy,
     # baseline_test_accuracy, test_map, test_rmse, ... and test_samples
-    tested = {key.replace("/", "_"): value for key, value in final.items() if key.split("/")[0] in ("test", "baseline_test")}
+    tested = {key.replace("/", "_"): value for key, value in final.items()
+              if key.split("/")[0] in ("test", "baseline_test", "constant_test")}  # fmt: skip
+    best = next((e for e in epochs if e["epoch"] == best_epoch), {})
     return {
         "task": cfg.task.type,
-        **dict(sorted(tested.items(), key=lambda item: item[0].startswith("baseline"))),
+        **dict(sorted(tested.items(), key=lambda item: (item[0].startswith("constant"), item[0].startswith("baseline")))),
         "best_epoch": best_epoch,
-        "best_val_metric": next(
-            ({cfg.checkpoint.metric: e[cfg.checkpoint.metric]} for e in epochs if e["epoch"] == best_epoch), None
-        ),
+        "best_val_metric": {cfg.checkpoint.metric: best[cfg.checkpoint.metric]} if best else None,
+        # the best epoch on val and on a fixed sample of training rows (train_eval: same weights, eval mode)
+        "best_epoch_scores": {key: value for key, value in best.items()
+                              if key.startswith(("val/", "train_eval/")) and not key.endswith("/samples")},  # fmt: skip
         "epochs": cfg.train.epochs,
         "epochs_run": len(epochs),
         "early_stopped": any(e.get("early_stopped") for e in epochs),  # train.early_stopping ended the run
@@ -169,6 +175,9 @@ def _summary(cfg, events, best_epoch, train_rows, wall_s, run_dir, has_best, ski
         "restart_epochs": [s["start_epoch"] for s in group_starts[1:]],  # the epoch each restart began with
         # where the last worker group ran: one entry per rank
         "workers": sorted({s["rank"]: s for s in events["starts"]}.values(), key=lambda s: s["rank"]),
+        "batchnorm": {"layers": events["batchnorm"]["layers"], "plan": events["batchnorm"]["text"],
+                      "recalibrate_seconds": sum(e.get("batchnorm/recalibrate_seconds", 0.0) for e in epochs)}
+        if "batchnorm" in events else None,  # fmt: skip
     }
 
 
@@ -184,8 +193,21 @@ def plan_epoch(cfg: PipelineConfig, train_rows: int) -> tuple[int, int]:
     return batches_per_epoch, steps_per_epoch
 
 
+def sample_rows(cfg: PipelineConfig) -> int:
+    """Rows of the fixed training sample the workers evaluate (train.train_eval_rows) and
+    recalibrate BatchNorm statistics on (model.batchnorm: recalibrate_batches per worker)."""
+    rows = cfg.train.train_eval_rows
+    bn = cfg.model.batchnorm
+    if bn.recalibrate:
+        model = models.meta_architecture(cfg.model, models.image_size_for(cfg.data))
+        if model is None or batchnorm.batchnorm_layers(model):  # out of reach from here: assume it has some
+            rows = max(rows, bn.recalibrate_batches * cfg.train.batch_size * cfg.scaling.num_workers)
+    return rows
+
+
 def pipeline_datasets(cfg: PipelineConfig) -> Datasets:
-    return build_datasets(cfg.data, models.build_preprocessor(cfg.model, cfg.data), cfg.train.seed, task=cfg.task.type)
+    return build_datasets(cfg.data, models.build_preprocessor(cfg.model, cfg.data), cfg.train.seed,
+                          task=cfg.task.type, train_eval_rows=sample_rows(cfg))  # fmt: skip
 
 
 def build_trainer(
@@ -209,6 +231,7 @@ def build_trainer(
             "label_stats": label_stats,
             "batches_per_epoch": batches_per_epoch,
             "image_size": models.image_size_for(cfg.data),
+            "train_eval_rows": 0 if datasets.train_eval is None else sample_rows(cfg),
             "monitor": monitor,
         },
         scaling_config=ray.train.ScalingConfig(
@@ -279,8 +302,11 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
     if best is not None:
         export_checkpoint(best, run_dir / "best")
     summary = _summary(cfg, events, best_epoch, train_rows, time.time() - started, run_dir, best is not None, skipped)
+    summary["warnings"] = verdict.check(summary, cfg.checkpoint.metric)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(summary_table(summary))
+    for warning in summary["warnings"]:
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if skipped:
         counts = ", ".join(f"{n} in {split}" for split, n in skipped["counts"].items())
         console.print(f"skipped bad rows (data.on_bad_rows=skip): {counts}; e.g. {skipped['examples'][0]}", soft_wrap=True)

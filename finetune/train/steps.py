@@ -43,6 +43,13 @@ def to_device(model: nn.Module, device: torch.device) -> nn.Module:
     return model.to(device)
 
 
+def forward(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device, precision: str) -> torch.Tensor:
+    """The model's outputs for one batch, under the run's autocast."""
+    inputs, _ = split_batch(batch, device)
+    with autocast(precision, device):
+        return model(**inputs)
+
+
 def split_batch(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Model inputs (padding trimmed) and labels, on the training device."""
     batch = trim_padding(batch)
@@ -104,16 +111,22 @@ def train_epoch(
     after_step: Callable[[], None] | None = None,
     mix: Callable | None = None,
     reduce_min: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    train_modes: Callable[[], None] | None = None,
 ) -> EpochStats:
     """One pass: forward, backward, (accumulate), clip, step. After `max_steps` optimizer steps
     the remaining batches are drained unused, so every DDP rank takes the same number of
     collective steps and the data iterator still ends its epoch cleanly.
+
+    `train_modes()` runs after model.train() and after each `before_step`: it puts layers that
+    must not train in eval mode (BatchNorm layers of frozen groups, `batchnorm.TrainModes`).
 
     `on_step(step, mean loss, stats)` runs every `report_every` steps and at the last; only
     then is the loss copied off the device, so a GPU runs ahead of Python in between. The same
     steps check for a NaN/infinite loss (on every rank at once, `reduce_min` being an all-reduce
     under DDP) and raise TrainingDiverged naming the first bad step."""
     model.train()
+    if train_modes:
+        train_modes()
     stats = EpochStats()
     start = time.perf_counter()
     micro = 0
@@ -124,6 +137,8 @@ def train_epoch(
             continue
         if before_step and micro % grad_accum_steps == 0:
             before_step(stats.steps)  # a window's first micro-batch: the trainable set may change here
+            if train_modes:
+                train_modes()
         inputs, labels = split_batch(batch, device)
         if mix:  # mixup/cutmix: mixed inputs, soft labels (cross-entropy takes class probabilities)
             inputs, labels = mix(inputs, labels)
@@ -190,13 +205,19 @@ def evaluate_rows(
     *,
     device: torch.device,
     precision: str,
+    max_rows: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The task's per-row results (plain loss, targets, predictions or scores) over `batches`,
-    on the CPU; DDP ranks gather them before `task.metrics`."""
+    on the CPU; DDP ranks gather them before `task.metrics`. After `max_rows` rows the remaining
+    batches are drained unused (the data iterator still ends its epoch cleanly)."""
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {}
+    rows = 0
     for batch in batches:
+        if max_rows is not None and rows >= max_rows:
+            continue
         inputs, labels = split_batch(batch, device)
+        rows += len(labels)
         with autocast(precision, device):
             outputs = model(**inputs)
         for name, values in task.eval_rows(outputs.float(), labels).items():

@@ -60,6 +60,18 @@ class Task:
                       **self.scores({k: v.numpy() for k, v in rows.items()})}  # fmt: skip
         return {**{f"{prefix}/{name}": values[name] for name in self.metric_names}, f"{prefix}/samples": count}
 
+    def constant_rows(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`rows` with the outputs of the best model that ignores its input (see subclasses)."""
+        raise NotImplementedError
+
+    def constant_metrics(self, rows: dict[str, torch.Tensor], prefix: str) -> dict[str, float]:
+        """`constant_{prefix}/<metric>`: what a predictor that ignores its input scores on these rows
+        (the yardstick a model that learned nothing reaches); no loss."""
+        if len(rows["loss"]) == 0:
+            return {}
+        scores = self.scores(self.constant_rows({k: v.numpy() for k, v in rows.items()}))
+        return {f"constant_{prefix}/{name}": value for name, value in scores.items()}
+
 
 class Classification(Task):
     """One class per row: softmax over the classes."""
@@ -79,6 +91,10 @@ class Classification(Task):
         # macro-F1 over the classes in labels or predictions (scikit-learn's default label set)
         return {"accuracy": float((target == prediction).mean()),
                 "macro_f1": float(skm.f1_score(target, prediction, average="macro", zero_division=0))}  # fmt: skip
+
+    def constant_rows(self, rows):
+        """Every row predicted as the split's most common class."""
+        return {**rows, "prediction": np.full_like(rows["prediction"], np.bincount(rows["target"]).argmax())}
 
     def predict(self, outputs):
         results = []
@@ -123,6 +139,10 @@ class MultiLabel(Task):
         return {"micro_f1": float(skm.f1_score(target, predicted, average="micro", zero_division=0)),
                 "macro_f1": 0.0 if math.isnan(macro) else float(macro), "map": float(average_precision)}  # fmt: skip
 
+    def constant_rows(self, rows):
+        """Every label predicted for every row, with one score (micro-F1 of all-on; mAP = prevalence)."""
+        return {**rows, "probability": np.ones_like(rows["probability"])}
+
     def predict(self, outputs):
         results = []
         for row in torch.sigmoid(outputs.float()):
@@ -163,6 +183,10 @@ class Regression(Task):
         r2 = skm.r2_score(target, prediction) if len(target) > 1 else 0.0
         return {"mae": float(skm.mean_absolute_error(target, prediction)),
                 "rmse": float(skm.root_mean_squared_error(target, prediction)), "r2": float(r2)}  # fmt: skip
+
+    def constant_rows(self, rows):
+        """The split's mean target for every row (R^2 = 0)."""
+        return {**rows, "prediction": np.full_like(rows["prediction"], rows["target"].astype(np.float64).mean())}
 
     def predict(self, outputs):
         return [{"value": float(v)} for v in self.value(outputs.float())]
