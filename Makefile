@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 GRID := data/fashion-grid/train.parquet
+FOLDER := data/fashion-folder/train
 
 .PHONY: setup demo test bench clean
 
@@ -29,7 +30,11 @@ demo: setup
 $(GRID): pipelines/make_fashion_grid.py | $(STAMP)
 	$(BIN)/python pipelines/make_fashion_grid.py data/fashion-grid
 
-test: setup $(GRID)
+# pipelines/fashion-folder-small.yaml's PNG folders, built from Fashion-MNIST
+$(FOLDER): pipelines/make_fashion_folder.py | $(STAMP)
+	$(BIN)/python pipelines/make_fashion_folder.py data/fashion-folder
+
+test: setup $(GRID) $(FOLDER)
 	$(BIN)/python -m pytest -p no:cacheprovider
 
 bench: setup

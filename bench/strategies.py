@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/strategies.py                       # everything (about 1.5 h on 2 cores)
     .venv/bin/python bench/strategies.py --tasks text --sizes 500 --seeds 0
+    .venv/bin/python bench/strategies.py --tasks image --batchnorm legacy   # BatchNorm as before issue 15
 
 Tasks: MiniLM-L6 on Rotten Tomatoes; EfficientNet-Lite0 on Fashion-MNIST (64 px). Each run
 trains `--epochs` epochs on N labelled samples (same samples, order and head init for every
@@ -35,6 +36,7 @@ import torch
 from finetune import models
 from finetune.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, parse
 from finetune.data.sources import load_source
+from finetune.models import batchnorm
 from finetune.models.groups import layer_groups
 from finetune.strategies import build_strategy
 from finetune.train import optim, steps
@@ -95,7 +97,9 @@ def settings(task: str, strategy_name: str, args) -> tuple[float, dict]:
 
 def same_settings(row: dict, args) -> bool:
     lr, section = settings(row["task"], row["strategy"], args)
-    return (row["epochs"], row["lr"], row.get("strategy_section"), row.get("eval_split", "test")) == (
+    # rows from before --batchnorm existed ran the legacy way; text models have no BatchNorm layer
+    batchnorm_matches = row["task"] == "text" or row.get("batchnorm", "legacy") == args.batchnorm
+    return batchnorm_matches and (row["epochs"], row["lr"], row.get("strategy_section"), row.get("eval_split", "test")) == (
         args.epochs, lr, section, args.eval_split)  # fmt: skip
 
 
@@ -126,13 +130,22 @@ def run_one(task: str, size: int, strategy_name: str, seed: int, args, data) -> 
         strategy.before_step(epoch, epoch * steps_per_epoch + step, model)
         ever_trained.update(id(p) for p in model.parameters() if p.requires_grad)
 
+    legacy = args.batchnorm == "legacy"  # every BatchNorm layer in train mode, statistics as tracked
+    modes = None if legacy else batchnorm.TrainModes(model)
     for epoch in range(args.epochs):
         order = torch.randperm(size, generator=generator)
         steps.train_epoch(
             model, _batches(train, args.batch_size, order), optimizer, scheduler, loss_fn, device=device,
             precision=precision, max_steps=steps_per_epoch, max_grad_norm=1.0, penalty=lambda: strategy.penalty(model),
-            before_step=lambda step, epoch=epoch: before_step(epoch, step),
+            before_step=lambda step, epoch=epoch: before_step(epoch, step), train_modes=modes and modes.apply,
         )  # fmt: skip
+    recalibrate_started = time.perf_counter()
+    if not legacy:  # as the worker loop does before an evaluation, with its default 16 batches
+        tracked = set(batchnorm.batchnorm_layers(model)) - batchnorm.frozen_layers(model)
+        order = torch.randperm(size, generator=generator)
+        batchnorm.recalibrate(model, _batches(train, args.batch_size, order), tracked,
+                              lambda batch: steps.forward(model, batch, device, precision), max_batches=16)  # fmt: skip
+    recalibrate_s = time.perf_counter() - recalibrate_started
     evaluation = Classification([str(i) for i in range(num_labels)])
     rows = steps.evaluate_rows(
         model, _batches(test, 100, torch.arange(TEST_SAMPLES)), evaluation, device=device, precision=precision
@@ -144,6 +157,7 @@ def run_one(task: str, size: int, strategy_name: str, seed: int, args, data) -> 
     return {
         "task": task, "size": size, "strategy": strategy_name, "seed": seed, "lr": lr, "epochs": args.epochs,
         "strategy_section": section, "resolved": strategy_cfg.model_dump(), "eval_split": args.eval_split,
+        "batchnorm": args.batchnorm, "recalibrate_s": recalibrate_s,
         # named test_* whatever the split, so selection runs and final runs share one table
         "test_accuracy": metrics["eval/accuracy"], "test_macro_f1": metrics["eval/macro_f1"],
         "trainable_params": sum(p.numel() for p in model.parameters() if id(p) in in_optimizer),
@@ -192,6 +206,9 @@ def main() -> None:
     parser.add_argument("--eval-split", default="test", choices=["test", "val"], help="val: for choosing settings")
     parser.add_argument("--lr", type=float, help="learning rate for every strategy run (default: the table)")
     parser.add_argument("--options", help='JSON merged into the strategy section, e.g. \'{"layer_decay": 0.9}\'')
+    parser.add_argument("--batchnorm", default="recalibrate", choices=["recalibrate", "legacy"],
+                        help="recalibrate: frozen BatchNorm layers in eval mode, statistics recalibrated before the "
+                        "test (what a run does); legacy: every layer in train mode, statistics as tracked (before)")
     parser.add_argument("--report", action="store_true", help="print the markdown table of --results and stop")
     args = parser.parse_args()
     results = Path(args.results)

@@ -122,23 +122,50 @@ def _load_rotten_tomatoes(cfg: DataConfig, seed: int) -> Source:
     return Source("text", label_names, splits)
 
 
-def _load_fashion_mnist(cfg: DataConfig, seed: int) -> Source:
-    # The official 10k test set stays the test split (data.test_fraction does not apply);
-    # data.val_fraction of the official 60k train set becomes validation.
-    images, labels = fashion_mnist_arrays("train")
+def _official_splits(train: tuple, test: tuple, label_names: list[str], cfg: DataConfig, seed: int) -> Source:
+    """An image dataset with an official test set: it stays the test split (data.test_fraction
+    does not apply); data.val_fraction of the official train set becomes validation."""
+    images, labels = train
     index = np.arange(len(labels))
     splits = {}
     for split in ("train", "val"):
         mask = split_mask(index, seed, split, cfg.val_fraction, 0.0)
         splits[split] = ray.data.from_arrow(_image_table(images[mask], labels[mask]))
-    test_images, test_labels = fashion_mnist_arrays("t10k")
-    splits["test"] = ray.data.from_arrow(_image_table(test_images, test_labels))
-    return Source("image", list(FASHION_MNIST_CLASSES), splits)
+    splits["test"] = ray.data.from_arrow(_image_table(*test))
+    return Source("image", list(label_names), splits)
+
+
+def _load_fashion_mnist(cfg: DataConfig, seed: int) -> Source:
+    return _official_splits(fashion_mnist_arrays("train"), fashion_mnist_arrays("t10k"), FASHION_MNIST_CLASSES, cfg, seed)
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def cifar10_arrays(train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10's official train (50k) or test (10k) split as uint8 HWC images and class indices,
+    through torchvision (downloaded once into ~/.cache/finetune, or FINETUNE_CIFAR10_DIR)."""
+    import torchvision
+
+    root = Path(os.environ.get("FINETUNE_CIFAR10_DIR") or Path.home() / ".cache" / "finetune")
+    try:
+        dataset = torchvision.datasets.CIFAR10(root, train=train, download=True)
+    except Exception as error:  # noqa: BLE001 - any download failure means the same to the user
+        raise DataError(
+            f"cifar10 not found under {root} and torchvision could not download it ({error}): go online once, "
+            "or set FINETUNE_CIFAR10_DIR to a folder holding cifar-10-batches-py"
+        ) from None
+    return dataset.data, np.asarray(dataset.targets, dtype=np.int64)
+
+
+def _load_cifar10(cfg: DataConfig, seed: int) -> Source:
+    return _official_splits(cifar10_arrays(train=True), cifar10_arrays(train=False), CIFAR10_CLASSES, cfg, seed)
 
 
 CATALOG: dict[str, Callable[[DataConfig, int], Source]] = {
     "rotten_tomatoes": _load_rotten_tomatoes,
     "fashion_mnist": _load_fashion_mnist,
+    "cifar10": _load_cifar10,
 }
 
 

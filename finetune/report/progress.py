@@ -50,7 +50,7 @@ class TrainingProgress:
         if kind == "groups":
             self.console.print(groups_table(metrics))
         elif kind == "batchnorm":
-            self.console.print(metrics["text"], highlight=False)
+            self.console.print(metrics["text"], highlight=False, soft_wrap=True)
         elif kind == "baseline":
             self.console.print(f"baseline (new head only): {_scores(metrics, 'baseline_test/', 'test ')}")
         elif kind == "epoch":

@@ -47,7 +47,9 @@ def _evaluate(module, split: str, cfg: PipelineConfig, task: tasks.Task, device,
 def _recalibrate(target, layers: set[str], cfg: PipelineConfig, device, precision) -> int:
     """BatchNorm statistics of `layers` recomputed over the fixed training sample (all ranks together)."""
     shard = ray.train.get_dataset_shard("train_eval")
-    batches = shard.iter_torch_batches(batch_size=cfg.train.batch_size, prefetch_batches=cfg.data.prefetch_batches)
+    # full batches only, as in training: batch statistics of a last batch of one row are undefined
+    batches = shard.iter_torch_batches(batch_size=cfg.train.batch_size, drop_last=True,
+                                       prefetch_batches=cfg.data.prefetch_batches)  # fmt: skip
     return batchnorm.recalibrate(
         target, batches, layers, lambda batch: steps.forward(target, batch, device, precision),
         max_batches=cfg.model.batchnorm.recalibrate_batches, all_reduce_sum=_all_reduce(dist.ReduceOp.SUM),

@@ -39,6 +39,14 @@ class ShardingConfig(ray.train.DataConfig):
     """Training shards are equal (DDP needs the same step count on every rank); validation and
     test shards keep every row, so metrics cover the whole split whatever the worker count."""
 
+    @staticmethod
+    def default_ingest_options() -> ray.data.ExecutionOptions:
+        """Ray's own, less `exclude_resources`: Ray Train copies that deprecated option from the
+        DataContext, and Ray Data then warns in every run."""
+        current = ray.data.DataContext.get_current().execution_options
+        return ray.data.ExecutionOptions(resource_limits=current.resource_limits, preserve_order=current.preserve_order,
+                                         verbose_progress=current.verbose_progress)  # fmt: skip
+
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         train = {name: ds for name, ds in datasets.items() if name == "train"}
         shards = super().configure(train, world_size, worker_handles, worker_node_ids, **kwargs)
