@@ -104,7 +104,8 @@ def tiny_sentiment_pipeline(tmp_path: Path, tiny_bert_dir: Path, *, rows: int = 
         "data": {"source": str(data), "text_column": "review", "label_column": "sentiment", "max_length": 16},
         "model": {"name": f"hf:{tiny_bert_dir}"},
         "optim": {"lr": 3e-3},
-        "train": {"epochs": 3, "batch_size": 16, "precision": "fp32", "seed": 0},
+        # train_eval off: its sample and per-epoch pass cost seconds per run; tests of it turn it on
+        "train": {"epochs": 3, "batch_size": 16, "precision": "fp32", "seed": 0, "train_eval_rows": 0},
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
         "checkpoint": {"num_to_keep": 1},
     }

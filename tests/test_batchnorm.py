@@ -265,7 +265,7 @@ def test_a_run_that_learned_nothing_says_so(ray_session, tmp_path, tiny_bert_dir
     from conftest import sentiment_rows, tiny_sentiment_pipeline, write_csv
     from finetune.cli import main
 
-    pipeline = tiny_sentiment_pipeline(tmp_path, tiny_bert_dir, rows=600, train={"epochs": 2})
+    pipeline = tiny_sentiment_pipeline(tmp_path, tiny_bert_dir, rows=600, train={"epochs": 2, "train_eval_rows": 200})
     rng = random.Random(0)
     rows = [{**row, "sentiment": "neg" if rng.random() < 0.8 else "pos"} for row in sentiment_rows(600)]
     write_csv(tmp_path / "reviews.csv", rows)
@@ -275,3 +275,6 @@ def test_a_run_that_learned_nothing_says_so(ray_session, tmp_path, tiny_bert_dir
     assert any("no better than always predicting the most common class" in w for w in summary["warnings"])
     out = " ".join(capsys.readouterr().out.split())
     assert "warning: test accuracy" in out and "the model learned nothing usable" in out
+    epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(150 <= e["train_eval/samples"] <= 200 for e in epochs)  # up to 200 training rows, every epoch
+    assert "batchnorm" not in summary or summary["batchnorm"] is None  # a text model: nothing to recalibrate

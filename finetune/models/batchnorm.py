@@ -173,6 +173,6 @@ def describe(model: nn.Module, frozen: set[str], recalibrate_batches: int | None
         parts.append(f"{len(frozen)} frozen with their groups (eval mode, statistics kept while frozen)")
     if tracking:
         what = (f"recalibrated over up to {recalibrate_batches} training batches per worker before each validation"
-                if recalibrate_batches else "running statistics as PyTorch tracks them (recalibration off)")
+                if recalibrate_batches else "running statistics as PyTorch tracks them, not recalibrated")
         parts.append(f"{tracking} trained ({what})")
     return ", ".join(parts)

@@ -214,8 +214,10 @@ def evaluate_rows(
     parts: dict[str, list[torch.Tensor]] = {}
     rows = 0
     for batch in batches:
-        if max_rows is not None and rows >= max_rows:
-            continue
+        if max_rows is not None:
+            if rows >= max_rows:
+                continue
+            batch = {name: values[: max_rows - rows] for name, values in batch.items()}
         inputs, labels = split_batch(batch, device)
         rows += len(labels)
         with autocast(precision, device):
