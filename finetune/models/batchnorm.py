@@ -41,9 +41,13 @@ def _owners(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return owners
 
 
+def _frozen(params: list[nn.Parameter]) -> bool:
+    return bool(params) and not any(p.requires_grad for p in params)
+
+
 def frozen_layers(model: nn.Module) -> set[str]:
     """BatchNorm layers whose parameters the strategy has frozen now (none of them requires grad)."""
-    return {name for name, params in _owners(model).items() if params and not any(p.requires_grad for p in params)}
+    return {name for name, params in _owners(model).items() if _frozen(params)}
 
 
 class TrainModes:
@@ -60,7 +64,7 @@ class TrainModes:
 
     def apply(self) -> None:
         for layer, params in self.layers:
-            frozen = self.freeze_statistics or (bool(params) and not any(p.requires_grad for p in params))
+            frozen = self.freeze_statistics or _frozen(params)
             if layer.training == frozen:  # only when it changes: train() recurses into children
                 layer.train(not frozen)
 

@@ -135,7 +135,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     bn_cfg = cfg.model.batchnorm
     # a BatchNorm layer frozen with its group runs in eval mode; a group that thaws tracks again
     train_modes = batchnorm.TrainModes(module, bn_cfg.freeze_statistics)
-    recalibrating = bn_cfg.recalibrate and bool(train_modes.layers) and loop_config.get("train_eval_rows", 0) > 0
+    recalibrating = bn_cfg.recalibrate and bool(train_modes.layers) and loop_config.get("has_train_eval", False)
     if monitor and rank == 0:
         monitor.record.remote("groups", describe_groups(groups, param_groups))
         note = batchnorm.describe(module, batchnorm.frozen_layers(module),

@@ -239,7 +239,7 @@ def build_trainer(
             "label_stats": label_stats,
             "batches_per_epoch": batches_per_epoch,
             "image_size": models.image_size_for(cfg.data),
-            "train_eval_rows": 0 if datasets.train_eval is None else sample_rows(cfg),
+            "has_train_eval": datasets.train_eval is not None,  # the fixed training sample is a dataset
             "monitor": monitor,
         },
         scaling_config=ray.train.ScalingConfig(
