@@ -38,10 +38,9 @@ import time
 import torch
 
 from finetune import models
-from finetune.config import STRATEGY_CLASSES, ModelConfig, OptimConfig, ScheduleConfig
-from finetune.models.groups import layer_groups
-from finetune.strategies import build_strategy
-from finetune.train import optim, steps
+from finetune.config import ModelConfig, parse
+from finetune.train import steps
+from finetune.train.setup import build_training
 from finetune.train.tasks import Classification
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, in TFLOP/s; the first
@@ -103,24 +102,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(name: str, precision: str, ddp: bool, plain: bool, device: torch.device, args, strategy: str = "full") -> dict:
+def measure(name: str, precision: str, ddp_on: bool, plain: bool, device: torch.device, args, strategy: str = "full") -> dict:
     """`plain`: the step as it was before bench/gpu.py looked at it (NCHW weights, one optimizer
     kernel per tensor, the loss read off the GPU every step) against the project's defaults.
     `strategy`: what trains, as `finetune train` sets it up (adapters, frozen groups, lrs)."""
     torch.manual_seed(0)
     model, batch, batch_size = build(name, args)
-    method = build_strategy(STRATEGY_CLASSES[strategy](name=strategy))
-    method.adapt(model)
-    params = method.setup(model, layer_groups(model), 1e-4)
-    model = model.to(device) if plain else steps.to_device(model, device)
-    flops = flops_per_step(model, batch, device)
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=method.freezes
-        )
+    if plain:
+        model = model.to(device)
     total_steps = args.warmup_steps + args.steps
-    optimizer = optim.build_optimizer(params, OptimConfig(lr=1e-4), fused=False if plain else None)
-    scheduler = optim.build_scheduler(optimizer, ScheduleConfig(name="linear", warmup_ratio=0.1), total_steps)
+    cfg = parse({"data": {"source": "x"}, "model": {"name": "x"}, "strategy": {"name": strategy},
+                 "optim": {"lr": 1e-4}, "schedule": {"name": "linear", "warmup_ratio": 0.1}, "train": {"epochs": 1}})  # fmt: skip
+
+    def wrap_ddp(module, param_groups, freezes):
+        return torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=freezes
+        )  # fmt: skip
+
+    # the run's own setup chain; `plain` keeps NCHW weights and one optimizer kernel per tensor
+    training = build_training(cfg, model, total_steps, device=None if plain else device, wrap=wrap_ddp if ddp_on else None,
+                              fused=False if plain else None)  # fmt: skip
+    flops = flops_per_step(training.module, batch, device)
+    model, optimizer, scheduler = training.model, training.optimizer, training.scheduler
     on_device = {k: v.to(device) for k, v in batch.items()}
     losses: list[float] = []
 
@@ -144,8 +147,8 @@ def measure(name: str, precision: str, ddp: bool, plain: bool, device: torch.dev
     peak = peak_tflops(device, args.peak_tflops) if strategy in ("full", "discriminative", "l2sp") else None
     achieved = flops * steps_per_s / 1e12 if peak or strategy == "full" else None
     row = {
-        "model": name, "strategy": strategy, "precision": precision, "ddp": ddp, "step": "plain" if plain else "default",
-        "trainable_params": sum(p.numel() for group in params for p in group["params"]),
+        "model": name, "strategy": strategy, "precision": precision, "ddp": ddp_on, "step": "plain" if plain else "default",
+        "trainable_params": sum(p.numel() for group in training.param_groups for p in group["params"]),
         "batch_size": batch_size, "samples_per_s": round(steps_per_s * batch_size, 1),
         "step_ms": round(1000 / steps_per_s, 2), "gflops_per_step": round(flops / 1e9, 1),
         "tflops": round(achieved, 2) if achieved else None, "mfu": round(achieved / peak, 4) if peak else None,
@@ -154,7 +157,7 @@ def measure(name: str, precision: str, ddp: bool, plain: bool, device: torch.dev
     if device.type == "cuda":
         row["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         torch.cuda.reset_peak_memory_stats(device)
-    if ddp:  # evaluation rows travel as in a Ray worker: gathered from every rank
+    if ddp_on:  # evaluation rows travel as in a Ray worker: gathered from every rank
         task = Classification([str(i) for i in range(NUM_LABELS)])
         rows = steps.evaluate_rows(model, [on_device] * 2, task, device=device, precision=precision)
         gathered = steps.all_gather_rows(rows)

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from finetune import models
-from finetune.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig
+from finetune.config import DataConfig, ModelConfig, parse
 from finetune.data.sources import rotten_tomatoes_rows
-from finetune.train import optim, steps
+from finetune.train import steps
+from finetune.train.setup import build_training
 
 
 def _parts(model_name: str, max_length: int, total_steps: int):
@@ -35,9 +36,10 @@ def _parts(model_name: str, max_length: int, total_steps: int):
     torch.manual_seed(0)
     model = models.build_model(model_cfg, num_labels=2)
     preprocessor = models.build_preprocessor(model_cfg, DataConfig(source="rotten_tomatoes", max_length=max_length))
-    optimizer = optim.build_optimizer([{"params": list(model.parameters())}], OptimConfig(lr=5e-5))
-    scheduler = optim.build_scheduler(optimizer, ScheduleConfig(name="linear", warmup_ratio=0.1), total_steps)
-    return model, preprocessor, optimizer, scheduler, torch.nn.CrossEntropyLoss()
+    cfg = parse({"data": {"source": "rotten_tomatoes"}, "model": {"name": model_name}, "optim": {"lr": 5e-5},
+                 "schedule": {"name": "linear", "warmup_ratio": 0.1}, "train": {"epochs": 1}})  # fmt: skip
+    training = build_training(cfg, model, total_steps)  # the run's own chain (strategy full, weight-decay split)
+    return model, preprocessor, training.optimizer, training.scheduler, torch.nn.CrossEntropyLoss()
 
 
 def _timed_run(model, batches, optimizer, scheduler, loss_fn, args, device=torch.device("cpu")) -> list[float]:

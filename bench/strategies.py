@@ -34,12 +34,12 @@ import numpy as np
 import torch
 
 from finetune import models
-from finetune.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, parse
+from finetune.config import DataConfig, ModelConfig, parse
 from finetune.data.sources import load_source
 from finetune.models import batchnorm
 from finetune.models.groups import layer_groups
-from finetune.strategies import build_strategy
-from finetune.train import optim, steps
+from finetune.train import steps
+from finetune.train.setup import build_training
 from finetune.train.tasks import Classification
 
 TASKS = {
@@ -113,13 +113,10 @@ def run_one(task: str, size: int, strategy_name: str, seed: int, args, data) -> 
     resolved = dict(section)
     if strategy_name == "gradual_unfreeze" and "every_epochs" not in section and "every_steps" not in section:
         resolved["every_steps"] = max(1, steps_per_epoch * args.epochs // (2 * len(layer_groups(model))))
-    strategy_cfg = parse({"data": {"source": "x"}, "model": {"name": "x"}, "strategy": resolved}).strategy
-    strategy = build_strategy(strategy_cfg)
-    strategy.adapt(model)
-    groups = layer_groups(model)
-    param_groups = strategy.setup(model, groups, lr)
-    optimizer = optim.build_optimizer(param_groups, OptimConfig(lr=lr))
-    scheduler = optim.build_scheduler(optimizer, ScheduleConfig(name="linear", warmup_ratio=0.1), steps_per_epoch * args.epochs)
+    cfg = parse({"data": {"source": "x"}, "model": {"name": "x"}, "strategy": resolved, "optim": {"lr": lr},
+                 "schedule": {"name": "linear", "warmup_ratio": 0.1}, "train": {"epochs": args.epochs}})  # fmt: skip
+    training = build_training(cfg, model, steps_per_epoch)  # the run's own chain: weight-decay split included
+    strategy, optimizer, scheduler = training.strategy, training.optimizer, training.scheduler
     loss_fn = torch.nn.CrossEntropyLoss()
     device = torch.device("cpu")
     precision = steps.resolve_precision("auto", device)
@@ -131,7 +128,7 @@ def run_one(task: str, size: int, strategy_name: str, seed: int, args, data) -> 
         ever_trained.update(id(p) for p in model.parameters() if p.requires_grad)
 
     legacy = args.batchnorm == "legacy"  # every BatchNorm layer in train mode, statistics as tracked
-    modes = None if legacy else batchnorm.TrainModes(model)
+    modes = None if legacy else training.train_modes
     for epoch in range(args.epochs):
         order = torch.randperm(size, generator=generator)
         steps.train_epoch(
@@ -153,10 +150,10 @@ def run_one(task: str, size: int, strategy_name: str, seed: int, args, data) -> 
     metrics = evaluation.metrics(rows, "eval")
     # Parameters the optimizer held and that were unfrozen at some epoch (gradual unfreezing
     # never reaches its lowest groups in a short run).
-    in_optimizer = {id(p) for g in param_groups for p in g["params"]} & ever_trained
+    in_optimizer = {id(p) for g in training.param_groups for p in g["params"]} & ever_trained
     return {
         "task": task, "size": size, "strategy": strategy_name, "seed": seed, "lr": lr, "epochs": args.epochs,
-        "strategy_section": section, "resolved": strategy_cfg.model_dump(), "eval_split": args.eval_split,
+        "strategy_section": section, "resolved": cfg.strategy.model_dump(), "eval_split": args.eval_split,
         "batchnorm": args.batchnorm, "recalibrate_s": recalibrate_s,
         # named test_* whatever the split, so selection runs and final runs share one table
         "test_accuracy": metrics["eval/accuracy"], "test_macro_f1": metrics["eval/macro_f1"],

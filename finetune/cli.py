@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train" and (args.resume or not args.pipeline):
             if not args.resume or args.pipeline or args.run_dir:
                 raise config_module.ConfigError(["finetune train: give a pipeline file, or --resume RUN_DIR alone"])
-            from finetune.train.run import resume
+            from finetune.train.driver import resume
 
             resume(Path(args.resume), console)
             return 0
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 if note := describe_batchnorm(cfg):
                     console.print(note, highlight=False, soft_wrap=True)
                 return 0
-            from finetune.train.run import default_run_dir, run
+            from finetune.train.driver import default_run_dir, run
 
             run(cfg, Path(args.run_dir) if args.run_dir else default_run_dir(cfg), console)
         elif args.command == "evaluate":

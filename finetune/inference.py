@@ -26,7 +26,7 @@ def load_run(run_dir: str | Path) -> tuple[config_module.PipelineConfig, SavedMo
 
 def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, float]:
     """Metrics of the run's best model on `split`, rebuilt from the run's own data config and seed."""
-    from finetune.train.run import ensure_ray, quiet_ray_data
+    from finetune.ray_env import ensure_ray, quiet_ray_data
 
     cfg, saved = load_run(run_dir)
     ensure_ray()

@@ -14,9 +14,8 @@ from finetune import config as config_module
 from finetune import models
 from finetune.config import ConfigError, DataConfig, ModelConfig, PipelineConfig
 from finetune.data.sources import CATALOG, check_source
-from finetune.models import batchnorm, check_model
-from finetune.models.groups import layer_groups
-from finetune.strategies import build_strategy
+from finetune.models import check_model
+from finetune.train.setup import Training, build_training
 from finetune.tune.space import check_search_alg, check_search_space
 
 SECTION_CHECKS = (("data", DataConfig, check_source), ("model", ModelConfig, check_model))
@@ -38,17 +37,19 @@ def check_augmentation(cfg: PipelineConfig) -> list[str]:
     return [f"data.{key} augments images; model.name={cfg.model.name} takes text" for key in used]
 
 
-def check_strategy(cfg: PipelineConfig) -> list[str]:
-    """Apply the strategy to the model's structure on the meta device (no weights, no memory):
-    undeclarable layer groups, freeze_groups beyond the model's groups, a freeze regex or LoRA
-    target that matches nothing all show here instead of inside a Ray worker."""
+def meta_training(cfg: PipelineConfig) -> Training | None:
+    """The training setup chain (train.setup.build_training, as the workers run it) over the
+    model's structure on the meta device: no weights, no memory. None when the architecture is
+    out of reach from here (a hub model offline): the workers will say what is wrong."""
     model = models.meta_architecture(cfg.model, models.image_size_for(cfg.data))
-    if model is None:
-        return []  # the config is not reachable from here (hub offline): the workers will say so
-    strategy = build_strategy(cfg.strategy)
+    return None if model is None else build_training(cfg, model, steps_per_epoch=1)
+
+
+def check_strategy(cfg: PipelineConfig) -> list[str]:
+    """Undeclarable layer groups, freeze_groups beyond the model's groups, a freeze regex or LoRA
+    target that matches nothing all show here instead of inside a Ray worker."""
     try:
-        strategy.adapt(model)
-        strategy.setup(model, layer_groups(model, cfg.model.layer_groups), cfg.optim.lr)
+        meta_training(cfg)
     except ValueError as error:  # UnknownArchitecture included
         return [str(error)]
     return []
@@ -56,15 +57,8 @@ def check_strategy(cfg: PipelineConfig) -> list[str]:
 
 def describe_batchnorm(cfg: PipelineConfig) -> str | None:
     """What happens to the model's BatchNorm layers under this strategy (None: it has none)."""
-    model = models.meta_architecture(cfg.model, models.image_size_for(cfg.data))
-    if model is None:
-        return None
-    strategy = build_strategy(cfg.strategy)
-    strategy.adapt(model)
-    strategy.setup(model, layer_groups(model, cfg.model.layer_groups), cfg.optim.lr)
-    bn = cfg.model.batchnorm
-    recalibrate = bn.recalibrate_batches if bn.recalibrate else None
-    return batchnorm.describe(model, batchnorm.frozen_layers(model), recalibrate, bn.freeze_statistics)
+    training = meta_training(cfg)
+    return training.describe_batchnorm(cfg, cfg.model.batchnorm.recalibrate) if training else None
 
 
 def _registry_problems(raw: dict) -> list[str]:

@@ -1,36 +1,17 @@
 """Bad input rows: named by file and row, or skipped and counted; odd sources read right."""
 
-import io
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import sentiment_rows, write_csv, write_jsonl
+from helpers import image_parquet, png_bytes, sentiment_rows, write_csv, write_jsonl
 from finetune.config import DataConfig
 from finetune.data import DataError, ImagePreprocessor, TextPreprocessor
 from finetune.data.datasets import build_datasets
 from finetune.data.sources import load_source
 
 MEAN_STD = ((0.5,) * 3, (0.5,) * 3)
-
-
-def png_bytes(color) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (12, 12), color).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def image_parquet(path, broken_rows=()):
-    # a shade per row: distinct bytes, so the hash split spreads them (duplicates stay together)
-    rows = [{"image": png_bytes((200, i, 0) if i % 2 else (0, i, 200)), "label": "red" if i % 2 else "blue"}
-            for i in range(40)]  # fmt: skip
-    for i in broken_rows:
-        rows[i]["image"] = b"not an image"
-    pq.write_table(pa.Table.from_pylist(rows), path)
-    return path
 
 
 def all_error_text(run) -> str:

@@ -9,12 +9,13 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.config import BatchNormConfig, GradualUnfreezeConfig, PartialConfig, parse
+from finetune.config import BatchNormConfig, PartialConfig, parse
 from finetune.models import batchnorm
 from finetune.models.groups import layer_groups
 from finetune.models.vision import ImageClassifier
 from finetune.strategies import build_strategy
-from finetune.train import steps
+from finetune.train.setup import build_training
+from helpers import pipeline_config, run_epochs
 
 
 class TinyNet(nn.Module):
@@ -46,23 +47,19 @@ def buffers(layer: nn.Module) -> list[torch.Tensor]:
     return [b.clone() for b in (layer.running_mean, layer.running_var, layer.num_batches_tracked)]
 
 
-def train_steps(model: nn.Module, strategy, data, epoch: int = 0) -> None:
-    groups = layer_groups(model, GROUPS)
-    optimizer = torch.optim.SGD(strategy.setup(model, groups, 0.1), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    modes = batchnorm.TrainModes(model)
-    steps.train_epoch(
-        model, data, optimizer, scheduler, nn.CrossEntropyLoss(), device=torch.device("cpu"), precision="fp32",
-        max_steps=len(data), train_modes=modes.apply,
-        before_step=lambda step: strategy.before_step(epoch, epoch * len(data) + step, model),
-    )  # fmt: skip
+def train_steps(model: nn.Module, strategy: dict, data, epoch: int = 0, **batchnorm_section) -> None:
+    """Plain SGD steps of `epoch` through the run's setup chain (BatchNorm train modes included)."""
+    cfg = pipeline_config(strategy=strategy, model={"name": "m", "layer_groups": GROUPS, "batchnorm": batchnorm_section},
+                          optim={"name": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0},
+                          schedule={"name": "constant", "warmup_ratio": 0.0}, train={"epochs": epoch + 1})  # fmt: skip
+    run_epochs(build_training(cfg, model, steps_per_epoch=len(data)), data, first_epoch=epoch)
 
 
 def test_a_frozen_groups_statistics_stay_bit_identical_and_a_trained_groups_move():
     torch.manual_seed(0)
     model = TinyCNN()
     stem_before, block_before = buffers(model.net.stem[1]), buffers(model.net.block[1])
-    train_steps(model, build_strategy(PartialConfig(name="partial", freeze_groups=1)), batches(4, seed=1))
+    train_steps(model, {"name": "partial", "freeze_groups": 1}, batches(4, seed=1))
     assert all(torch.equal(a, b) for a, b in zip(stem_before, buffers(model.net.stem[1])))
     assert not torch.equal(block_before[0], model.net.block[1].running_mean)
     assert int(model.net.block[1].num_batches_tracked) == 4
@@ -71,12 +68,10 @@ def test_a_frozen_groups_statistics_stay_bit_identical_and_a_trained_groups_move
 def test_gradual_unfreezing_thaws_a_groups_statistics_with_its_weights():
     torch.manual_seed(0)
     model = TinyCNN()
-    strategy = build_strategy(GradualUnfreezeConfig(name="gradual_unfreeze", every_epochs=1))
+    strategy = {"name": "gradual_unfreeze", "every_epochs": 1}
     data = batches(3, seed=2)
     stem_before, block_before = buffers(model.net.stem[1]), buffers(model.net.block[1])
-    groups = layer_groups(model, GROUPS)
-    strategy.setup(model, groups, 0.1)  # epoch 0: the head alone
-    train_steps(model, strategy, data, epoch=0)
+    train_steps(model, strategy, data, epoch=0)  # the head alone
     assert all(torch.equal(a, b) for a, b in zip(block_before, buffers(model.net.block[1])))
     train_steps(model, strategy, data, epoch=1)  # the block thaws, the stem stays frozen
     assert int(model.net.block[1].num_batches_tracked) == 3
@@ -90,11 +85,7 @@ def test_freeze_statistics_keeps_every_layer_in_eval_mode_while_its_weights_trai
     model = TinyCNN()
     before = [buffers(layer) for layer in batchnorm.batchnorm_layers(model).values()]
     weight = model.net.stem[1].weight.clone()
-    modes = batchnorm.TrainModes(model, freeze_statistics=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    steps.train_epoch(model, batches(2, seed=3), optimizer, scheduler, nn.CrossEntropyLoss(), device=torch.device("cpu"),
-                      precision="fp32", max_steps=2, train_modes=modes.apply)  # fmt: skip
+    train_steps(model, {"name": "full"}, batches(2, seed=3), freeze_statistics=True)
     after = [buffers(layer) for layer in batchnorm.batchnorm_layers(model).values()]
     assert all(torch.equal(a, b) for old, new in zip(before, after) for a, b in zip(old, new))
     assert not torch.equal(weight, model.net.stem[1].weight)
@@ -262,7 +253,7 @@ def test_a_run_that_learned_nothing_says_so(ray_session, tmp_path, tiny_bert_dir
     import json
     import random
 
-    from conftest import sentiment_rows, tiny_sentiment_pipeline, write_csv
+    from helpers import sentiment_rows, tiny_sentiment_pipeline, write_csv
     from finetune.cli import main
 
     pipeline = tiny_sentiment_pipeline(tmp_path, tiny_bert_dir, rows=600, train={"epochs": 2, "train_eval_rows": 200})

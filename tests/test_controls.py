@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_sentiment_pipeline
+from helpers import tiny_sentiment_pipeline
 from finetune.cli import main
 from finetune.config import EarlyStoppingConfig, EmaConfig, OptimConfig, ScheduleConfig
 from finetune.train import TrainingDiverged, controls, optim, steps

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import sentiment_rows, write_csv, write_jsonl
+from helpers import sentiment_rows, write_csv, write_jsonl
 from finetune.config import DataConfig
 from finetune.data import DataError, ImagePreprocessor, TextPreprocessor, trim_padding
 from finetune.data.datasets import build_datasets

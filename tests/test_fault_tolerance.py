@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import registered_checkpoint, tiny_sentiment_pipeline
+from helpers import registered_checkpoint, tiny_sentiment_pipeline
 from finetune.cli import main
 from finetune.config import ConfigError
-from finetune.train.storage import check_shared_storage, mount_type
+from finetune.ray_env import check_shared_storage, mount_type
 
 MOUNTS = """\
 /dev/sda1 / ext4 rw,relatime 0 0

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_sentiment_pipeline
+from helpers import tiny_sentiment_pipeline
 from finetune.cli import main
 
 

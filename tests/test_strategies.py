@@ -7,21 +7,21 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import sentiment_rows
+from helpers import pipeline_config, run_epochs, sentiment_rows, two_worker_pipeline
 from finetune import config, models
 from finetune.cli import main
-from finetune.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig
+from finetune.config import DataConfig, ModelConfig
 from finetune.data import TextPreprocessor
 from finetune.models.groups import layer_groups
 from finetune.strategies import build_strategy
-from finetune.train import optim, steps
+from finetune.train.setup import build_training
 from finetune.train.tasks import Classification
 
 LR = 1e-2
 
 
 def strategy_cfg(**section):
-    return config.parse({"data": {"source": "x"}, "model": {"name": "m"}, "strategy": section}).strategy
+    return pipeline_config(strategy=section).strategy
 
 
 @pytest.fixture
@@ -40,29 +40,17 @@ def tiny(tiny_bert_dir):
     return model, batches
 
 
-def train(model, batches, strategy, epochs=1, grad_accum_steps=1):
-    """Real optimizer steps; returns the groups, the optimizer, the parameters that moved and the
+def train(model, batches, strategy: dict, epochs=1, grad_accum_steps=1):
+    """Real optimizer steps through the run's own setup chain (train.setup.build_training);
+    returns the Training (groups, strategy, optimizer), the parameters that moved and the
     trainable set before each optimizer step."""
-    groups = layer_groups(model)
-    param_groups = strategy.setup(model, groups, LR)
-    optimizer = optim.build_optimizer(param_groups, OptimConfig(lr=LR))
-    scheduler = optim.build_scheduler(optimizer, ScheduleConfig(name="constant", warmup_ratio=0.0), 100)
+    cfg = pipeline_config(strategy=strategy, optim={"lr": LR}, schedule={"name": "constant", "warmup_ratio": 0.0},
+                          train={"epochs": epochs})  # fmt: skip
+    training = build_training(cfg, model, steps_per_epoch=len(batches) // grad_accum_steps)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    steps_per_epoch = len(batches) // grad_accum_steps
-    trainable_by_step = []
-
-    def before_step(step, epoch):
-        strategy.before_step(epoch, epoch * steps_per_epoch + step, model)
-        trainable_by_step.append({n for n, p in model.named_parameters() if p.requires_grad})
-
-    for epoch in range(epochs):
-        steps.train_epoch(
-            model, batches, optimizer, scheduler, torch.nn.CrossEntropyLoss(), device=torch.device("cpu"),
-            precision="fp32", max_steps=steps_per_epoch, grad_accum_steps=grad_accum_steps,
-            penalty=lambda: strategy.penalty(model), before_step=lambda step, epoch=epoch: before_step(step, epoch),
-        )  # fmt: skip
+    trainable_by_step = run_epochs(training, batches, epochs, grad_accum_steps)
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    return groups, optimizer, moved, trainable_by_step
+    return training, moved, trainable_by_step
 
 
 def all_names(model):
@@ -71,28 +59,29 @@ def all_names(model):
 
 def test_full_trains_everything(tiny):
     model, batches = tiny
-    _, optimizer, moved, _ = train(model, batches, build_strategy(strategy_cfg(name="full")))
+    training, moved, _ = train(model, batches, {"name": "full"})
     assert moved == all_names(model)
-    assert {g["lr"] for g in optimizer.param_groups} == {LR}
+    assert {g["lr"] for g in training.optimizer.param_groups} == {LR}
 
 
 def test_linear_probe_trains_only_the_head(tiny):
     model, batches = tiny
-    groups, optimizer, moved, _ = train(model, batches, build_strategy(strategy_cfg(name="linear_probe")))
-    assert moved == set(groups[-1].params) == {"hf_model.classifier.weight", "hf_model.classifier.bias"}
-    assert [g["name"] for g in optimizer.param_groups] == ["head"]
+    training, moved, _ = train(model, batches, {"name": "linear_probe"})
+    assert moved == set(training.groups[-1].params) == {"hf_model.classifier.weight", "hf_model.classifier.bias"}
+    # the head alone, its weight decayed and its bias not (optim.no_decay)
+    assert [(g["name"], g["weight_decay"]) for g in training.optimizer.param_groups] == [("head", 0.01), ("head", 0.0)]
 
 
 def test_partial_freezes_the_first_groups(tiny):
     model, batches = tiny
-    groups, _, moved, _ = train(model, batches, build_strategy(strategy_cfg(name="partial", freeze_groups=2)))
-    frozen = set(groups[0].params) | set(groups[1].params)
+    training, moved, _ = train(model, batches, {"name": "partial", "freeze_groups": 2})
+    frozen = set(training.groups[0].params) | set(training.groups[1].params)
     assert moved == all_names(model) - frozen
 
 
 def test_partial_freezes_by_regex(tiny):
     model, batches = tiny
-    _, _, moved, _ = train(model, batches, build_strategy(strategy_cfg(name="partial", freeze_regex=r"\.attention\.")))
+    _, moved, _ = train(model, batches, {"name": "partial", "freeze_regex": r"\.attention\."})
     assert moved and not any(".attention." in n for n in moved)
     assert all(".attention." in n for n in all_names(model) - moved)
 
@@ -106,23 +95,23 @@ def test_partial_refuses_to_freeze_the_head(tiny):
 
 def test_bitfit_trains_biases_and_head(tiny):
     model, batches = tiny
-    groups, _, moved, _ = train(model, batches, build_strategy(strategy_cfg(name="bitfit")))
-    assert moved == {n for n in all_names(model) if n.endswith("bias")} | set(groups[-1].params)
+    training, moved, _ = train(model, batches, {"name": "bitfit"})
+    assert moved == {n for n in all_names(model) if n.endswith("bias")} | set(training.groups[-1].params)
 
 
 def test_discriminative_rates_decay_from_the_head(tiny):
     model, batches = tiny
-    groups, optimizer, moved, _ = train(model, batches, build_strategy(strategy_cfg(name="discriminative", layer_decay=0.5)))
-    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-    names = [g.name for g in groups]
+    training, moved, _ = train(model, batches, {"name": "discriminative", "layer_decay": 0.5})
+    lrs = {g["name"]: g["lr"] for g in training.optimizer.param_groups}
+    names = [g.name for g in training.groups]
     assert lrs == {name: LR * 0.5 ** (len(names) - 1 - i) for i, name in enumerate(names)}
     assert moved == all_names(model)
 
 
 def test_gradual_unfreezing_follows_the_schedule(tiny):
     model, batches = tiny  # 4 batches: 4 optimizer steps per epoch
-    strategy = build_strategy(strategy_cfg(name="gradual_unfreeze", every_epochs=2))
-    groups, _, moved, trainable = train(model, batches, strategy, epochs=4)
+    training, moved, trainable = train(model, batches, {"name": "gradual_unfreeze", "every_epochs": 2}, epochs=4)
+    groups = training.groups
     top = lambda k: {n for g in groups[-k:] for n in g.params}  # noqa: E731
     assert trainable == [top(1)] * 8 + [top(2)] * 8
     assert moved == top(2)  # groups below were never unfrozen: bit-identical
@@ -130,8 +119,9 @@ def test_gradual_unfreezing_follows_the_schedule(tiny):
 
 def test_gradual_unfreezing_by_steps_counts_optimizer_steps(tiny):
     model, batches = tiny  # 4 batches, 2 per optimizer step: 2 steps per epoch
-    strategy = build_strategy(strategy_cfg(name="gradual_unfreeze", every_steps=3))
-    groups, _, moved, trainable = train(model, batches, strategy, epochs=3, grad_accum_steps=2)
+    training, moved, trainable = train(model, batches, {"name": "gradual_unfreeze", "every_steps": 3}, epochs=3,
+                                       grad_accum_steps=2)  # fmt: skip
+    groups = training.groups
     top = lambda k: {n for g in groups[-k:] for n in g.params}  # noqa: E731
     assert trainable == [top(1), top(1), top(1), top(2), top(2), top(2)]
     assert moved == top(2)
@@ -196,9 +186,8 @@ def test_head_init_schemes(tiny_bert_dir, scheme):
 
 def test_gradual_unfreeze_under_ddp_with_two_workers(ray_session, tmp_path, tiny_bert_dir):
     """Parameters that join training later are synchronised by DDP; groups never unfrozen stay pretrained."""
-    from test_train import tiny_pipeline
 
-    pipeline = tiny_pipeline(tmp_path, tiny_bert_dir)
+    pipeline = two_worker_pipeline(tmp_path, tiny_bert_dir)
     run_dir = tmp_path / "run"
     overrides = ["strategy.name=gradual_unfreeze", "train.epochs=2", "model.head_init=zeros", "--run-dir", str(run_dir)]
     assert main(["train", str(pipeline), *overrides]) == 0
@@ -216,20 +205,16 @@ def test_gradual_unfreeze_under_ddp_with_two_workers(ray_session, tmp_path, tiny
 
 def test_lora_trains_only_adapters_and_head(tiny):
     model, batches = tiny
-    strategy = build_strategy(strategy_cfg(name="lora", r=4))
-    strategy.adapt(model)
-    groups, _, moved, _ = train(model, batches, strategy)
+    training, moved, _ = train(model, batches, {"name": "lora", "r": 4})  # the chain adapts the model first
     assert any("lora_" in n for n in moved)
-    assert moved == {n for n in all_names(model) if "lora_B" in n or "lora_A" in n} | set(groups[-1].params)
+    assert moved == {n for n in all_names(model) if "lora_B" in n or "lora_A" in n} | set(training.groups[-1].params)
     # every adapted weight is still the pretrained one; the update lives in the adapters
     assert not any(n.endswith("base_layer.weight") for n in moved)
 
 
 def test_lora_merges_into_plain_weights_on_export(tiny, tmp_path, tiny_bert_dir):
     model, batches = tiny
-    strategy = build_strategy(strategy_cfg(name="lora", r=4, target_modules=["query", "value"]))
-    strategy.adapt(model)
-    train(model, batches, strategy)
+    train(model, batches, {"name": "lora", "r": 4, "target_modules": ["query", "value"]})
     model.eval()
     preprocessor = TextPreprocessor(str(tiny_bert_dir), 16)
     models.save_model(model, tmp_path / "saved", ModelConfig(name=f"hf:{tiny_bert_dir}"), preprocessor, Classification(["neg", "pos"]))
@@ -291,9 +276,8 @@ def test_lora_explains_models_it_cannot_adapt():
 
 
 def test_lora_under_ddp_exports_a_merged_model(ray_session, tmp_path, tiny_bert_dir, capsys):
-    from test_train import tiny_pipeline
 
-    pipeline = tiny_pipeline(tmp_path, tiny_bert_dir)
+    pipeline = two_worker_pipeline(tmp_path, tiny_bert_dir)
     run_dir = tmp_path / "run"
     overrides = ["strategy.name=lora", "strategy.r=4", "train.epochs=2", "--run-dir", str(run_dir)]
     assert main(["train", str(pipeline), *overrides]) == 0

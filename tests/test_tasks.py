@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from conftest import FILLER, NEGATIVE, POSITIVE, write_csv
+from helpers import FILLER, NEGATIVE, POSITIVE, write_csv
 from finetune.cli import main
 from finetune.config import ConfigError, LossConfig, TaskConfig, parse
 from finetune.train.tasks import Classification, MultiLabel, Regression, build_task, task_from_json

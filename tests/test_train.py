@@ -5,7 +5,7 @@ import torch
 import yaml
 from torch import nn
 
-from conftest import tiny_sentiment_pipeline, write_csv
+from helpers import image_parquet, two_worker_pipeline, write_csv
 from finetune.cli import main
 from finetune.config import OptimConfig, ScheduleConfig
 from finetune.train import optim, steps
@@ -84,14 +84,9 @@ def test_step_code_and_models_import_without_ray():
     assert result.returncode == 0, result.stderr
 
 
-def tiny_pipeline(tmp_path, tiny_bert_dir):
-    return tiny_sentiment_pipeline(tmp_path, tiny_bert_dir, rows=640, train={"log_every_steps": 2},
-                                   scaling={"num_workers": 2})  # fmt: skip
-
-
 def test_two_worker_run_learns_and_its_checkpoint_reloads(ray_session, tmp_path, tiny_bert_dir, capsys):
     """The real path: CLI -> Ray Data -> TorchTrainer with 2 DDP workers -> run directory."""
-    pipeline = tiny_pipeline(tmp_path, tiny_bert_dir)
+    pipeline = two_worker_pipeline(tmp_path, tiny_bert_dir)
     run_dir = tmp_path / "run"
     assert main(["train", str(pipeline), "--run-dir", str(run_dir)]) == 0
 
@@ -121,7 +116,7 @@ def test_two_worker_run_learns_and_its_checkpoint_reloads(ray_session, tmp_path,
 
 def test_same_seed_same_run(ray_session, tmp_path, tiny_bert_dir):
     """Seeds fix the split, head init, shuffling and dropout: a one-worker rerun retraces the first."""
-    pipeline = tiny_pipeline(tmp_path, tiny_bert_dir)
+    pipeline = two_worker_pipeline(tmp_path, tiny_bert_dir)
     losses = []
     for name in ("first", "second"):
         overrides = ["train.epochs=2", "scaling.num_workers=1", "data.max_train_samples=192", "--run-dir", str(tmp_path / name)]
@@ -132,7 +127,7 @@ def test_same_seed_same_run(ray_session, tmp_path, tiny_bert_dir):
 
 
 def test_bad_label_in_test_file_is_a_data_error_not_a_traceback(ray_session, tmp_path, tiny_bert_dir, capsys):
-    pipeline = tiny_pipeline(tmp_path, tiny_bert_dir)
+    pipeline = two_worker_pipeline(tmp_path, tiny_bert_dir)
     test_file = write_csv(tmp_path / "test.csv", [{"review": "good film", "sentiment": "meh"}] * 4)
     code = main(["train", str(pipeline), f"data.test_source={test_file}", "--run-dir", str(tmp_path / "run")])
     out = capsys.readouterr().out
@@ -143,7 +138,6 @@ def test_bad_label_in_test_file_is_a_data_error_not_a_traceback(ray_session, tmp
 
 def test_image_run_with_augmentation_mixup_and_skipped_rows(ray_session, tmp_path, capsys):
     """Parquet of PNG bytes (two unreadable) -> augment + mixup on train -> 2 DDP workers."""
-    from test_bad_rows import image_parquet
 
     data = image_parquet(tmp_path / "colours.parquet", broken_rows=[5, 11])
     pipeline = tmp_path / "image.yaml"

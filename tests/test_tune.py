@@ -14,7 +14,7 @@ import pytest
 import yaml
 from ray import tune
 
-from conftest import sentiment_rows, tiny_sentiment_pipeline, write_csv
+from helpers import sentiment_rows, tiny_sentiment_pipeline, write_csv
 from finetune.cli import main
 from finetune.config import ConfigError, parse
 from finetune.tune.space import check_search_space, param_space, trial_config, trial_count, used_params
@@ -286,7 +286,7 @@ def test_trial_slots_hold_trials_back_until_tune_ends_one(ray_session):
 
 
 def test_workers_that_leave_ray_data_no_whole_cpu_are_warned_about(ray_session):
-    from finetune.cluster import data_cpus_warning
+    from finetune.ray_env import data_cpus_warning
 
     assert data_cpus_warning(1.0) is None and data_cpus_warning(0.5) is None  # of 2 CPUs: 1 left
     # a sweep's 2 workers x 0.5 CPU plus the trial actor's 0.01: Ray Data's 1-CPU tasks never start

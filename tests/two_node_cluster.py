@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import registered_checkpoint  # this folder is the script's: first on sys.path
+from helpers import registered_checkpoint  # this folder is the script's: first on sys.path
 
 NODE_CPUS = 2  # per node: one for the training worker, one for Ray Data
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from finetune.cluster import on_driver_node
+from finetune.ray_env import on_driver_node
 from finetune.config import DataConfig
 from finetune.data.preprocess import Preprocessor, preprocess
 from finetune.data.rows import BadRowLog, DataError, RowPolicy

@@ -1,10 +1,13 @@
-"""Live training progress in the terminal (rich): one bar over all steps, a line per epoch."""
+"""Live training progress in the terminal (rich): one bar over all steps, a line per epoch;
+a subscriber to the run's events (`train.events.Subscriber`)."""
 
 from __future__ import annotations
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from finetune.train.events import Baseline, BatchNormPlan, EpochEnded, LayerGroups, RunEvent, StepProgress
 
 
 class TrainingProgress:
@@ -36,24 +39,25 @@ class TrainingProgress:
     def __exit__(self, *exc) -> None:
         self.progress.stop()
 
-    def step(self, latest: dict) -> None:
-        done = latest["epoch"] * self.steps_per_epoch + latest["step"]
+    def on_step(self, progress: StepProgress) -> None:
+        done = progress.epoch * self.steps_per_epoch + progress.step
         self.progress.update(
             self.task,
             completed=done,
-            epoch=latest["epoch"] + 1,
-            loss=f"{latest['loss']:.4f}",
-            speed=f"{latest['samples_per_s']:.1f}",
+            epoch=progress.epoch + 1,
+            loss=f"{progress.loss:.4f}",
+            speed=f"{progress.samples_per_s:.1f}",
         )
 
-    def event(self, kind: str, metrics) -> None:
-        if kind == "groups":
-            self.console.print(groups_table(metrics))
-        elif kind == "batchnorm":
-            self.console.print(metrics["text"], highlight=False, soft_wrap=True)
-        elif kind == "baseline":
-            self.console.print(f"baseline (new head only): {_scores(metrics, 'baseline_test/', 'test ')}")
-        elif kind == "epoch":
+    def on_event(self, event: RunEvent) -> None:
+        if isinstance(event, LayerGroups):
+            self.console.print(groups_table(event.rows))
+        elif isinstance(event, BatchNormPlan):
+            self.console.print(event.text, highlight=False, soft_wrap=True)
+        elif isinstance(event, Baseline):
+            self.console.print(f"baseline (new head only): {_scores(event.metrics, 'baseline_test/', 'test ')}")
+        elif isinstance(event, EpochEnded):
+            metrics = event.metrics
             # the task's first metric on the fixed training sample, to read beside val's
             train_eval = next((f"train-eval {key.split('/')[1]} {value:.4f}, " for key, value in metrics.items()
                                if key.startswith("train_eval/") and not key.endswith(("/samples", "/loss"))), "")  # fmt: skip

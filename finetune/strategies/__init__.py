@@ -5,6 +5,7 @@ Hooks (see `Strategy`):
   setup(model, groups, lr) -> optimizer param groups   what trains, at which learning rate
   before_step(epoch, step, model)                     e.g. gradual unfreezing (step: global optimizer step)
   penalty(model) -> Tensor | None                     e.g. L2-SP toward the pretrained weights
+  state_dict() / load_state_dict(state)               what a checkpoint keeps of it (default: nothing)
 
 Strategies see a model only through `layer_groups(model)` (stem, blocks..., neck, head).
 A strategy that freezes says so (`freezes = True`): DDP then tolerates parameters without
@@ -38,6 +39,10 @@ class Strategy(Protocol):
     def before_step(self, epoch: int, step: int, model: nn.Module) -> None: ...
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 REGISTRY: dict[str, type] = {

@@ -46,3 +46,11 @@ class NoHooks:
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         return None
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep for the strategy to continue where it was (none: its
+        schedule is a function of the epoch and step)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned, after `setup`."""

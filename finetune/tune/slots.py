@@ -17,7 +17,7 @@ import logging
 import ray
 from ray import tune
 
-from finetune.cluster import on_driver_node
+from finetune.ray_env import on_driver_node
 
 logger = logging.getLogger(__name__)
 

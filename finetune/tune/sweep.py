@@ -1,7 +1,7 @@
 """`finetune tune` on the driver: a Ray Tune sweep whose trials are `finetune train` runs.
 
 Each trial is a Tune function trainable that builds the same TorchTrainer as `finetune train`
-(`train.run.build_trainer`) and fits it with Ray Train's `TuneReportCallback`, the Train V2 /
+(`train.trainer.build_trainer`) and fits it with Ray Train's `TuneReportCallback`, the Train V2 /
 Tune integration: every epoch's report reaches Tune, and ASHA stops a trailing trial at a
 rung. A trial's Train run is named after the trial and stored under the sweep directory, so a
 resumed sweep continues an interrupted trial from its latest checkpoint.
@@ -34,11 +34,8 @@ from finetune import config as config_module
 from finetune.config import AshaConfig, PipelineConfig, metric_mode
 from finetune.inference import evaluate_run
 from finetune.report.sweep import history, plot_curves, results_table, trial_id
-from finetune.train.run import (
-    build_trainer, ensure_ray, export_checkpoint, pipeline_datasets, plan_epoch, quiet_ray_data,
-)  # fmt: skip
-from finetune.cluster import alive_nodes, warn_if_data_starved
-from finetune.train.storage import check_shared_storage
+from finetune.ray_env import alive_nodes, check_shared_storage, ensure_ray, quiet_ray_data, warn_if_data_starved
+from finetune.train.trainer import build_trainer, export_checkpoint, pipeline_datasets, plan_epoch
 from finetune.tune.slots import ReleaseTrialSlot, create_slots, wait_for_slot
 from finetune.tune.space import param_space, trial_config, trial_count, trial_raw, used_params
 

@@ -1,0 +1,109 @@
+"""Ray plumbing the driver side shares (`finetune train`, `tune`, `evaluate`): joining or
+starting Ray, Ray Data's console noise, where the driver's helper actors live, and what the
+cluster offers (nodes, CPUs for Ray Data, checkpoint storage every node reaches)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from rich.console import Console
+
+from finetune.config import ConfigError
+
+# File systems that several machines mount at once; fuse.* covers s3fs, gcsfuse, mountpoint-s3, ...
+NETWORK_FILE_SYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
+                        "virtiofs", "9p", "efs"}  # fmt: skip
+
+
+def ensure_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (a submitted job), else start an embedded local Ray."""
+    if ray.is_initialized():
+        return
+    # Workers' own logs (model loading, Ray Train internals) stay in Ray's session folder;
+    # the driver shows progress and errors. Worker exceptions still reach the driver.
+    ray.init(log_to_driver=False, logging_level="WARNING", configure_logging=True)
+
+
+def quiet_ray_data() -> None:
+    # The live progress bar replaces Ray Data's per-dataset bars and execution notices.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    # Blocks reach the training loop in a fixed order, so a seeded run repeats exactly on one
+    # worker. (With several, Ray's streaming split hands blocks to whichever worker asks first.)
+    context.execution_options.preserve_order = True
+
+
+def alive_nodes() -> int:
+    return sum(1 for node in ray.nodes() if node["Alive"])
+
+
+def on_driver_node() -> NodeAffinitySchedulingStrategy:
+    """Scheduling that keeps a run's bookkeeping actor (progress, skipped rows) beside the driver.
+    Placed on a worker node, it would die with that node and take the run with it, where the
+    workers alone would have restarted (Ray pins its Train controller the same way)."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
+def data_cpus_warning(reserved: float) -> str | None:
+    """Ray Data runs each read and preprocessing task on one whole CPU: workers (and a sweep's
+    trial actors) that reserve all but less than one of the cluster's CPUs leave it none, and
+    the run waits forever unless a node joins. A warning, not a refusal: an autoscaler may add one."""
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if reserved <= total < reserved + 1:
+        return (f"workers reserve {reserved:g} of the cluster's {total:g} CPUs, leaving less than the one CPU each "
+                "Ray Data task needs: the run will wait until a node joins. Lower scaling.cpus_per_worker or "
+                "scaling.num_workers (or tune.max_concurrent_trials)")  # fmt: skip
+    return None
+
+
+def warn_if_data_starved(reserved: float, console: Console) -> None:
+    if warning := data_cpus_warning(reserved):
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+
+
+def mount_type(path: str | Path, mounts: str | None = None) -> str:
+    """The file-system type of the mount holding `path` (Linux /proc/mounts; '' when unknown)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return ""
+    target = os.path.realpath(path)
+    best, fstype = "", ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, fstype = point, fields[2]
+    return fstype
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def check_shared_storage(storage_path: str, declared_shared: bool, nodes: int, mounts: str | None = None) -> None:
+    """ConfigError when a run on `nodes` > 1 machines would keep checkpoints on one machine's disk:
+    Ray would scatter the run's checkpoints over the nodes and stop it at its first checkpoint,
+    minutes in; this refuses it before anything starts."""
+    if nodes <= 1 or declared_shared or is_uri(storage_path):
+        return
+    local = storage_path.removeprefix("file://")
+    fstype = mount_type(local, mounts)
+    if fstype in NETWORK_FILE_SYSTEMS or fstype.startswith("fuse."):
+        return
+    raise ConfigError([
+        f"checkpoint.storage_path={storage_path} is on this machine's own disk ({fstype or 'unknown file system'}), "
+        f"but the cluster has {nodes} nodes: every node writes checkpoints there. Use storage all nodes reach: "
+        "a URI (s3://bucket/prefix, gs://bucket/prefix) or a shared file system (NFS, EFS, ...); if this path is "
+        "a shared mount, set checkpoint.storage_is_shared=true"
+    ])

@@ -1,0 +1,140 @@
+"""`finetune train` on the driver: data, the Ray Train run, live progress, the run directory,
+the summary. What `finetune tune` and `evaluate` reuse lives in train/trainer.py and ray_env.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import ray
+import ray.train
+from rich.console import Console
+from rich.markup import escape
+
+from finetune import config as config_module
+from finetune.config import ConfigError, PipelineConfig
+from finetune.ray_env import alive_nodes, check_shared_storage, ensure_ray, on_driver_node, quiet_ray_data, warn_if_data_starved
+from finetune.report import verdict
+from finetune.report.progress import TrainingProgress, summary_table
+from finetune.train import TrainingDiverged
+from finetune.train.events import Subscriber
+from finetune.train.monitor import RunMonitor
+from finetune.train.record import RunRecord
+from finetune.train.trainer import best_checkpoint, build_trainer, export_checkpoint, pipeline_datasets, plan_epoch
+
+
+def default_run_dir(cfg: PipelineConfig, root: str | Path = "runs") -> Path:
+    return Path(root) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def fit_and_record(trainer, monitor, record: RunRecord, subscribers: list[Subscriber]) -> ray.train.Result:
+    """Run fit() in a thread while this one folds the workers' events into `record` and hands
+    each new one to the subscribers (the latest step progress too)."""
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # noqa: BLE001 - re-raised on the main thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fit, name="finetune-fit", daemon=True)
+    thread.start()
+    seen = 0
+    while True:
+        finished = not thread.is_alive()
+        latest, events = ray.get(monitor.poll.remote(seen))
+        seen += len(events)
+        for subscriber in subscribers if latest else ():
+            subscriber.on_step(latest)
+        for event in events:
+            if record.fold(event):  # a resumed run resends the epochs before its checkpoint
+                for subscriber in subscribers:
+                    subscriber.on_event(event)
+        if finished:
+            break
+        thread.join(timeout=0.5)
+    record.close()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resume: bool = False) -> dict:
+    """Fine-tune as configured; returns the summary also written to RUN_DIR/summary.json.
+    `resume`: continue the run in `run_dir` from its latest checkpoint (Ray Train restores a run
+    of the same name and storage)."""
+    console = console or Console()
+    started = time.time()
+    run_dir = Path(run_dir).resolve()
+    if not resume and (run_dir / "config.yaml").exists():
+        raise ConfigError([f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --run-dir"])
+    ensure_ray()
+    warn_if_data_starved(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, console)
+    storage_path = cfg.checkpoint.storage_path or str(run_dir / "ray")
+    check_shared_storage(storage_path, cfg.checkpoint.storage_is_shared, alive_nodes())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_module.save(cfg, run_dir / "config.yaml")
+    console.print(f"run directory: {run_dir}")
+    quiet_ray_data()
+    datasets = pipeline_datasets(cfg)
+    train_rows = datasets.train_rows
+    batches_per_epoch, steps_per_epoch = plan_epoch(cfg, train_rows)
+    console.print(
+        f"{train_rows} training rows, {len(datasets.label_names)} labels, {cfg.scaling.num_workers} worker(s), "
+        f"{steps_per_epoch} steps/epoch"
+    )
+    monitor = RunMonitor.options(scheduling_strategy=on_driver_node()).remote()
+    trainer = build_trainer(cfg, datasets, batches_per_epoch, name=run_dir.name, storage_path=storage_path, monitor=monitor)
+
+    record = RunRecord(run_dir / "metrics.jsonl")
+    try:
+        with TrainingProgress(console, cfg.train.epochs, steps_per_epoch) as progress:
+            result = fit_and_record(trainer, monitor, record, [progress])
+        if record.diverged:
+            raise TrainingDiverged(record.diverged.step, record.diverged.epoch)
+        skipped = datasets.skipped_rows()
+    except BaseException:
+        kept = sorted(Path(storage_path, run_dir.name).glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
+        if kept:
+            console.print(f"training failed; the last good checkpoint is kept at {kept[-1]}", soft_wrap=True)
+        raise
+    finally:
+        ray.kill(monitor)
+        if datasets.bad_row_log is not None:
+            ray.kill(datasets.bad_row_log)
+
+    best = best_checkpoint(result, record.best_epoch)
+    if best is not None:
+        export_checkpoint(best, run_dir / "best")
+    summary = record.summary(cfg, train_rows=train_rows, wall_s=time.time() - started, run_dir=run_dir,
+                             has_best=best is not None, skipped=skipped)  # fmt: skip
+    summary["warnings"] = verdict.check(summary, cfg.checkpoint.metric)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    console.print(summary_table(summary))
+    for warning in summary["warnings"]:
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    if skipped:
+        counts = ", ".join(f"{n} in {split}" for split, n in skipped["counts"].items())
+        console.print(f"skipped bad rows (data.on_bad_rows=skip): {counts}; e.g. {skipped['examples'][0]}", soft_wrap=True)
+    if summary["restarts"]:
+        epochs = ", ".join(str(e + 1) for e in summary["restart_epochs"])
+        console.print(f"the worker group restarted {summary['restarts']} time(s) from the latest checkpoint, at epoch {epochs}")
+    nodes = {w["node_id"] for w in summary["workers"]}
+    if len(nodes) > 1:
+        console.print(f"{len(summary['workers'])} workers on {len(nodes)} nodes")
+    console.print(f"best model: {summary['best_checkpoint']}\nrun directory: {run_dir}")
+    return summary
+
+
+def resume(run_dir: Path, console: Console | None = None) -> dict:
+    """Continue a run whose driver died, from its latest checkpoint, with its saved config."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (config.yaml missing)")
+    console = console or Console()
+    console.print(f"resuming {run_dir}")
+    return run(config_module.load(run_dir / "config.yaml"), run_dir, console, resume=True)

@@ -1,0 +1,131 @@
+"""The run's events: what the workers tell the driver while they train, as typed records.
+
+A worker emits them (`EventSink`, through the run's monitor actor); the driver folds them
+into metrics.jsonl and summary.json (`train.record.RunRecord`) and hands each to its
+subscribers (the live progress display; trackers and reports next) as it arrives. When each
+fires, in the order a run sees them:
+
+  LayerGroups    rank 0, after setup: each layer group's learning rate and size
+  BatchNormPlan  rank 0, after setup, when the model has BatchNorm layers: what happens to them
+  WorkerStarted  every rank, at each start of the worker group (a restart after a failure again)
+  Baseline       rank 0, before the first epoch: the pretrained model with its untrained head, on test
+  EpochEnded     rank 0, after each epoch's validation, before its checkpoint; a restarted
+                 worker group sends the epochs before its checkpoint again (the driver drops
+                 the ones it has)
+  Diverged       rank 0: the training loss became NaN or infinite; the run stops
+  FinalTest      rank 0: the best epoch's weights on test, the run's last event
+
+StepProgress is apart: the latest one replaces the one before (the progress bar), it is not
+kept. Plain dataclasses, no Ray: a subscriber can be tested on events built by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import ClassVar, Protocol
+
+
+class Event(StrEnum):
+    LAYER_GROUPS = "layer_groups"
+    BATCHNORM_PLAN = "batchnorm_plan"
+    WORKER_STARTED = "worker_started"
+    BASELINE = "baseline"
+    EPOCH_ENDED = "epoch_ended"
+    DIVERGED = "diverged"
+    FINAL_TEST = "final_test"
+
+
+@dataclass(frozen=True)
+class LayerGroups:
+    kind: ClassVar[Event] = Event.LAYER_GROUPS
+    every_rank: ClassVar[bool] = False
+    rows: list[dict]  # input -> output: group, lr (None: frozen for good), params, trainable_now
+
+
+@dataclass(frozen=True)
+class BatchNormPlan:
+    kind: ClassVar[Event] = Event.BATCHNORM_PLAN
+    every_rank: ClassVar[bool] = False
+    text: str  # one line, as `finetune validate` prints it
+    layers: int  # BatchNorm layers that track statistics in training
+
+
+@dataclass(frozen=True)
+class WorkerStarted:
+    kind: ClassVar[Event] = Event.WORKER_STARTED
+    every_rank: ClassVar[bool] = True
+    rank: int
+    start_epoch: int  # 0, or the epoch after the checkpoint it resumed from
+    node_id: str
+    hostname: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class Baseline:
+    kind: ClassVar[Event] = Event.BASELINE
+    every_rank: ClassVar[bool] = False
+    metrics: dict[str, float]  # baseline_test/<metric>
+
+
+@dataclass(frozen=True)
+class EpochEnded:
+    kind: ClassVar[Event] = Event.EPOCH_ENDED
+    every_rank: ClassVar[bool] = False
+    metrics: dict  # epoch, train/*, train_eval/*, val/*, batchnorm/*, best_epoch, early_stopped: one line of metrics.jsonl
+
+    @property
+    def epoch(self) -> int:
+        return self.metrics["epoch"]
+
+
+@dataclass(frozen=True)
+class Diverged:
+    kind: ClassVar[Event] = Event.DIVERGED
+    every_rank: ClassVar[bool] = False
+    epoch: int
+    step: int  # 0-based optimizer step counted from the run's start
+
+
+@dataclass(frozen=True)
+class FinalTest:
+    kind: ClassVar[Event] = Event.FINAL_TEST
+    every_rank: ClassVar[bool] = False
+    metrics: dict[str, float]  # test/*, constant_test/*, baseline_test/*, and the checkpoint metric's best value
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    epoch: int
+    step: int  # optimizer steps done in this epoch
+    steps: int  # optimizer steps per epoch
+    loss: float  # mean training loss of the epoch so far
+    samples_per_s: float  # all workers together
+
+
+RunEvent = LayerGroups | BatchNormPlan | WorkerStarted | Baseline | EpochEnded | Diverged | FinalTest
+
+
+class Subscriber(Protocol):
+    """What the driver hands each event to, in arrival order (a resent epoch only once)."""
+
+    def on_event(self, event: RunEvent) -> None: ...
+
+    def on_step(self, progress: StepProgress) -> None: ...
+
+
+class EventSink:
+    """A worker's side: sends its events to the run's monitor actor (none: a sweep trial, whose
+    reports reach Tune instead). Events for one rank are sent by rank 0 only."""
+
+    def __init__(self, monitor, rank: int) -> None:
+        self.monitor, self.rank = monitor, rank
+
+    def emit(self, event: RunEvent) -> None:
+        if self.monitor is not None and (event.every_rank or self.rank == 0):
+            self.monitor.record.remote(event)
+
+    def step(self, progress: StepProgress) -> None:
+        if self.monitor is not None and self.rank == 0:
+            self.monitor.progress.remote(progress)

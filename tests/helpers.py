@@ -1,0 +1,134 @@
+"""What tests share that is not a fixture: data files in the shapes users have, and small
+pipelines. Imported by test modules (`from helpers import ...`); fixtures stay in conftest.py."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import yaml
+from PIL import Image
+
+from finetune import config
+from finetune.config import PipelineConfig
+from finetune.train import steps
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun"]
+NEGATIVE = ["bad", "awful", "dull", "poor", "boring", "weak"]
+FILLER = ["the", "movie", "was", "plot", "acting", "a", "story", "film", "really", "quite"]
+
+
+def sentiment_rows(count: int, seed: int = 0) -> list[dict]:
+    """Short texts whose label is carried by one sentiment word: learnable in a few steps."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if label == "pos" else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append({"review": " ".join(words) + f" {i % 7}", "sentiment": label})
+    return rows
+
+
+def registered_checkpoint(run_dir: Path) -> bool:
+    """Whether Ray Train's controller has taken a reported checkpoint of `finetune train
+    --run-dir RUN_DIR` as the latest, what a restart or --resume continues from (the
+    checkpoint's folder appears before that)."""
+    snapshot = run_dir / "ray" / run_dir.name / "checkpoint_manager_snapshot.json"
+    try:
+        return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written
+        return False
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_sentiment_pipeline(tmp_path: Path, tiny_bert_dir: Path, *, rows: int = 400, name: str = "tiny",
+                            **sections) -> Path:  # fmt: skip
+    """A tiny-BERT pipeline over `rows` sentiment rows written to a CSV, one worker; each section
+    given is merged over these defaults (a section not here, e.g. tune, is taken as it is)."""
+    data = write_csv(tmp_path / "reviews.csv", sentiment_rows(rows))
+    raw = {
+        "name": name,
+        "data": {"source": str(data), "text_column": "review", "label_column": "sentiment", "max_length": 16},
+        "model": {"name": f"hf:{tiny_bert_dir}"},
+        "optim": {"lr": 3e-3},
+        # train_eval off: its sample and per-epoch pass cost seconds per run; tests of it turn it on
+        "train": {"epochs": 3, "batch_size": 16, "precision": "fp32", "seed": 0, "train_eval_rows": 0},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
+        "checkpoint": {"num_to_keep": 1},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw[section], **values} if section in raw else values
+    pipeline = tmp_path / f"{name}.yaml"
+    pipeline.write_text(yaml.safe_dump(raw))
+    return pipeline
+
+
+def two_worker_pipeline(tmp_path: Path, tiny_bert_dir: Path) -> Path:
+    """The tiny sentiment pipeline on 640 rows, 2 DDP workers, progress every 2 steps."""
+    return tiny_sentiment_pipeline(tmp_path, tiny_bert_dir, rows=640, train={"log_every_steps": 2},
+                                   scaling={"num_workers": 2})  # fmt: skip
+
+
+def png_bytes(color, size: int = 12) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def image_parquet(path: Path, broken_rows=()) -> Path:
+    """40 red or blue PNGs (bytes in an `image` column) with their `label`; `broken_rows` hold no image."""
+    # a shade per row: distinct bytes, so the hash split spreads them (duplicates stay together)
+    rows = [{"image": png_bytes((200, i, 0) if i % 2 else (0, i, 200)), "label": "red" if i % 2 else "blue"}
+            for i in range(40)]  # fmt: skip
+    for i in broken_rows:
+        rows[i]["image"] = b"not an image"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def pipeline_config(**sections) -> PipelineConfig:
+    """A pipeline for plain-PyTorch tests of the training setup: placeholder data and model
+    (nothing is read), the given sections over the defaults."""
+    return config.parse({"data": {"source": "x"}, "model": {"name": "m"}, **sections})
+
+
+def run_epochs(training, batches: list[dict], epochs: int = 1, grad_accum_steps: int = 1, first_epoch: int = 0,
+               **options) -> list[set[str]]:  # fmt: skip
+    """Real optimizer steps through `train.setup.Training` as the worker loop takes them, on the
+    CPU in fp32 (the strategy's hooks, its penalty, BatchNorm train modes), from `first_epoch`
+    (as a resumed run); returns the trainable parameter names before each optimizer step."""
+    module, strategy = training.module, training.strategy
+    per_epoch = len(batches) // grad_accum_steps
+    trainable_by_step: list[set[str]] = []
+
+    def before_step(epoch: int, step: int) -> None:
+        strategy.before_step(epoch, epoch * per_epoch + step, module)
+        trainable_by_step.append({n for n, p in module.named_parameters() if p.requires_grad})
+
+    for epoch in range(first_epoch, first_epoch + epochs):
+        steps.train_epoch(
+            training.model, batches, training.optimizer, training.scheduler, torch.nn.CrossEntropyLoss(),
+            device=torch.device("cpu"), precision="fp32", max_steps=per_epoch, grad_accum_steps=grad_accum_steps,
+            penalty=lambda: strategy.penalty(module), before_step=lambda step, epoch=epoch: before_step(epoch, step),
+            train_modes=training.train_modes.apply, **options,
+        )  # fmt: skip
+    return trainable_by_step
