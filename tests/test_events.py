@@ -1,0 +1,84 @@
+"""The run's typed events folded by the driver (RunRecord) and drawn by the progress display,
+on events built by hand: no Ray."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+
+from finetune.report.progress import TrainingProgress
+from finetune.train.events import (
+    Baseline, BatchNormPlan, EpochEnded, EventSink, FinalTest, LayerGroups, StepProgress, WorkerStarted,
+)  # fmt: skip
+from finetune.train.record import RunRecord
+from helpers import pipeline_config
+
+
+def epoch(number: int, accuracy: float) -> EpochEnded:
+    return EpochEnded({"epoch": number, "train/loss": 0.5, "train/samples": 100, "train/samples_per_s": 50.0,
+                       "train/seconds": 2.0, "val/accuracy": accuracy, "best_epoch": number})  # fmt: skip
+
+
+def start(rank: int, start_epoch: int) -> WorkerStarted:
+    return WorkerStarted(rank, start_epoch, node_id=f"node-{rank}", hostname="host", pid=100 + rank)
+
+
+def test_a_restarted_run_is_folded_once_per_epoch_and_counted(tmp_path):
+    metrics_path = tmp_path / "metrics.jsonl"
+    record = RunRecord(metrics_path)
+    events = [
+        LayerGroups([{"group": "head", "lr": 1e-3, "params": 10, "trainable_now": 10}]),
+        BatchNormPlan("BatchNorm: 2 layers, 2 trained", 2), start(0, 0), start(1, 0),
+        Baseline({"baseline_test/accuracy": 0.4}), epoch(0, 0.7), epoch(1, 0.8),
+        # a worker died: the group restarts from epoch 1's checkpoint and resends the epochs before it
+        start(0, 2), start(1, 2), epoch(0, 0.7), epoch(1, 0.8), epoch(2, 0.9),
+        FinalTest({"test/accuracy": 0.88, "constant_test/accuracy": 0.5, "baseline_test/accuracy": 0.4}),
+    ]  # fmt: skip
+    kept = [event for event in events if record.fold(event)]
+    assert len(kept) == len(events) - 2  # the two resent epochs
+    record.close()
+    assert [json.loads(line)["epoch"] for line in metrics_path.read_text().splitlines()] == [0, 1, 2]
+
+    summary = record.summary(pipeline_config(train={"epochs": 3}), train_rows=100, wall_s=9.0, run_dir=tmp_path,
+                             has_best=True, skipped={})  # fmt: skip
+    assert summary["restarts"] == 1 and summary["restart_epochs"] == [2] and summary["resumed_from_epoch"] == 0
+    assert [w["node_id"] for w in summary["workers"]] == ["node-0", "node-1"]
+    assert summary["best_epoch"] == 2 and summary["best_val_metric"] == {"val/accuracy": 0.9}
+    assert (summary["test_accuracy"], summary["constant_test_accuracy"], summary["baseline_test_accuracy"]) == (0.88, 0.5, 0.4)
+    assert summary["batchnorm"]["plan"] == "BatchNorm: 2 layers, 2 trained"
+    assert summary["train_samples_per_s"] == 300 / 6.0
+
+    # a resumed driver keeps the epochs it wrote; an epoch trained again replaces its line
+    again = RunRecord(metrics_path)
+    assert again.fold(epoch(2, 0.95)) and not again.fold(epoch(1, 0.8))
+    again.close()
+    assert [json.loads(line)["val/accuracy"] for line in metrics_path.read_text().splitlines()] == [0.7, 0.8, 0.95]
+
+
+def test_the_progress_display_draws_what_the_events_say():
+    console = Console(record=True, width=120)
+    with TrainingProgress(console, epochs=2, steps_per_epoch=4) as progress:
+        progress.on_step(StepProgress(epoch=0, step=2, steps=4, loss=0.6931, samples_per_s=12.5))
+        progress.on_event(LayerGroups([{"group": "encoder", "lr": None, "params": 1000, "trainable_now": 0}]))
+        progress.on_event(Baseline({"baseline_test/accuracy": 0.5, "baseline_test/samples": 10}))
+        progress.on_event(EpochEnded({**epoch(0, 0.75).metrics, "train_eval/accuracy": 0.8}))
+    text = console.export_text()
+    assert "encoder" in text and "frozen" in text and "1,000" in text
+    assert "baseline (new head only): test accuracy 0.5000" in text and "samples" not in text.split("baseline")[1].split("\n")[0]
+    assert "epoch 1/2: train loss 0.5000, train-eval accuracy 0.8000, val accuracy 0.7500, 50.0 samples/s" in text
+
+
+def test_rank_zero_sends_the_run_events_and_every_rank_its_start(ray_session):
+    from finetune.train.monitor import RunMonitor
+
+    for rank in (0, 1):
+        monitor = RunMonitor.remote()
+        sink = EventSink(monitor, rank)
+        sink.emit(start(rank, 0))
+        sink.emit(epoch(0, 0.7))
+        sink.step(StepProgress(0, 1, 4, 0.5, 10.0))
+        latest, events = ray_session.get(monitor.poll.remote(0))
+        assert events == ([start(rank, 0), epoch(0, 0.7)] if rank == 0 else [start(rank, 0)])
+        assert latest == (StepProgress(0, 1, 4, 0.5, 10.0) if rank == 0 else None)
+        ray_session.kill(monitor)
