@@ -62,33 +62,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _data_error(error: BaseException):
-    """The DataError behind an exception, also when Ray wrapped it in task, actor or worker errors.
-
-    Across actor boundaries (Ray Data's split coordinator) Ray keeps only the formatted
-    traceback of the original exception, so its text is searched as a last resort.
-    """
-    from finetune.data import DataError
-
-    seen, chain = set(), []
-    stack = [error]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, DataError):
-            return current
-        chain.append(current)
-        stack += [current.__cause__, current.__context__, *getattr(current, "worker_failures", {}).values()]
-    for current in chain:
-        for line in str(current).splitlines():
-            _, marker, message = line.partition("DataError: ")
-            if marker and message.strip():
-                return DataError(message.strip())
-    return None
-
-
 def _tune(args, console: Console) -> int:
     from finetune.config import ConfigError
 
@@ -218,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         return EXIT_CONFIG
     except Exception as error:
-        data_error = _data_error(error)
+        from finetune.data.rows import find_data_error
+
+        data_error = find_data_error(error)
         if data_error is None:
             raise
         console.print(f"[bold red]data error:[/] {escape(str(data_error))}", highlight=False, soft_wrap=True)

@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 import torch
 import yaml
@@ -17,6 +18,7 @@ from PIL import Image
 
 from finetune import config
 from finetune.config import PipelineConfig
+from finetune.data.rows import DataError, find_data_error
 from finetune.train import steps
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun"]
@@ -132,3 +134,16 @@ def run_epochs(training, batches: list[dict], epochs: int = 1, grad_accum_steps:
             train_modes=training.train_modes.apply, **options,
         )  # fmt: skip
     return trainable_by_step
+
+
+def data_error_text(run) -> str:
+    """What the user reads when `run()` meets a bad row: the DataError itself (raised on the
+    driver), or the one inside Ray Data's UserCodeException (raised in a read or preprocessing
+    task), found as the CLI finds it."""
+    from ray.exceptions import UserCodeException
+
+    with pytest.raises((DataError, UserCodeException)) as raised:
+        run()
+    error = find_data_error(raised.value)
+    assert error is not None, raised.value
+    return str(error)

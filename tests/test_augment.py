@@ -91,10 +91,20 @@ def test_mixing_makes_soft_labels_and_the_loss_takes_them(mixup, cutmix):
     pixels, labels = torch.randn(8, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     mixed, soft = mix({"pixel_values": pixels}, labels)
     assert soft.shape == (8, 3) and torch.allclose(soft.sum(dim=1), torch.ones(8))
-    # each row mixes its own label with its neighbour's (torchvision rolls the batch by one)
-    lam = soft[0, labels[0]] if labels[0] != labels[-1] else None
-    assert lam is None or 0.0 <= lam.item() <= 1.0
-    assert not torch.equal(mixed["pixel_values"], pixels)
+    # each row mixes its own label with its neighbour's (torchvision rolls the batch by one), by
+    # one weight for the whole batch: lam for mixup, the area outside the pasted box for cutmix
+    lam = soft[0, labels[0]].item()
+    assert 0.0 < lam < 1.0
+    one_hot = torch.nn.functional.one_hot(labels, 3).float()
+    torch.testing.assert_close(soft, lam * one_hot + (1 - lam) * one_hot.roll(1, dims=0))
+    rolled = pixels.roll(1, dims=0)
+    own = (mixed["pixel_values"] == pixels).all(dim=1)
+    pasted = (mixed["pixel_values"] == rolled).all(dim=1)
+    if cutmix > 0 and (own | pasted).all():  # cutmix (chosen): the neighbour's box covers 1 - lam of each image
+        assert pasted.float().mean().item() == pytest.approx(1 - lam, abs=1e-6)
+    else:  # mixup: every pixel blended by lam
+        assert mixup > 0
+        torch.testing.assert_close(mixed["pixel_values"], lam * pixels + (1 - lam) * rolled)
     logits = torch.randn(8, 3)
     expected = -(soft * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
     torch.testing.assert_close(torch.nn.CrossEntropyLoss()(logits, soft), expected)

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.config import BatchNormConfig, PartialConfig, parse
+from finetune.config import BatchNormConfig, ConfigError, PartialConfig, parse
 from finetune.models import batchnorm
 from finetune.models.groups import layer_groups
 from finetune.models.vision import ImageClassifier
@@ -187,7 +187,7 @@ def test_batchnorm_settings_are_checked():
     assert BatchNormConfig(freeze_statistics=True).recalibrate is False
     with pytest.raises(ValueError, match="set one of them"):
         BatchNormConfig(freeze_statistics=True, recalibrate=True)
-    with pytest.raises(Exception, match="SyncBatchNorm runs on GPUs only"):
+    with pytest.raises(ConfigError, match="SyncBatchNorm runs on GPUs only"):
         parse({**base, "model": {"name": "efficientnet-lite0", "batchnorm": {"sync": True}}})
     assert parse({**base, "model": {"name": "efficientnet-lite0", "batchnorm": {"sync": True}},
                   "scaling": {"use_gpu": True}}).model.batchnorm.sync  # fmt: skip
@@ -211,6 +211,7 @@ def test_the_verdict_names_a_model_no_better_than_a_constant_and_a_wide_train_va
     assert len(warnings) == 2 and "always predicting the mean" in warnings[0] and "trails" in warnings[1]
 
 
+@pytest.mark.e2e
 def test_a_cnn_on_a_small_greyscale_folder_is_as_good_as_its_weights(ray_session, tmp_path):
     """EfficientNet-Lite0 (ImageNet weights, BatchNorm momentum 0.01) on 480 dark greyscale PNGs:
     without recalibration its eval-mode statistics are still ImageNet's after 22 steps and test
@@ -248,6 +249,7 @@ def test_a_cnn_on_a_small_greyscale_folder_is_as_good_as_its_weights(ray_session
     assert all(e["batchnorm/recalibrated_rows"] > 0 for e in epochs)
 
 
+@pytest.mark.e2e
 def test_a_run_that_learned_nothing_says_so(ray_session, tmp_path, tiny_bert_dir, capsys):
     """Labels drawn at random (80% one class): the model can only match the majority class."""
     import json

@@ -100,6 +100,7 @@ def _epochs(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.e2e
 def test_a_diverging_run_stops_with_the_step_and_keeps_its_last_good_checkpoint(ray_session, tmp_path, tiny_bert_dir, capsys):
     # L2-SP with alpha * lr = 3 and plain SGD: each step multiplies the distance to the
     # pretrained weights by -2, so the loss overflows in the second epoch (found by a bare run).
@@ -121,6 +122,7 @@ def test_a_diverging_run_stops_with_the_step_and_keeps_its_last_good_checkpoint(
     assert not (run_dir / "summary.json").exists()
 
 
+@pytest.mark.e2e
 def test_knobs_together_early_stopping_ema_focal_balanced_cosine_restarts(ray_session, tmp_path, tiny_bert_dir, capsys):
     pipeline = _pipeline(
         tmp_path, tiny_bert_dir,

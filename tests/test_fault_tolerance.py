@@ -49,6 +49,7 @@ def _epochs(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.e2e
 def test_a_killed_driver_resumes_from_its_last_checkpoint(ray_session, tmp_path, tiny_bert_dir, capsys):
     pipeline, run_dir = _pipeline(tmp_path, tiny_bert_dir), tmp_path / "run"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
@@ -77,6 +78,7 @@ def test_a_killed_driver_resumes_from_its_last_checkpoint(ray_session, tmp_path,
     assert f"already holds a run: continue it with --resume {run_dir}" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_two_nodes_one_worker_each_survive_a_lost_node(tmp_path, tiny_bert_dir):
     """A real two-node cluster (tests/two_node_cluster.py, in its own process: this one's Ray is
     the session's). Checkpoints on one machine's disk are refused before anything starts; with

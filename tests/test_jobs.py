@@ -88,6 +88,7 @@ def _job_pipeline(tmp_path: Path, tiny_bert_dir: Path, **sections) -> Path:
     return tiny_sentiment_pipeline(tmp_path, tiny_bert_dir, rows=200, name="job", **{"train": {"epochs": 1}, **sections})
 
 
+@pytest.mark.e2e
 def test_submit_waits_for_the_job_and_its_checkpoint_lands_in_storage(ray_head, tmp_path, tiny_bert_dir, capsys):
     pipeline = _job_pipeline(tmp_path, tiny_bert_dir)
     storage, run_dir = tmp_path / "storage", tmp_path / "run"
@@ -107,6 +108,7 @@ def test_submit_waits_for_the_job_and_its_checkpoint_lands_in_storage(ray_head, 
     assert "best model:" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_submit_tune_runs_the_sweep_on_the_cluster_and_jobs_stop_ends_a_job(ray_head, tmp_path, tiny_bert_dir, capsys):
     pipeline = _job_pipeline(tmp_path, tiny_bert_dir, tune={
         "search_space": {"optim.lr": {"choice": [1e-3, 3e-3]}}, "num_samples": 1, "scheduler": {"name": "fifo"},

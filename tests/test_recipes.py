@@ -38,6 +38,7 @@ def small(photos: Path, weights: Path) -> list[str]:
             "scaling.num_workers=1"]  # fmt: skip
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("recipe, arch", [
     ("cifar10-resnet18", "resnet18"), ("frozen-resnet50-linear", "resnet50"), ("resnet50-l2sp", "resnet50"),
 ])  # fmt: skip
@@ -51,6 +52,7 @@ def test_recipe_trains(ray_session, tmp_path, photos, recipe, arch):
     assert frozen == (recipe == "frozen-resnet50-linear")
 
 
+@pytest.mark.e2e
 def test_imagefolder_grid_search_keeps_the_best_on_val(ray_session, tmp_path, photos):
     sweep_dir = tmp_path / "sweep"
     args = ["tune", str(PIPELINES / "imagefolder-resnet-sweep.yaml"), *small(photos, local_weights(tmp_path, "resnet34"))]

@@ -184,6 +184,7 @@ def test_head_init_schemes(tiny_bert_dir, scheme):
         assert 0.5 * std < weight.std().item() < 1.5 * std
 
 
+@pytest.mark.e2e
 def test_gradual_unfreeze_under_ddp_with_two_workers(ray_session, tmp_path, tiny_bert_dir):
     """Parameters that join training later are synchronised by DDP; groups never unfrozen stay pretrained."""
 
@@ -275,6 +276,7 @@ def test_lora_explains_models_it_cannot_adapt():
         build_strategy(strategy_cfg(name="lora")).adapt(model)
 
 
+@pytest.mark.e2e
 def test_lora_under_ddp_exports_a_merged_model(ray_session, tmp_path, tiny_bert_dir, capsys):
 
     pipeline = two_worker_pipeline(tmp_path, tiny_bert_dir)

@@ -180,6 +180,7 @@ def _topic_rows(count: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+@pytest.mark.e2e
 def test_multi_label_sweep_over_losses_with_ddp_beats_a_constant_predictor(ray_session, tmp_path, tiny_bert_dir, capsys):
     rows = _topic_rows(640)
     data = write_csv(tmp_path / "topics.csv", rows)
@@ -211,7 +212,9 @@ def test_multi_label_sweep_over_losses_with_ddp_beats_a_constant_predictor(ray_s
     assert best["test/map"] > prevalence + 0.4 and best["test/macro_f1"] > 0.85
     assert json.loads((sweep_dir / "best" / "task.json").read_text()) == {"type": "multi_label", "thresholds": [0.5, 0.5]}
     # each trial's run folder-less metrics name the task's metrics every epoch
-    for trial in (sweep_dir / "sweep").glob("*/result.json"):
+    trials = sorted((sweep_dir / "sweep").glob("*/result.json"))
+    assert len(trials) == 2
+    for trial in trials:
         epochs = [r for r in map(json.loads, trial.read_text().splitlines()) if "epochs_done" in r]
         assert len(epochs) == 4 and all({"val/micro_f1", "val/macro_f1", "val/map", "val/loss"} <= set(e) for e in epochs)
 
@@ -223,6 +226,7 @@ def test_multi_label_sweep_over_losses_with_ddp_beats_a_constant_predictor(ray_s
     assert lines[1].startswith("(no label)")
 
 
+@pytest.mark.e2e
 def test_regression_image_run_beats_the_mean_and_predicts_in_target_units(ray_session, tmp_path, capsys):
     """Grey squares whose target is their brightness on a 0-10 scale; Huber loss on the standardised target."""
     rows = []

@@ -84,6 +84,7 @@ def test_step_code_and_models_import_without_ray():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.e2e
 def test_two_worker_run_learns_and_its_checkpoint_reloads(ray_session, tmp_path, tiny_bert_dir, capsys):
     """The real path: CLI -> Ray Data -> TorchTrainer with 2 DDP workers -> run directory."""
     pipeline = two_worker_pipeline(tmp_path, tiny_bert_dir)
@@ -114,6 +115,7 @@ def test_two_worker_run_learns_and_its_checkpoint_reloads(ray_session, tmp_path,
     assert [line.split()[0] for line in lines] == ["pos", "neg"]
 
 
+@pytest.mark.e2e
 def test_same_seed_same_run(ray_session, tmp_path, tiny_bert_dir):
     """Seeds fix the split, head init, shuffling and dropout: a one-worker rerun retraces the first."""
     pipeline = two_worker_pipeline(tmp_path, tiny_bert_dir)
@@ -126,6 +128,7 @@ def test_same_seed_same_run(ray_session, tmp_path, tiny_bert_dir):
     assert losses[0] == losses[1]
 
 
+@pytest.mark.e2e
 def test_bad_label_in_test_file_is_a_data_error_not_a_traceback(ray_session, tmp_path, tiny_bert_dir, capsys):
     pipeline = two_worker_pipeline(tmp_path, tiny_bert_dir)
     test_file = write_csv(tmp_path / "test.csv", [{"review": "good film", "sentiment": "meh"}] * 4)
@@ -136,6 +139,7 @@ def test_bad_label_in_test_file_is_a_data_error_not_a_traceback(ray_session, tmp
     assert "Traceback" not in out
 
 
+@pytest.mark.e2e
 def test_image_run_with_augmentation_mixup_and_skipped_rows(ray_session, tmp_path, capsys):
     """Parquet of PNG bytes (two unreadable) -> augment + mixup on train -> 2 DDP workers."""
 

@@ -107,8 +107,12 @@ def test_search_algorithms_and_schedulers():
     missing = parse(_tune({"optim.lr": {"uniform": [0.1, 0.2]}}, search_alg="hyperopt")).tune
     import importlib.util
 
-    if importlib.util.find_spec("hyperopt") is None:
-        assert "needs the hyperopt package" in check_search_alg(missing)[0]
+    if importlib.util.find_spec("hyperopt") is None:  # as here and in CI: the test extra has optuna only
+        assert check_search_alg(missing) == ['tune.search_alg=hyperopt needs the hyperopt package: pip install hyperopt '
+                                             '(or pip install "finetune[search]")']
+    else:
+        assert check_search_alg(missing) == [] and type(_search_alg(parse(_tune({"optim.lr": {"uniform": [0.1, 0.2]}},
+                                                                                search_alg="hyperopt")))).__name__ == "HyperOptSearch"
 
 
 def test_a_trial_runs_the_pipeline_with_its_values():
@@ -139,6 +143,7 @@ def sweep_pipeline(tmp_path: Path, tiny_bert_dir: Path, rows: int, tune_section:
     return tiny_sentiment_pipeline(tmp_path, tiny_bert_dir, rows=rows, data={"val_fraction": 0.2}, tune=tune_section)
 
 
+@pytest.mark.e2e
 def test_asha_stops_weak_trials_and_best_yaml_is_the_best_trial(ray_session, tmp_path, tiny_bert_dir, capsys):
     """Trials run one at a time in grid order: the good learning rate first reaches each rung, so
     ASHA (reduction factor 2) stops the two that barely learn at their first rung."""
@@ -200,6 +205,7 @@ def _report_times(sweep_dir: Path, trial: str, after: float = 0.0) -> list[int]:
     return [r["timestamp"] for r in reports if "epochs_done" in r and r["timestamp"] > after]
 
 
+@pytest.mark.e2e
 def test_resume_after_the_driver_is_killed(ray_session, tmp_path, tiny_bert_dir, capsys):
     """The driver dies after the first trial errored (its model folder was still empty), the
     second finished and the third trained an epoch. `--resume --retry-errored` reruns the first

@@ -76,3 +76,28 @@ class RowPolicy:
         keep = np.ones(len(next(iter(batch.values()))), dtype=bool)
         keep[list(bad)] = False
         return {name: column[keep] for name, column in batch.items()}
+
+
+def find_data_error(error: BaseException) -> DataError | None:
+    """The DataError behind an exception, also when Ray wrapped it in task, actor or worker errors.
+
+    Across actor boundaries (Ray Data's split coordinator) Ray keeps only the formatted
+    traceback of the original exception, so its text is searched as a last resort.
+    """
+    seen, chain = set(), []
+    stack = [error]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, DataError):
+            return current
+        chain.append(current)
+        stack += [current.__cause__, current.__context__, *getattr(current, "worker_failures", {}).values()]
+    for current in chain:
+        for line in str(current).splitlines():
+            _, marker, message = line.partition("DataError: ")
+            if marker and message.strip():
+                return DataError(message.strip())
+    return None
