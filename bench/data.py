@@ -55,7 +55,7 @@ def _png_parquet(folder: Path, count: int, side: int, noise: bool = False, per_f
     if noise:
         pictures = (rng.integers(0, 255, (side, side, 3), dtype=np.uint8) for _ in range(count))
     else:
-        from finetune.data.sources import fashion_mnist_arrays
+        from finetune.data.catalog import fashion_mnist_arrays
 
         images, _ = fashion_mnist_arrays("train")
         pictures = (images[i % len(images)] for i in range(count))
@@ -152,7 +152,7 @@ def dataloader_images(path: Path) -> dict:
 
 
 def _text_rows(count: int) -> list[str]:
-    from finetune.data.sources import rotten_tomatoes_rows
+    from finetune.data.catalog import rotten_tomatoes_rows
 
     texts, _ = rotten_tomatoes_rows()
     return [texts[i % len(texts)] for i in range(count)]

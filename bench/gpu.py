@@ -41,7 +41,7 @@ from finetune import models
 from finetune.config import ModelConfig, parse
 from finetune.train import steps
 from finetune.train.setup import build_training
-from finetune.train.tasks import Classification
+from finetune.tasks.classification import Classification
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, in TFLOP/s; the first
 # name fragment that occurs in torch.cuda.get_device_name() wins.

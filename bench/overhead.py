@@ -26,7 +26,7 @@ import torch
 
 from finetune import models
 from finetune.config import DataConfig, ModelConfig, parse
-from finetune.data.sources import rotten_tomatoes_rows
+from finetune.data.catalog import rotten_tomatoes_rows
 from finetune.train import steps
 from finetune.train.setup import build_training
 

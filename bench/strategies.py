@@ -40,7 +40,7 @@ from finetune.models import batchnorm
 from finetune.models.groups import layer_groups
 from finetune.train import steps
 from finetune.train.setup import build_training
-from finetune.train.tasks import Classification
+from finetune.tasks.classification import Classification
 
 TASKS = {
     "text": {"source": "rotten_tomatoes", "model": "minilm-l6", "max_length": 64},

@@ -122,16 +122,6 @@ def _jobs(args, console: Console) -> int:
     return 0
 
 
-def _prediction_text(row: dict) -> str:
-    """One prediction as a terminal column: the class and its probability, the labels at or above
-    their thresholds (each with its probability), or the predicted value."""
-    if "labels" in row:
-        return ", ".join(f"{name} {row['probabilities'][name]:.3f}" for name in row["labels"]) or "(no label)"
-    if "value" in row:
-        return f"{row['value']:.6g}"
-    return f"{row['label']}\t{row['probability']:.3f}"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -177,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             from finetune.inference import predict
 
             for row in predict(args.run_dir, args.inputs):
-                console.print(f"{_prediction_text(row)}\t{row['input']}", highlight=False, markup=False)
+                console.print(f"{row['text']}\t{row['input']}", highlight=False, markup=False)
     except config_module.ConfigError as error:
         console.print("[bold red]invalid pipeline:[/]", highlight=False)
         for problem in error.problems:

@@ -49,7 +49,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, float]:
 def predict(run_dir: str | Path, inputs: list[str]) -> list[dict]:
     """For each text (text models) or image path (image models): the label and class probabilities
     (classification), the labels at or above their thresholds and every label's probability
-    (multi_label), or the value (regression)."""
+    (multi_label), or the value (regression); and `text`, all of it in one line."""
     _, saved = load_run(run_dir)
     if saved.preprocessor.kind == "image":
         missing = [p for p in inputs if not Path(p).is_file()]
@@ -62,4 +62,6 @@ def predict(run_dir: str | Path, inputs: list[str]) -> list[dict]:
     else:
         encoded = saved.preprocessor.encode(inputs)
     predictions = saved.task.predict(saved.model(**encoded))
-    return [{"input": text, **prediction} for text, prediction in zip(inputs, predictions)]
+    # text: the prediction as `finetune predict` prints it, the task's own words
+    return [{"input": item, **prediction, "text": saved.task.prediction_text(prediction)}
+            for item, prediction in zip(inputs, predictions)]  # fmt: skip

@@ -12,8 +12,9 @@ from pydantic import ValidationError
 
 from finetune import config as config_module
 from finetune import models
-from finetune.config import ConfigError, DataConfig, ModelConfig, PipelineConfig
-from finetune.data.sources import CATALOG, check_source
+from finetune.config import ConfigError, DataConfig, ModelConfig, PipelineConfig, task_class
+from finetune.data.catalog import CATALOG
+from finetune.data.sources import check_source
 from finetune.models import check_model
 from finetune.train.setup import Training, build_training
 from finetune.tune.space import check_search_alg, check_search_space
@@ -23,7 +24,7 @@ SECTION_CHECKS = (("data", DataConfig, check_source), ("model", ModelConfig, che
 
 def check_task(cfg: PipelineConfig) -> list[str]:
     """A builtin dataset is a classification dataset."""
-    if cfg.task.type != "classification" and cfg.data.source in CATALOG:
+    if not task_class(cfg.task.type).labels_from_class_folders and cfg.data.source in CATALOG:
         return [f"data.source={cfg.data.source} is a classification dataset; task.type={cfg.task.type} needs a "
                 "file with that kind of label (data.label_column)"]  # fmt: skip
     return []

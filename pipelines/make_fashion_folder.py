@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.data.sources import FASHION_MNIST_CLASSES, fashion_mnist_arrays
+from finetune.data.catalog import FASHION_MNIST_CLASSES, fashion_mnist_arrays
 
 
 def write_folder(out: Path, prefix: str, count: int, classes: list[str], rng: np.random.Generator) -> None:

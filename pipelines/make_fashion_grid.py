@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from finetune.data.sources import FASHION_MNIST_CLASSES, fashion_mnist_arrays
+from finetune.data.catalog import FASHION_MNIST_CLASSES, fashion_mnist_arrays
 
 CELL, SIDE = 28, 2  # a 2x2 grid of 28 px items
 

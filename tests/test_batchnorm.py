@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from finetune.config import BatchNormConfig, ConfigError, PartialConfig, parse
+from finetune.config import BatchNormConfig, ConfigError, parse
 from finetune.models import batchnorm
 from finetune.models.groups import layer_groups
 from finetune.models.vision import ImageClassifier
@@ -149,7 +149,9 @@ def test_momentum_override_and_the_plan_line():
     model = TinyCNN()
     assert batchnorm.set_momentum(model, 0.1) == 2 and model.net.stem[1].momentum == 0.1
     assert batchnorm.set_momentum(model, None) == 0 and model.net.stem[1].momentum == 0.1
-    build_strategy(PartialConfig(name="partial", freeze_groups=1)).setup(model, layer_groups(model, GROUPS), 0.1)
+    build_strategy(pipeline_config(strategy={"name": "partial", "freeze_groups": 1}).strategy).setup(
+        model, layer_groups(model, GROUPS), 0.1
+    )  # fmt: skip
     frozen = batchnorm.frozen_layers(model)
     assert frozen == {"net.stem.1"}
     line = batchnorm.describe(model, frozen, 16, False)

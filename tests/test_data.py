@@ -12,7 +12,8 @@ from finetune.config import DataConfig
 from finetune.data import DataError, ImagePreprocessor, TextPreprocessor, trim_padding
 from finetune.data.datasets import build_datasets
 from finetune.data.sources import load_source
-from finetune.data.sources import FASHION_MNIST_DIRS, infer_format
+from finetune.data.catalog import FASHION_MNIST_DIRS
+from finetune.data.readers import infer_format
 from finetune.data.splits import split_mask
 
 

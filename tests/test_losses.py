@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from finetune.config import ConfigError, LossConfig
-from finetune.train.losses import FocalLoss, build_loss, class_weights
+from finetune.tasks.losses import FocalLoss, build_loss, class_weights
 
 LABELS = ["a", "b", "c"]
 LOGITS = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-1.0, 3.0, 0.0], [0.0, 0.0, 4.0]])

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 from finetune import models
 from finetune.config import DataConfig, ModelConfig
 from finetune.data import ImagePreprocessor, TextPreprocessor
-from finetune.train.tasks import Classification
+from finetune.tasks.classification import Classification
 
 
 @pytest.fixture(scope="module")

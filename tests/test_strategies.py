@@ -15,7 +15,7 @@ from finetune.data import TextPreprocessor
 from finetune.models.groups import layer_groups
 from finetune.strategies import build_strategy
 from finetune.train.setup import build_training
-from finetune.train.tasks import Classification
+from finetune.tasks.classification import Classification
 
 LR = 1e-2
 

@@ -18,7 +18,10 @@ from PIL import Image
 from helpers import FILLER, NEGATIVE, POSITIVE, write_csv
 from finetune.cli import main
 from finetune.config import ConfigError, LossConfig, TaskConfig, parse
-from finetune.train.tasks import Classification, MultiLabel, Regression, build_task, task_from_json
+from finetune.tasks import build_task, task_from_json
+from finetune.tasks.classification import Classification
+from finetune.tasks.multi_label import MultiLabel
+from finetune.tasks.regression import Regression
 
 LABELS = ["a", "b", "c"]
 LOGITS = torch.tensor([[2.0, -1.0, 0.5], [-0.5, 1.5, -2.0], [0.0, 0.3, 1.0], [1.0, 1.0, -1.0]])

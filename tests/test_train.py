@@ -9,7 +9,7 @@ from helpers import image_parquet, two_worker_pipeline, write_csv
 from finetune.cli import main
 from finetune.config import OptimConfig, ScheduleConfig
 from finetune.train import optim, steps
-from finetune.train.tasks import Classification
+from finetune.tasks.classification import Classification
 
 
 def test_warmup_then_linear_decay():

@@ -16,6 +16,7 @@ from finetune.data.preprocess import Preprocessor, preprocess
 from finetune.data.rows import BadRowLog, DataError, RowPolicy
 from finetune.data.sources import load_source
 from finetune.data.splits import SPLITS
+from finetune.tasks import task_class
 
 
 # the skipped-row log every preprocessing task reports to (0 CPUs: it only counts)
@@ -66,13 +67,7 @@ class Datasets:
 
 def _label_sums(batch: dict[str, np.ndarray], task: str, outputs: int) -> dict[str, np.ndarray]:
     labels = batch["label"]
-    if task == "classification":
-        sums = np.bincount(labels, minlength=outputs)
-    elif task == "multi_label":
-        sums = labels.reshape(-1, outputs).sum(axis=0)
-    else:
-        sums = np.array([labels.sum(dtype=np.float64)])
-    squares = np.square(labels, dtype=np.float64).sum() if task == "regression" else 0.0
+    sums, squares = task_class(task).label_sums(labels, outputs)
     return {"rows": np.array([len(labels)]), "sums": sums[None].astype(np.float64), "squares": np.array([squares])}
 
 

@@ -9,8 +9,13 @@ which keeps exact duplicates from leaking between train and test.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+import ray.data
+
+from finetune.data.rows import FILE
 
 SPLITS = ("train", "val", "test")
 
@@ -35,3 +40,21 @@ def split_mask(keys, seed: int, split: str, val_fraction: float, test_fraction: 
     if split == "train":
         return points >= test_fraction + val_fraction
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
+@dataclass
+class Source:
+    kind: Literal["text", "image"]
+    label_names: list[str]
+    splits: dict[str, ray.data.Dataset]  # "train" / "val" / "test"
+
+
+def hash_split(
+    ds: ray.data.Dataset, key_column: str, split: str, val_fraction: float, test_fraction: float, seed: int
+) -> ray.data.Dataset:
+    def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keys = batch[key_column] if key_column in ("text", FILE) else [bytes(k) for k in batch[key_column]]
+        mask = split_mask(keys, seed, split, val_fraction, test_fraction)
+        return {name: column[mask] for name, column in batch.items()}
+
+    return ds.map_batches(keep, batch_format="numpy")

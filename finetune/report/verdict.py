@@ -16,15 +16,12 @@ The metric is the checkpoint metric's (its task's first metric when that is the 
 
 from __future__ import annotations
 
-from finetune.config import TASK_METRICS, lower_is_better
+from finetune.config import lower_is_better, task_class
 
 NO_BETTER_MARGIN = 0.02
 NO_BETTER_RATIO = 0.95
 TRAIN_VAL_GAP = 0.10
 TRAIN_VAL_RATIO = 1.5
-
-CONSTANT = {"classification": "always predicting the most common class",
-            "multi_label": "predicting every label for every row", "regression": "always predicting the mean"}  # fmt: skip
 
 
 def _no_better(score: float, reference: float, lower: bool) -> bool:
@@ -36,7 +33,7 @@ def check(summary: dict, checkpoint_metric: str) -> list[str]:
     task = summary["task"]
     name = checkpoint_metric.split("/", 1)[1]
     if name == "loss":
-        name = TASK_METRICS[task][0]
+        name = task_class(task).metric_names[0]
     lower = lower_is_better(name)
     warnings = []
     score = summary.get(f"test_{name}")
@@ -44,7 +41,7 @@ def check(summary: dict, checkpoint_metric: str) -> list[str]:
     baseline = summary.get(f"baseline_test_{name}")
     if score is not None and constant is not None and _no_better(score, constant, lower):
         warnings.append(
-            f"test {name} {score:.4f} is no better than {CONSTANT[task]} ({constant:.4f}): the model learned nothing "
+            f"test {name} {score:.4f} is no better than {task_class(task).constant_predictor} ({constant:.4f}): the model learned nothing "
             "usable. Check that the labels belong to the inputs (data.label_column), then try a higher optim.lr, "
             "more train.epochs or strategy.name=full."
         )

@@ -7,7 +7,9 @@ Hooks (see `Strategy`):
   penalty(model) -> Tensor | None                     e.g. L2-SP toward the pretrained weights
   state_dict() / load_state_dict(state)               what a checkpoint keeps of it (default: nothing)
 
-Strategies see a model only through `layer_groups(model)` (stem, blocks..., neck, head).
+A strategy is one module: its config section and its class, registered together with
+`@register_strategy(Config)` (strategies/registry.py); the pipeline schema builds its `strategy`
+section from the registry. Strategies see a model only through `layer_groups(model)` (stem, blocks..., neck, head).
 A strategy that freezes says so (`freezes = True`): DDP then tolerates parameters without
 gradients. Parameters it freezes for good stay out of the optimizer; parameters it will
 unfreeze later sit in the optimizer with no gradient, which every torch optimizer skips.
@@ -15,18 +17,19 @@ unfreeze later sit in the optimizer with no gradient, which every torch optimize
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-from torch import nn
+# importing each strategy's module registers it (and its config section), in this order
+from finetune.strategies import full  # noqa: F401, I001
+from finetune.strategies import subsets  # noqa: F401 - linear_probe, partial, bitfit
+from finetune.strategies import discriminative, gradual, l2sp, lora  # noqa: F401
+from finetune.strategies.registry import STRATEGIES
 
-from finetune.models.groups import LayerGroup
-from finetune.strategies.discriminative import DiscriminativeStrategy
-from finetune.strategies.full import FullStrategy
-from finetune.strategies.gradual import GradualUnfreezeStrategy
-from finetune.strategies.l2sp import L2SPStrategy
-from finetune.strategies.lora import LoRAStrategy
-from finetune.strategies.subsets import BitFitStrategy, LinearProbeStrategy, PartialStrategy
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from finetune.models.groups import LayerGroup
 
 
 class Strategy(Protocol):
@@ -45,21 +48,9 @@ class Strategy(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-REGISTRY: dict[str, type] = {
-    "full": FullStrategy,
-    "linear_probe": LinearProbeStrategy,
-    "partial": PartialStrategy,
-    "bitfit": BitFitStrategy,
-    "discriminative": DiscriminativeStrategy,
-    "gradual_unfreeze": GradualUnfreezeStrategy,
-    "l2sp": L2SPStrategy,
-    "lora": LoRAStrategy,
-}
-
-
 def build_strategy(cfg) -> Strategy:
     """The strategy named by `cfg.name`, built from its config section."""
     try:
-        return REGISTRY[cfg.name](cfg)
+        return STRATEGIES[cfg.name](cfg)
     except KeyError:
-        raise ValueError(f"strategy.name={cfg.name!r}: known strategies are {', '.join(REGISTRY)}") from None
+        raise ValueError(f"strategy.name={cfg.name!r}: known strategies are {', '.join(STRATEGIES)}") from None

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from finetune.models.groups import LayerGroup
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from finetune.models.groups import LayerGroup
 
 
 def set_trainable(model: nn.Module, trainable: set[str]) -> None:

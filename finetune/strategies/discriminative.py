@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING, Literal
 
-from finetune.config import DiscriminativeConfig
-from finetune.models.groups import LayerGroup
+from pydantic import Field
+
+from finetune.config.base import Section
+from finetune.strategies.registry import register_strategy
 from finetune.strategies.base import NoHooks, group_lr_scales, param_groups
 
+if TYPE_CHECKING:
+    from torch import nn
+    from finetune.models.groups import LayerGroup
 
+
+class DiscriminativeConfig(Section):
+    name: Literal["discriminative"] = Field(
+        description="discriminative: per-group learning rates, lr * layer_decay^(distance from the head)."
+    )
+    layer_decay: float = Field(0.8, gt=0.0, le=1.0, description="Rate multiplier per group away from the head.")
+
+
+@register_strategy(DiscriminativeConfig)
 class DiscriminativeStrategy(NoHooks):
     def __init__(self, cfg: DiscriminativeConfig):
         self.cfg = cfg

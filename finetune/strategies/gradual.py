@@ -8,11 +8,41 @@ schedule up where it was.
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING, Literal
 
-from finetune.config import GradualUnfreezeConfig
-from finetune.models.groups import LayerGroup
+from pydantic import Field, model_validator
+
+from finetune.config.base import Section
+from finetune.strategies.registry import register_strategy
 from finetune.strategies.base import NoHooks, group_lr_scales, param_groups, set_trainable
+
+if TYPE_CHECKING:
+    from torch import nn
+    from finetune.models.groups import LayerGroup
+
+
+class GradualUnfreezeConfig(Section):
+    name: Literal["gradual_unfreeze"] = Field(
+        description="gradual_unfreeze (ULMFiT): start with the head, unfreeze one more group from the top "
+        "every `every_epochs` epochs or every `every_steps` optimizer steps."
+    )
+    every_epochs: int | None = Field(
+        None, ge=1, description="Epochs between two unfreezings (the default, 1, when every_steps is not set)."
+    )
+    every_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps between two unfreezings, for short runs where epochs are too coarse."
+    )
+    layer_decay: float | None = Field(
+        None, gt=0.0, le=1.0, description="Also use discriminative rates: lr * layer_decay^(groups from the head)."
+    )
+
+    @model_validator(mode="after")
+    def _one_period(self) -> "GradualUnfreezeConfig":
+        if self.every_epochs is not None and self.every_steps is not None:
+            raise ValueError("strategy.every_epochs and strategy.every_steps: set at most one of them")
+        if self.every_steps is None and self.every_epochs is None:
+            self.every_epochs = 1
+        return self
 
 
 def unfrozen_count(epoch: int, step: int, cfg: GradualUnfreezeConfig, total_groups: int) -> int:
@@ -21,6 +51,7 @@ def unfrozen_count(epoch: int, step: int, cfg: GradualUnfreezeConfig, total_grou
     return min(total_groups, 1 + periods)
 
 
+@register_strategy(GradualUnfreezeConfig)
 class GradualUnfreezeStrategy(NoHooks):
     freezes = True
 

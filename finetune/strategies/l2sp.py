@@ -3,14 +3,30 @@ new head, in place of weight decay (which would pull the backbone toward zero in
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Literal
 
-from finetune.config import L2SPConfig
-from finetune.models.groups import LayerGroup
+from pydantic import Field
+
+from finetune.config.base import Section
+from finetune.strategies.registry import register_strategy
 from finetune.strategies.base import NoHooks, param_groups
 
+if TYPE_CHECKING:
+    from torch import nn
+    import torch
+    from finetune.models.groups import LayerGroup
 
+
+class L2SPConfig(Section):
+    name: Literal["l2sp"] = Field(
+        description="l2sp: alpha/2 ||w - w_pretrained||^2 on the backbone + beta/2 ||w||^2 on the head, "
+        "in place of weight decay (Li et al. 2018)."
+    )
+    alpha: float = Field(0.01, ge=0.0, description="Pull of the backbone toward its pretrained weights.")
+    beta: float = Field(0.01, ge=0.0, description="Plain L2 on the new head.")
+
+
+@register_strategy(L2SPConfig)
 class L2SPStrategy(NoHooks):
     def __init__(self, cfg: L2SPConfig):
         self.cfg = cfg

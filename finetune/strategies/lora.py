@@ -7,12 +7,32 @@ weights when the model is saved.
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING, Literal
 
-from finetune.config import LoRAConfig
-from finetune.models.groups import LayerGroup, head_prefix
-from finetune.models.vision import plain_pointwise_convs
+from pydantic import Field
+
+from finetune.config.base import Section
+from finetune.strategies.registry import register_strategy
 from finetune.strategies.base import NoHooks, param_groups, set_trainable
+
+if TYPE_CHECKING:
+    from torch import nn
+    from finetune.models.groups import LayerGroup
+
+
+class LoRAConfig(Section):
+    name: Literal["lora"] = Field(
+        description="lora: low-rank adapters (peft) on the backbone's linear and convolution layers; the "
+        "new head trains fully; adapters are merged into the weights on export."
+    )
+    r: int = Field(8, ge=1, le=1024, description="Adapter rank.")
+    alpha: float = Field(16.0, gt=0.0, description="Adapter scaling: updates are scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module names (or name suffixes, e.g. [query, value]) to adapt; unset = every Linear "
+        "and (non-depthwise) Conv2d layer outside the head.",
+    )
 
 
 def default_targets(model: nn.Module) -> list[str]:
@@ -23,6 +43,10 @@ def default_targets(model: nn.Module) -> list[str]:
     static-padding convolutions: `adapt` first turns its 1x1 ones into plain Conv2d; the 3x3
     stem conv stays unadapted).
     """
+    from torch import nn
+
+    from finetune.models.groups import head_prefix
+
     head = head_prefix(model)
     return [
         name
@@ -32,6 +56,7 @@ def default_targets(model: nn.Module) -> list[str]:
     ]
 
 
+@register_strategy(LoRAConfig)
 class LoRAStrategy(NoHooks):
     freezes = True
 
@@ -40,6 +65,8 @@ class LoRAStrategy(NoHooks):
 
     def adapt(self, model: nn.Module) -> None:
         from peft import LoraConfig, inject_adapter_in_model
+
+        from finetune.models.vision import plain_pointwise_convs
 
         plain_pointwise_convs(model)  # EfficientNet-Lite: its 1x1 convs become adaptable
         targets = self.cfg.target_modules or default_targets(model)

@@ -3,12 +3,41 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING, Literal
 
-from torch import nn
+from pydantic import Field, model_validator
 
-from finetune.config import BitFitConfig, LinearProbeConfig, PartialConfig
-from finetune.models.groups import LayerGroup
+from finetune.config.base import Section, regex_problem
+from finetune.strategies.registry import register_strategy
 from finetune.strategies.base import NoHooks, param_groups, set_trainable
+
+if TYPE_CHECKING:
+    from torch import nn
+    from finetune.models.groups import LayerGroup
+
+
+class LinearProbeConfig(Section):
+    name: Literal["linear_probe"] = Field(description="linear_probe: only the new head trains.")
+
+
+class PartialConfig(Section):
+    name: Literal["partial"] = Field(description="partial: freeze the first groups, or parameters by regex.")
+    freeze_groups: int | None = Field(
+        None, ge=1, description="Freeze this many layer groups from the input side (stem first)."
+    )
+    freeze_regex: str | None = Field(None, description="Freeze every parameter whose name matches this regex.")
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "PartialConfig":
+        if (self.freeze_groups is None) == (self.freeze_regex is None):
+            raise ValueError("strategy.freeze_groups and strategy.freeze_regex: set exactly one of them")
+        if self.freeze_regex is not None and (problem := regex_problem(self.freeze_regex)):
+            raise ValueError(f"strategy.freeze_regex={self.freeze_regex!r} is not a regex: {problem}")
+        return self
+
+
+class BitFitConfig(Section):
+    name: Literal["bitfit"] = Field(description="bitfit: only biases (and the new head) train.")
 
 
 class _Subset(NoHooks):
@@ -26,6 +55,7 @@ class _Subset(NoHooks):
         return param_groups(groups, lr, only=names)
 
 
+@register_strategy(LinearProbeConfig)
 class LinearProbeStrategy(_Subset):
     cfg: LinearProbeConfig
 
@@ -33,6 +63,7 @@ class LinearProbeStrategy(_Subset):
         return set(groups[-1].params)
 
 
+@register_strategy(PartialConfig)
 class PartialStrategy(_Subset):
     cfg: PartialConfig
 
@@ -53,6 +84,7 @@ class PartialStrategy(_Subset):
         return names - frozen
 
 
+@register_strategy(BitFitConfig)
 class BitFitStrategy(_Subset):
     cfg: BitFitConfig
 

@@ -75,8 +75,7 @@ def build_training(
         model = steps.to_device(model, device)
     wrapped = wrap(model, param_groups, strategy.freezes) if wrap else model
     optimizer = optim.build_optimizer(optim.split_weight_decay(param_groups, model, cfg.optim), cfg.optim, fused=fused)
-    plateau_metric = cfg.schedule.metric or cfg.checkpoint.metric
     scheduler = optim.build_scheduler(optimizer, cfg.schedule, steps_per_epoch * cfg.train.epochs, steps_per_epoch,
-                                      plateau_mode=metric_mode(plateau_metric))  # fmt: skip
+                                      plateau_mode=metric_mode(cfg.schedule.metric))  # fmt: skip
     return Training(wrapped, model, strategy, groups, param_groups, optimizer, scheduler,
                     batchnorm.TrainModes(model, cfg.model.batchnorm.freeze_statistics))  # fmt: skip

@@ -14,7 +14,7 @@ from torch import nn
 
 from finetune.data.preprocess import trim_padding
 from finetune.train import TrainingDiverged
-from finetune.train.tasks import Task
+from finetune.tasks import Task
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -16,7 +16,7 @@ from finetune.config import PipelineConfig
 from finetune.data import DataError
 from finetune.data.datasets import Datasets, build_datasets
 from finetune.models import batchnorm
-from finetune.train import tasks
+from finetune import tasks
 from finetune.train.state import TRAIN_STATE_FILE
 from finetune.train.worker import WorkerSpec, train_loop_per_worker
 

@@ -29,7 +29,7 @@ from finetune.train.events import (
 )  # fmt: skip
 from finetune.train.setup import Training, build_training
 from finetune.train.state import TrainState
-from finetune.train.tasks import Task
+from finetune.tasks import Task
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def set_up(spec: WorkerSpec) -> Worker:
         mix=batch_mixer(cfg.data.mixup_alpha, cfg.data.cutmix_alpha, task.num_outputs),  # classification only
         scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
         ema=controls.ema_model(training.module, cfg.train.ema),
-        early_stopping=controls.EarlyStopping(stopping, stopping.metric or cfg.checkpoint.metric) if stopping else None,
+        early_stopping=controls.EarlyStopping(stopping, stopping.metric) if stopping else None,
         recalibrating=bn.recalibrate and bool(training.train_modes.layers) and spec.has_train_eval,
         events=EventSink(spec.monitor, context.get_world_rank()),
     )  # fmt: skip
@@ -239,7 +239,7 @@ def end_epoch(worker: Worker, state: TrainState, epoch: int, metrics: dict) -> b
     """The plateau schedule, the best epoch and early stopping see the epoch's metrics; True: stop."""
     cfg, scheduler = worker.cfg, worker.training.scheduler
     if hasattr(scheduler, "epoch_end"):  # schedule.name=plateau
-        scheduler.epoch_end(metrics[cfg.schedule.metric or cfg.checkpoint.metric])
+        scheduler.epoch_end(metrics[cfg.schedule.metric])
     state.best.update(epoch, metrics[cfg.checkpoint.metric], cfg.checkpoint.mode, worker.evaluated)
     metrics["best_epoch"] = state.best.epoch
     stop = worker.early_stopping is not None and worker.early_stopping.should_stop(metrics)

@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from finetune import config as config_module
-from finetune.config import STRATEGY_CLASSES, ConfigError, PipelineConfig, SearchDimension, TuneConfig
+from finetune.config import STRATEGY_CONFIGS, ConfigError, PipelineConfig, SearchDimension, TuneConfig
 
 
 def to_domain(dimension: SearchDimension):
@@ -38,7 +38,7 @@ def _strategy_keeps(raw: dict, key: str) -> bool:
     if not key.startswith("strategy.") or key.count(".") != 1:
         return True
     name = (raw.get("strategy") or {}).get("name", "full")
-    strategy = STRATEGY_CLASSES.get(name)
+    strategy = STRATEGY_CONFIGS.get(name)
     return strategy is None or key.split(".", 1)[1] in strategy.model_fields
 
 

@@ -31,7 +31,7 @@ from ray import tune
 from rich.console import Console
 
 from finetune import config as config_module
-from finetune.config import AshaConfig, PipelineConfig, metric_mode
+from finetune.config import AshaConfig, PipelineConfig
 from finetune.inference import evaluate_run
 from finetune.report.sweep import history, plot_curves, results_table, trial_id
 from finetune.ray_env import alive_nodes, check_shared_storage, ensure_ray, quiet_ray_data, warn_if_data_starved
@@ -76,11 +76,6 @@ def _trainable(base_raw: dict, sweep_dir: Path):
     return tune.with_resources(trainable, {"CPU": TRIAL_ACTOR_CPUS})
 
 
-def _metric(cfg: PipelineConfig) -> tuple[str, str]:
-    metric = cfg.tune.metric or cfg.checkpoint.metric
-    return metric, cfg.tune.mode or metric_mode(metric)
-
-
 def _scheduler(cfg: PipelineConfig):
     scheduler = cfg.tune.scheduler
     if not isinstance(scheduler, AshaConfig):
@@ -108,7 +103,7 @@ def _search_alg(cfg: PipelineConfig):
 
 
 def _tuner(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path) -> tune.Tuner:
-    metric, mode = _metric(cfg)
+    metric, mode = cfg.tune.metric, cfg.tune.mode
     return tune.Tuner(
         _trainable(base_raw, sweep_dir),
         param_space=param_space(cfg.tune),
@@ -203,7 +198,7 @@ def trial_rows(results, base_raw: dict, metric: str, mode: str, keys: list[str])
 
 
 def _report(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, results, wall_s: float, console: Console) -> dict:
-    metric, mode = _metric(cfg)
+    metric, mode = cfg.tune.metric, cfg.tune.mode
     rows = trial_rows(results, base_raw, metric, mode, list(cfg.tune.search_space))
     rows.to_csv(sweep_dir / "results.csv", index=False)
     plot_curves(results, metric, sweep_dir / "curves.png")

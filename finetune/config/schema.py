@@ -1,71 +1,15 @@
-"""One typed schema for a pipeline file, YAML loading and `a.b=c` overrides.
-
-A pipeline is validated here, before Ray starts: a wrong key, type or value raises
-one `ConfigError` listing every problem with its dotted key and what is allowed.
-This module is a leaf: it imports nothing else from `finetune`.
+"""The pipeline schema: one pydantic model per section, defaults and a description beside each
+field, cross-section checks in `PipelineConfig`. A strategy's section lives with its strategy
+(finetune/strategies/) and joins the `strategy` union from their registry.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-import re
-from types import UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A pipeline that cannot run; `problems` holds one line per mistake."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
-
-
-class Section(BaseModel):
-    # Unknown keys are mistakes (a typo would otherwise be silently ignored).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-# ---- tasks and the validation metrics each one reports (every epoch, and on test at the end)
-
-TaskType = Literal["classification", "multi_label", "regression"]
-MetricName = Literal[
-    "val/accuracy", "val/macro_f1", "val/micro_f1", "val/map", "val/mae", "val/rmse", "val/r2", "val/loss"
-]
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "classification": ("accuracy", "macro_f1", "loss"),
-    "multi_label": ("micro_f1", "macro_f1", "map", "loss"),
-    "regression": ("mae", "rmse", "r2", "loss"),
-}
-# what checkpoint.metric (and so a sweep's metric) is when unset
-# (multi_label: F1 at the thresholds, what `predict` delivers. mAP only ranks scores: a barely trained
-# model whose near-0.5 scores happen to rank well has a high mAP and predicts nothing useful.)
-DEFAULT_METRIC = {"classification": "val/accuracy", "multi_label": "val/micro_f1", "regression": "val/rmse"}
-TASK_LOSSES = {
-    "classification": ("cross_entropy", "focal"),
-    "multi_label": ("bce", "focal"),
-    "regression": ("mse", "huber"),
-}
-
-
-def lower_is_better(metric: str) -> bool:
-    """Losses and errors fall as a model improves; accuracy, F1, mAP and R^2 rise."""
-    return metric.rsplit("/", 1)[-1] in ("loss", "mae", "rmse")
-
-
-def metric_mode(metric: str) -> Literal["min", "max"]:
-    return "min" if lower_is_better(metric) else "max"
-
-
-def _regex_problem(pattern: str) -> str | None:
-    try:
-        re.compile(pattern)
-    except re.error as error:
-        return str(error)
-    return None
+from finetune.config.base import MetricName, Section, metric_mode, regex_problem, task_class
 
 
 # ---- training-time image augmentation (torchvision.transforms.v2), one entry per transform
@@ -263,99 +207,20 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _groups_are_regexes(self) -> "ModelConfig":
         for pattern in self.layer_groups or []:
-            if problem := _regex_problem(pattern):
+            if problem := regex_problem(pattern):
                 raise ValueError(f"model.layer_groups: {pattern!r} is not a regex: {problem}")
         return self
 
 
-class FullStrategyConfig(Section):
-    name: Literal["full"] = Field("full", description="full: every parameter trains.")
+def _strategy_configs() -> dict[str, type[Section]]:
+    from finetune.strategies.registry import strategy_configs
+
+    return strategy_configs()
 
 
-class LinearProbeConfig(Section):
-    name: Literal["linear_probe"] = Field(description="linear_probe: only the new head trains.")
-
-
-class PartialConfig(Section):
-    name: Literal["partial"] = Field(description="partial: freeze the first groups, or parameters by regex.")
-    freeze_groups: int | None = Field(
-        None, ge=1, description="Freeze this many layer groups from the input side (stem first)."
-    )
-    freeze_regex: str | None = Field(None, description="Freeze every parameter whose name matches this regex.")
-
-    @model_validator(mode="after")
-    def _one_rule(self) -> "PartialConfig":
-        if (self.freeze_groups is None) == (self.freeze_regex is None):
-            raise ValueError("strategy.freeze_groups and strategy.freeze_regex: set exactly one of them")
-        if self.freeze_regex is not None and (problem := _regex_problem(self.freeze_regex)):
-            raise ValueError(f"strategy.freeze_regex={self.freeze_regex!r} is not a regex: {problem}")
-        return self
-
-
-class GradualUnfreezeConfig(Section):
-    name: Literal["gradual_unfreeze"] = Field(
-        description="gradual_unfreeze (ULMFiT): start with the head, unfreeze one more group from the top "
-        "every `every_epochs` epochs or every `every_steps` optimizer steps."
-    )
-    every_epochs: int | None = Field(
-        None, ge=1, description="Epochs between two unfreezings (the default, 1, when every_steps is not set)."
-    )
-    every_steps: int | None = Field(
-        None, ge=1, description="Optimizer steps between two unfreezings, for short runs where epochs are too coarse."
-    )
-    layer_decay: float | None = Field(
-        None, gt=0.0, le=1.0, description="Also use discriminative rates: lr * layer_decay^(groups from the head)."
-    )
-
-    @model_validator(mode="after")
-    def _one_period(self) -> "GradualUnfreezeConfig":
-        if self.every_epochs is not None and self.every_steps is not None:
-            raise ValueError("strategy.every_epochs and strategy.every_steps: set at most one of them")
-        if self.every_steps is None and self.every_epochs is None:
-            self.every_epochs = 1
-        return self
-
-
-class DiscriminativeConfig(Section):
-    name: Literal["discriminative"] = Field(
-        description="discriminative: per-group learning rates, lr * layer_decay^(distance from the head)."
-    )
-    layer_decay: float = Field(0.8, gt=0.0, le=1.0, description="Rate multiplier per group away from the head.")
-
-
-class L2SPConfig(Section):
-    name: Literal["l2sp"] = Field(
-        description="l2sp: alpha/2 ||w - w_pretrained||^2 on the backbone + beta/2 ||w||^2 on the head, "
-        "in place of weight decay (Li et al. 2018)."
-    )
-    alpha: float = Field(0.01, ge=0.0, description="Pull of the backbone toward its pretrained weights.")
-    beta: float = Field(0.01, ge=0.0, description="Plain L2 on the new head.")
-
-
-class BitFitConfig(Section):
-    name: Literal["bitfit"] = Field(description="bitfit: only biases (and the new head) train.")
-
-
-class LoRAConfig(Section):
-    name: Literal["lora"] = Field(
-        description="lora: low-rank adapters (peft) on the backbone's linear and convolution layers; the "
-        "new head trains fully; adapters are merged into the weights on export."
-    )
-    r: int = Field(8, ge=1, le=1024, description="Adapter rank.")
-    alpha: float = Field(16.0, gt=0.0, description="Adapter scaling: updates are scaled by alpha / r.")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
-    target_modules: list[str] | None = Field(
-        None,
-        description="Module names (or name suffixes, e.g. [query, value]) to adapt; unset = every Linear "
-        "and (non-depthwise) Conv2d layer outside the head.",
-    )
-
-
-StrategyConfig = Annotated[
-    FullStrategyConfig | LinearProbeConfig | PartialConfig | GradualUnfreezeConfig | DiscriminativeConfig
-    | L2SPConfig | BitFitConfig | LoRAConfig,
-    Field(discriminator="name"),
-]
+# Every registered strategy's section, told apart by `name` (finetune/strategies/).
+STRATEGY_CONFIGS = _strategy_configs()
+StrategyConfig = Annotated[Union[tuple(STRATEGY_CONFIGS.values())], Field(discriminator="name")]
 
 
 class OptimConfig(Section):
@@ -381,7 +246,7 @@ class OptimConfig(Section):
     @classmethod
     def _no_decay_patterns(cls, value: list[str]) -> list[str]:
         for pattern in value:
-            if pattern not in ("bias", "norm") and (problem := _regex_problem(pattern)):
+            if pattern not in ("bias", "norm") and (problem := regex_problem(pattern)):
                 raise ValueError(f"{pattern!r} is neither 'bias', 'norm' nor a regex ({problem})")
         return value
 
@@ -412,7 +277,7 @@ class ScheduleConfig(Section):
 
 
 class LossConfig(Section):
-    name: Literal["cross_entropy", "focal", "bce", "mse", "huber"] | None = Field(
+    name: str | None = Field(
         None,
         description="Training loss; unset = the task's own: cross_entropy (classification), bce (multi_label: "
         "sigmoid + binary cross-entropy per label), mse (regression). focal (classification, multi_label): "
@@ -447,7 +312,7 @@ class LossConfig(Section):
 
 
 class TaskConfig(Section):
-    type: TaskType = Field(
+    type: str = Field(
         "classification",
         description="classification: one class per row (softmax); multi_label: any number of labels per row "
         "(a sigmoid per label; the label column holds a list, or a string split on data.label_delimiter); "
@@ -463,6 +328,12 @@ class TaskConfig(Section):
         description="regression: train on (target - mean) / std of the training split, so the loss and the "
         "learning rate do not depend on the target's units; metrics and predictions are in its own units.",
     )
+
+    @field_validator("type")
+    @classmethod
+    def _registered(cls, value):
+        task_class(value)  # an unknown type names the known ones
+        return value
 
     @field_validator("threshold")
     @classmethod
@@ -669,7 +540,7 @@ class PipelineConfig(Section):
     data: DataConfig
     model: ModelConfig
     task: TaskConfig = Field(default_factory=TaskConfig)
-    strategy: StrategyConfig = Field(default_factory=FullStrategyConfig)
+    strategy: StrategyConfig = Field(default_factory=STRATEGY_CONFIGS["full"])
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -692,174 +563,36 @@ class PipelineConfig(Section):
     def _settings_fit_task(self) -> "PipelineConfig":
         """Fill the task's defaults (loss, checkpoint metric and mode), then check that every loss and
         metric setting is one the task has."""
-        task = self.task.type
+        task = task_class(self.task.type)
         if self.loss.name is None:
-            self.loss.name = TASK_LOSSES[task][0]
+            self.loss.name = task.loss_names[0]
         if self.checkpoint.metric is None:
-            self.checkpoint.metric = DEFAULT_METRIC[task]
+            self.checkpoint.metric = task.default_metric
         if self.checkpoint.mode is None:
             self.checkpoint.mode = metric_mode(self.checkpoint.metric)
+        # every other metric setting left unset follows checkpoint.metric: resolved here, once
+        if self.schedule.metric is None:
+            self.schedule.metric = self.checkpoint.metric
+        if self.train.early_stopping and self.train.early_stopping.metric is None:
+            self.train.early_stopping.metric = self.checkpoint.metric
+        if self.tune and self.tune.metric is None:
+            self.tune.metric = self.checkpoint.metric
+        if self.tune and self.tune.mode is None:
+            self.tune.mode = metric_mode(self.tune.metric)
         problems = []
-        if self.loss.name not in TASK_LOSSES[task]:
-            problems.append(f"loss.name={self.loss.name} is not a {task} loss; use one of {', '.join(TASK_LOSSES[task])}")
+        if self.loss.name not in task.loss_names:
+            problems.append(f"loss.name={self.loss.name} is not a {task.type} loss; use one of {', '.join(task.loss_names)}")
         metrics = {"checkpoint.metric": self.checkpoint.metric, "schedule.metric": self.schedule.metric,
                    "tune.metric": self.tune and self.tune.metric,
                    "train.early_stopping.metric": self.train.early_stopping and self.train.early_stopping.metric}  # fmt: skip
         for key, metric in metrics.items():
-            if metric and metric.split("/", 1)[1] not in TASK_METRICS[task]:
-                allowed = ", ".join(f"val/{name}" for name in TASK_METRICS[task])
-                problems.append(f"{key}={metric}: a {task} task reports {allowed}")
+            if metric and metric.split("/", 1)[1] not in task.metric_names:
+                allowed = ", ".join(f"val/{name}" for name in task.metric_names)
+                problems.append(f"{key}={metric}: a {task.type} task reports {allowed}")
         if self.checkpoint.mode != metric_mode(self.checkpoint.metric):
             problems.append(f"checkpoint.mode={self.checkpoint.mode} with checkpoint.metric={self.checkpoint.metric}: "
                             f"use mode={metric_mode(self.checkpoint.metric)}")  # fmt: skip
-        if task != "classification" and (self.data.mixup_alpha or self.data.cutmix_alpha):
-            problems.append(f"data.mixup_alpha / data.cutmix_alpha: mix class labels; not for a {task} task")
-        if task != "multi_label" and isinstance(self.task.threshold, list):
-            problems.append(f"task.threshold: per-label thresholds are for multi_label, not {task}")
-        if task == "regression" and (self.loss.label_smoothing or self.loss.class_weights is not None):
-            problems.append("loss.label_smoothing / loss.class_weights: a regression target has no classes")
-        if self.loss.alpha is not None and self.loss.name == "focal":
-            per_class = isinstance(self.loss.alpha, list)
-            if task == "classification" and not per_class:
-                problems.append("loss.alpha: classification focal takes one weight per class, in label order")
-            if task == "multi_label" and (per_class or not 0.0 < self.loss.alpha < 1.0):
-                problems.append("loss.alpha: multi_label focal takes one number in (0, 1), the weight of positives")
-        if task == "multi_label" and self.loss.name == "focal" and self.loss.class_weights is not None:
-            problems.append("loss.class_weights: multi_label focal weighs positives with loss.alpha")
+        problems += task.config_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
         return self
-
-
-def set_dotted(raw: dict[str, Any], key: str, value: Any) -> str | None:
-    """Set `raw[a][b] = value` for key `a.b`, creating sections; the problem, if any."""
-    node = raw
-    parts = key.split(".")
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            return f"{'.'.join(parts[: depth + 1])} is a value, not a section"
-        node = child
-    node[parts[-1]] = value
-    return None
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set `a.b=c` overrides in a raw YAML mapping; values are parsed as YAML scalars."""
-    problems = []
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            problems.append(f"override {item!r}: expected key.sub=value")
-            continue
-        problem = set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else None)
-        if problem:
-            problems.append(f"override {item!r}: {problem}")
-    if problems:
-        raise ConfigError(problems)
-    return raw
-
-
-def _tagged(union) -> dict[str, type[BaseModel]]:
-    return {cls.model_fields["name"].annotation.__args__[0]: cls for cls in union.__origin__.__args__}
-
-
-STRATEGY_CLASSES = _tagged(StrategyConfig)
-AUGMENT_CLASSES = _tagged(AugmentConfig)
-SCHEDULER_CLASSES = _tagged(SchedulerConfig)
-
-
-def _dotted_key(loc: tuple) -> str:
-    # pydantic names the union member in the path (strategy.partial.freeze_groups): drop it.
-    parts = [
-        str(p) for i, p in enumerate(loc)
-        if not (i == 1 and loc[0] == "strategy" and p in STRATEGY_CLASSES)
-        and not (i == 3 and loc[1] == "augment" and p in AUGMENT_CLASSES)
-        and not (i == 2 and loc[1] == "scheduler" and p in SCHEDULER_CLASSES)
-    ]  # fmt: skip
-    return ".".join(parts)
-
-
-def describe_errors(error: ValidationError) -> list[str]:
-    problems = []
-    for item in error.errors():
-        key = _dotted_key(item["loc"])
-        if item["type"] == "extra_forbidden":
-            problems.append(f"{key}: unknown key")
-        elif item["type"] == "missing":
-            problems.append(f"{key}: required, not set")
-        elif item["type"] == "value_error":
-            message = str(item["ctx"]["error"]) if "ctx" in item else item["msg"]
-            # a cross-section check reports each of its problems on a line of its own
-            problems += [f"{key}: {line}" if key else line for line in message.split("\n")]
-        else:
-            problems.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
-    return problems
-
-
-def _unknown_key_hints(raw: dict[str, Any]) -> dict[str, str]:
-    """For each unknown key, the keys its section does allow."""
-    hints: dict[str, str] = {}
-
-    def walk(model: type[BaseModel], node: Any, prefix: str) -> None:
-        if not isinstance(node, dict):
-            return
-        for key, value in node.items():
-            path = f"{prefix}{key}"
-            field = model.model_fields.get(key)
-            if field is None:
-                hints[path] = ", ".join(model.model_fields)
-                continue
-            annotation = field.annotation
-            if key == "strategy" and isinstance(value, dict):
-                annotation = STRATEGY_CLASSES.get(value.get("name", "full"))
-            if get_origin(annotation) in (Union, UnionType):  # an optional section: X | None
-                annotation = next((a for a in get_args(annotation) if a is not type(None)), None)
-            if get_origin(annotation) is dict and isinstance(value, dict):  # e.g. tune.search_space
-                item = get_args(annotation)[1]
-                for name, entry in value.items():
-                    walk(item, entry, f"{path}.{name}.")
-            elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
-                walk(annotation, value, path + ".")
-
-    walk(PipelineConfig, raw, "")
-    return hints
-
-
-def parse(raw: dict[str, Any]) -> PipelineConfig:
-    """Validate a raw mapping into a `PipelineConfig`, or raise `ConfigError` with every problem."""
-    try:
-        return PipelineConfig.model_validate(raw)
-    except ValidationError as error:
-        hints = _unknown_key_hints(raw)
-        problems = [
-            f"{line} (allowed: {hints[line.split(':')[0]]})" if line.split(":")[0] in hints else line
-            for line in describe_errors(error)
-        ]
-        raise ConfigError(problems) from None
-
-
-def read_raw(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """The pipeline file as a mapping, overrides applied, not yet validated."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"pipeline file {path} does not exist"])
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError([f"{path} is not valid YAML: {error}"]) from None
-    if not isinstance(raw, dict):
-        raise ConfigError([f"{path}: a pipeline file is a mapping of sections (data, model, train, ...)"])
-    return apply_overrides(raw, overrides or [])
-
-
-def load(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read a pipeline YAML file, apply overrides, validate."""
-    return parse(read_raw(path, overrides))
-
-
-def save(config: PipelineConfig, path: str | Path) -> None:
-    """Write the resolved config (every default filled in) as YAML."""
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

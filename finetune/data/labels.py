@@ -1,0 +1,54 @@
+"""Labels of a file source: discovered in the training split (ordered: numbers as numbers,
+text alphabetically) and encoded for the task (`finetune/tasks/`), an empty label a bad row."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import ray.data
+
+from finetune.data.rows import DataError, RowPolicy
+from finetune.tasks import Task, task_class
+
+
+def _distinct_labels(batch: pd.DataFrame, task: str, delimiter: str) -> dict[str, list]:
+    kind = task_class(task)
+    values = kind.names_in([v for v in batch["label"] if not kind.is_empty(v)], delimiter)
+    return {"label": pd.unique(pd.Series(values, dtype=object))}
+
+
+def discover_labels(datasets: list[ray.data.Dataset], source: str, task: str, delimiter: str) -> list[str]:
+    """The ordered label names; empty labels are bad rows, reported (or skipped) by file and row."""
+    values: set = set()
+    for ds in datasets:
+        # Distinct labels per block, merged here: a plain map (no shuffle stage as in
+        # Dataset.unique), which also runs inside a Tune trial's placement group.
+        distinct = ds.select_columns(["label"]).map_batches(
+            _distinct_labels, fn_kwargs={"task": task, "delimiter": delimiter}, batch_format="pandas"
+        )
+        values.update(v.item() if isinstance(v, np.generic) else v for v in distinct.to_pandas()["label"])
+    values = {v for v in values if not Task.is_empty(v)}
+    if not values:
+        raise DataError(f"{source}: no rows with a label")
+    # Numeric labels sort as numbers (2 before 10), text labels alphabetically.
+    ordered = sorted(values) if all(isinstance(v, (int, np.integer)) for v in values) else sorted(map(str, values))
+    return [str(v) for v in ordered]
+
+
+def encode_labels(
+    ds: ray.data.Dataset, label_names: list[str], source: str, policy: RowPolicy, task: str, delimiter: str
+) -> ray.data.Dataset:
+    kind = task_class(task)
+    known = set(label_names)
+
+    def check_known(names) -> None:
+        unknown = next((name for name in names if name not in known), None)
+        if unknown is not None:
+            raise DataError(f"{source}: label {unknown!r} is not one of the training labels {label_names}")
+
+    def encode(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = policy.drop(batch, {i: "empty label" for i, value in enumerate(batch["label"]) if kind.is_empty(value)})
+        batch["label"] = kind.encode(batch["label"], label_names, delimiter, check_known)
+        return batch
+
+    return ds.map_batches(encode, batch_format="numpy")
