@@ -105,10 +105,12 @@ def test_uri_sources_and_folders_of_files(ray_session, tmp_path):
 def test_evaluation_reuses_the_trained_labels(ray_session, tmp_path, tiny_bert_dir):
     train = write_csv(tmp_path / "train.csv", sentiment_rows(40))
     test = write_csv(tmp_path / "test.csv", [{"review": "good film", "sentiment": "meh"}])
-    cfg = DataConfig(source=str(train), test_source=str(test), text_column="review", label_column="sentiment")
-    datasets = build_datasets(cfg, TextPreprocessor(str(tiny_bert_dir), 16), seed=0, label_names=["neg", "pos"])
-    assert datasets.label_names == ["neg", "pos"]
-    assert "label 'meh' is not one of the training labels ['neg', 'pos']" in data_error_text(datasets.test.take_all)
+    cfg = DataConfig(source=str(train), text_column="review", label_column="sentiment")
+    preprocessor = TextPreprocessor(str(tiny_bert_dir), 16)
+    assert build_datasets(cfg, preprocessor, seed=0, label_names=["neg", "pos"]).label_names == ["neg", "pos"]
+    with_test = cfg.model_copy(update={"test_source": str(test)})
+    message = data_error_text(lambda: build_datasets(with_test, preprocessor, seed=0, label_names=["neg", "pos"]))
+    assert message == f"{test}: label 'meh' is not one of the training labels ['neg', 'pos']"
 
 
 def test_unreadable_image_in_predict_is_named(tmp_path):

@@ -81,9 +81,9 @@ def test_missing_column_names_the_file_and_columns(ray_session, sentiment_csv):
 def test_unknown_label_in_test_file_is_a_data_error(ray_session, tmp_path):
     train = write_csv(tmp_path / "train.csv", sentiment_rows(40))
     test = write_csv(tmp_path / "test.csv", [{"review": "good film", "sentiment": "meh"}])
-    source = load_source(text_cfg(train, test_source=str(test)), seed=0)
-    message = data_error_text(source.splits["test"].take_all)
-    assert "label 'meh' is not one of the training labels ['neg', 'pos']" in message
+    # found while the splits are set up, before anything trains
+    message = data_error_text(lambda: load_source(text_cfg(train, test_source=str(test)), seed=0))
+    assert message == f"{test}: label 'meh' is not one of the training labels ['neg', 'pos']"
 
 
 def test_empty_labels_are_refused_by_file_and_row(ray_session, tmp_path):
@@ -180,8 +180,9 @@ def test_multi_label_columns_are_lists_or_delimited_strings(ray_session, tmp_pat
     assert datasets.label_stats() == {"rows": 4, "sums": [2.0, 2.0, 1.0], "squares": 0.0}
     # a label the training split does not have is named; so is a missing (null) label
     test = write_jsonl(tmp_path / "test.jsonl", [{"text": "e", "tags": ["western"]}])
-    unknown = load_source(jsonl_cfg.model_copy(update={"test_source": str(test)}), seed=0, task="multi_label")
-    assert "label 'western' is not one of the training labels" in data_error_text(unknown.splits["test"].take_all)
+    unknown = jsonl_cfg.model_copy(update={"test_source": str(test)})
+    message = data_error_text(lambda: load_source(unknown, seed=0, task="multi_label"))
+    assert message == f"{test}: label 'western' is not one of the training labels ['comedy', 'drama', 'horror']"
     missing = write_jsonl(tmp_path / "missing.jsonl", [*as_lists, {"text": "f", "tags": None}])
     source = load_source(jsonl_cfg.model_copy(update={"source": str(missing)}), seed=0, task="multi_label")
     assert "missing.jsonl, row 4: empty label" in data_error_text(source.splits["train"].take_all)

@@ -99,7 +99,7 @@ def test_submit_waits_for_the_job_and_its_checkpoint_lands_in_storage(ray_head, 
     job_id = out.split("submitted job ", 1)[1].split()[0]
     assert f"job {job_id}: SUCCEEDED" in out
     assert "finetune summary" in out and "test accuracy" in out  # the job's own log, followed
-    assert sorted(p.name for p in (storage / "run").glob("checkpoint_*"))  # Ray Train's checkpoint
+    assert len(list((storage / "run").glob("checkpoint_*"))) == 1  # Ray Train's checkpoint of the one epoch
     assert (run_dir / "best" / "model.safetensors").is_file() and (run_dir / "summary.json").is_file()
 
     assert main(["jobs", "status", job_id, "--address", ray_head]) == 0

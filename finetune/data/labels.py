@@ -17,22 +17,33 @@ def _distinct_labels(batch: pd.DataFrame, task: str, delimiter: str) -> dict[str
     return {"label": pd.unique(pd.Series(values, dtype=object))}
 
 
-def discover_labels(datasets: list[ray.data.Dataset], source: str, task: str, delimiter: str) -> list[str]:
+def _names(ds: ray.data.Dataset, task: str, delimiter: str) -> set:
+    """The distinct label names of `ds` (empty labels left out: they are bad rows)."""
+    # Distinct labels per block, merged here: a plain map (no shuffle stage as in
+    # Dataset.unique), which also runs inside a Tune trial's placement group.
+    distinct = ds.select_columns(["label"]).map_batches(
+        _distinct_labels, fn_kwargs={"task": task, "delimiter": delimiter}, batch_format="pandas"
+    )
+    values = {v.item() if isinstance(v, np.generic) else v for v in distinct.to_pandas()["label"]}
+    return {v for v in values if not Task.is_empty(v)}
+
+
+def discover_labels(ds: ray.data.Dataset, source: str, task: str, delimiter: str) -> list[str]:
     """The ordered label names; empty labels are bad rows, reported (or skipped) by file and row."""
-    values: set = set()
-    for ds in datasets:
-        # Distinct labels per block, merged here: a plain map (no shuffle stage as in
-        # Dataset.unique), which also runs inside a Tune trial's placement group.
-        distinct = ds.select_columns(["label"]).map_batches(
-            _distinct_labels, fn_kwargs={"task": task, "delimiter": delimiter}, batch_format="pandas"
-        )
-        values.update(v.item() if isinstance(v, np.generic) else v for v in distinct.to_pandas()["label"])
-    values = {v for v in values if not Task.is_empty(v)}
+    values = _names(ds, task, delimiter)
     if not values:
         raise DataError(f"{source}: no rows with a label")
     # Numeric labels sort as numbers (2 before 10), text labels alphabetically.
     ordered = sorted(values) if all(isinstance(v, (int, np.integer)) for v in values) else sorted(map(str, values))
     return [str(v) for v in ordered]
+
+
+def check_known_labels(ds: ray.data.Dataset, label_names: list[str], source: str, task: str, delimiter: str) -> None:
+    """A DataError for a label of `ds` (a validation or test file) the training split does not
+    have, before training starts rather than at the first evaluation."""
+    unknown = sorted(str(v) for v in _names(ds, task, delimiter) if str(v) not in set(label_names))
+    if unknown:
+        raise DataError(f"{source}: label {unknown[0]!r} is not one of the training labels {label_names}")
 
 
 def encode_labels(

@@ -15,7 +15,7 @@ import ray.data
 
 from finetune.config import DataConfig
 from finetune.data.catalog import CATALOG
-from finetune.data.labels import discover_labels, encode_labels
+from finetune.data.labels import check_known_labels, discover_labels, encode_labels
 from finetune.data.readers import infer_format, read_image_folder, read_table_files
 from finetune.data.rows import FILE, PROVENANCE, DataError, RowPolicy
 from finetune.data.splits import SPLITS, Source, hash_split
@@ -61,7 +61,12 @@ def _load_files(
             raw[split], split_kind, _ = _read_file_source(path, cfg.format, cfg, task)
             if split_kind != kind:
                 raise DataError(f"data.{split}_source {path} holds {split_kind} data but data.source holds {kind}")
-    label_names = task_class(task).fixed_label_names(cfg.label_column) or label_names or discover_labels([raw["train"]], cfg.source, task, cfg.label_delimiter)
+    fixed = task_class(task).fixed_label_names(cfg.label_column)
+    label_names = fixed or label_names or discover_labels(raw["train"], cfg.source, task, cfg.label_delimiter)
+    if not fixed:
+        for split, path in explicit.items():
+            if path:
+                check_known_labels(raw[split], label_names, path, task, cfg.label_delimiter)
     # Splits without an explicit file are carved out of `source` by seeded hashing.
     val_fraction = 0.0 if cfg.val_source else cfg.val_fraction
     test_fraction = 0.0 if cfg.test_source else cfg.test_fraction
