@@ -21,7 +21,7 @@ def load_run(run_dir: str | Path) -> tuple[config_module.PipelineConfig, SavedMo
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "best" / "model.json").is_file():
         raise FileNotFoundError(f"{run_dir} is not a finished run directory (config.yaml and best/ expected)")
-    return config_module.load(run_dir / "config.yaml"), load_model(run_dir / "best")
+    return config_module.load_saved(run_dir / "config.yaml"), load_model(run_dir / "best")
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, float]:

@@ -74,7 +74,9 @@ def _registry_problems(raw: dict) -> list[str]:
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """A validated pipeline, or one ConfigError listing every problem found."""
+    """The one loader of a user's pipeline file: YAML, `a.b=c` overrides, the schema, then the
+    registries, the files and the strategy on the model's structure. A validated pipeline, or
+    one ConfigError listing every problem found."""
     raw = config_module.read_raw(path, overrides)
     try:
         cfg = config_module.parse(raw)

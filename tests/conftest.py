@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import FILLER, NEGATIVE, POSITIVE, sentiment_rows, write_csv
+from helpers import FILLER, NEGATIVE, POSITIVE, WARM_WORKERS, sentiment_rows, write_csv
 
 # Ray Train's controller polls its workers every 2 s and acts on what it sees at the next poll:
 # a tiny run spent ~5 s just waiting to be seen finished. Subprocesses (drivers, heads) inherit it.
@@ -24,11 +24,8 @@ def ray_session(tmp_path_factory):
     os.environ.setdefault("RAY_TMPDIR", str(tmp_path_factory.mktemp("ray")))
     # The dashboard (on 127.0.0.1) serves the state API, which Ray Train's placement-group
     # cleaner needs to free the workers' CPUs when Tune stops a trial early.
-    # Idle worker processes are kept (Ray keeps num_cpus of them, for 1 s): a test's Ray Train
-    # workers, split coordinators and Ray Data tasks then start in processes that have already
-    # imported torch and transformers, about a quarter off each run after the first.
-    warm = {"num_workers_soft_limit": 8, "idle_worker_killing_time_threshold_ms": 600_000}
-    ray.init(num_cpus=2, log_to_driver=False, logging_level="WARNING", include_dashboard=True, _system_config=warm)
+    ray.init(num_cpus=2, log_to_driver=False, logging_level="WARNING", include_dashboard=True,
+             _system_config=WARM_WORKERS)  # fmt: skip
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

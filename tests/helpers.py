@@ -14,12 +14,20 @@ import pytest
 import pyarrow.parquet as pq
 import torch
 import yaml
+from torch import nn
 from PIL import Image
 
 from finetune import config
 from finetune.config import PipelineConfig
 from finetune.data.rows import DataError, find_data_error
+from finetune.models.vision import ImageClassifier
 from finetune.train import steps
+
+# Ray keeps idle worker processes (it keeps num_cpus of them, for 1 s): a test's Ray Train
+# workers, split coordinators and Ray Data tasks then start in processes that have already
+# imported torch and transformers, about a quarter off each run after the first. For the test
+# session's Ray, the two-node cluster and the jobs head alike.
+WARM_WORKERS = {"num_workers_soft_limit": 8, "idle_worker_killing_time_threshold_ms": 600_000}
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun"]
 NEGATIVE = ["bad", "awful", "dull", "poor", "boring", "weak"]
@@ -147,3 +155,21 @@ def data_error_text(run) -> str:
     error = find_data_error(raised.value)
     assert error is not None, raised.value
     return str(error)
+
+
+class TinyNet(nn.Module):
+    """Two conv blocks with BatchNorm (input -> output: stem, block, head), for BatchNorm semantics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(0.5))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.stem(x)).mean(dim=(2, 3)))
+
+
+def TinyCNN() -> ImageClassifier:
+    """TinyNet behind the project's image-model wrapper (pixel_values in, logits out)."""
+    return ImageClassifier(TinyNet())

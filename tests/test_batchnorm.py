@@ -15,22 +15,7 @@ from finetune.models.groups import layer_groups
 from finetune.models.vision import ImageClassifier
 from finetune.strategies import build_strategy
 from finetune.train.setup import build_training
-from helpers import pipeline_config, run_epochs
-
-
-class TinyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-        self.block = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(0.5))
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.block(self.stem(x)).mean(dim=(2, 3)))
-
-
-def TinyCNN() -> ImageClassifier:
-    return ImageClassifier(TinyNet())
+from helpers import TinyCNN, pipeline_config, run_epochs
 
 
 GROUPS = [r"^net\.stem\.", r"^net\.block\."]

@@ -10,6 +10,11 @@ from finetune.config import ConfigError
 PIPELINES = sorted(Path(__file__).parent.parent.joinpath("pipelines").glob("*.yaml"))
 
 
+def load(path, overrides=None):
+    """The schema's part of `finetune.validate.load_pipeline`: YAML, overrides, pydantic."""
+    return config.parse(config.read_raw(path, overrides))
+
+
 def write(tmp_path: Path, data: dict) -> Path:
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -25,7 +30,7 @@ def test_shipped_pipelines_are_valid(path):
 
 
 def test_defaults_fill_every_section(tmp_path):
-    cfg = config.load(write(tmp_path, MINIMAL))
+    cfg = load(write(tmp_path, MINIMAL))
     assert cfg.strategy.name == "full"
     assert cfg.optim.name == "adamw" and cfg.optim.lr == 5e-5
     assert cfg.checkpoint.metric == "val/accuracy" and cfg.checkpoint.mode == "max"
@@ -33,7 +38,7 @@ def test_defaults_fill_every_section(tmp_path):
 
 
 def test_overrides_are_typed_and_create_sections(tmp_path):
-    cfg = config.load(
+    cfg = load(
         write(tmp_path, MINIMAL),
         ["optim.lr=3e-4", "train.epochs=7", "scaling.use_gpu=true", "train.precision=bf16", "data.image_size=96"],
     )
@@ -46,7 +51,7 @@ def test_overrides_are_typed_and_create_sections(tmp_path):
 def test_every_problem_is_reported_at_once(tmp_path):
     raw = {**MINIMAL, "optim": {"lr": -1, "name": "lion"}, "train": {"epoch": 3}}
     with pytest.raises(ConfigError) as error:
-        config.load(write(tmp_path, raw))
+        load(write(tmp_path, raw))
     problems = error.value.problems
     assert any(p.startswith("optim.lr:") and "greater than 0" in p for p in problems)
     assert any(p.startswith("optim.name:") and "'adamw'" in p and "'sgd'" in p for p in problems)
@@ -56,7 +61,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
 
 def test_missing_sections_are_named(tmp_path):
     with pytest.raises(ConfigError) as error:
-        config.load(write(tmp_path, {"data": {"source": "x.csv"}}))
+        load(write(tmp_path, {"data": {"source": "x.csv"}}))
     assert error.value.problems == ["model: required, not set"]
 
 
@@ -71,22 +76,22 @@ def test_missing_sections_are_named(tmp_path):
 def test_cross_field_checks_quote_both_keys(tmp_path, override, message):
     path = write(tmp_path, {**MINIMAL, "checkpoint": {"metric": "val/loss"}} if "mode" in override else MINIMAL)
     with pytest.raises(ConfigError) as error:
-        config.load(path, [override])
+        load(path, [override])
     expected = message or "checkpoint.mode=max with checkpoint.metric=val/loss"
     assert any(expected in p for p in error.value.problems), error.value.problems
 
 
 def test_bad_override_syntax(tmp_path):
     with pytest.raises(ConfigError, match="expected key.sub=value"):
-        config.load(write(tmp_path, MINIMAL), ["optim.lr"])
+        load(write(tmp_path, MINIMAL), ["optim.lr"])
     with pytest.raises(ConfigError, match="model.name is a value, not a section"):
-        config.load(write(tmp_path, MINIMAL), ["model.name.x=1"])
+        load(write(tmp_path, MINIMAL), ["model.name.x=1"])
 
 
 def test_saved_config_round_trips(tmp_path):
-    cfg = config.load(write(tmp_path, MINIMAL), ["train.seed=5"])
+    cfg = load(write(tmp_path, MINIMAL), ["train.seed=5"])
     config.save(cfg, tmp_path / "resolved.yaml")
-    assert config.load(tmp_path / "resolved.yaml") == cfg
+    assert load(tmp_path / "resolved.yaml") == cfg
 
 
 def test_cli_exits_2_with_a_message_and_no_traceback(tmp_path, capsys):

@@ -4,27 +4,13 @@ exactly as the run that wrote it would have (plain PyTorch, a tiny CNN with Batc
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from finetune.config import EarlyStoppingConfig, EmaConfig
-from finetune.models.vision import ImageClassifier
 from finetune.train import controls
 from finetune.train.setup import build_training
 from finetune.train.state import TrainState
-from helpers import pipeline_config, run_epochs
+from helpers import TinyCNN, pipeline_config, run_epochs
 
 EPOCHS = 3
-
-
-class TinyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-        self.block = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.block(self.stem(x)).mean(dim=(2, 3)))
 
 
 def batches(seed: int) -> list[dict[str, torch.Tensor]]:
@@ -36,7 +22,7 @@ def batches(seed: int) -> list[dict[str, torch.Tensor]]:
 def fresh_state(cfg) -> tuple[TrainState, object]:
     """A run as a worker sets it up: same seed, same pretrained weights, nothing trained yet."""
     torch.manual_seed(0)
-    model = ImageClassifier(TinyNet())
+    model = TinyCNN()
     training = build_training(cfg, model, steps_per_epoch=4)
     ema = controls.ema_model(training.module, cfg.train.ema)
     stopper = controls.EarlyStopping(cfg.train.early_stopping, "val/accuracy")
@@ -46,6 +32,7 @@ def fresh_state(cfg) -> tuple[TrainState, object]:
 
 
 def train_epoch(state: TrainState, training, epoch: int, val_accuracy: float) -> None:
+    torch.manual_seed(100 + epoch)  # the dropout masks of this epoch, in the written and the resumed run alike
     run_epochs(training, batches(seed=epoch), first_epoch=epoch, after_step=lambda: state.ema.update_parameters(state.model))
     metrics = {"epoch": epoch, "val/accuracy": val_accuracy}
     state.best.update(epoch, val_accuracy, "max", state.evaluated)

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from helpers import registered_checkpoint  # this folder is the script's: first on sys.path
+from helpers import WARM_WORKERS, registered_checkpoint  # this folder is the script's: first on sys.path
 
 NODE_CPUS = 2  # per node: one for the training worker, one for Ray Data
 
@@ -83,7 +83,8 @@ def main(workdir: Path, pipeline: str, scenarios: list[str]) -> dict:
     from ray.cluster_utils import Cluster
 
     # The dashboard serves the state API (worker pids); on a free port, beside the test session's Ray.
-    head = {"num_cpus": NODE_CPUS, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": _free_port()}
+    head = {"num_cpus": NODE_CPUS, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": _free_port(),
+            "_system_config": WARM_WORKERS}  # fmt: skip
     cluster = Cluster(initialize_head=True, head_node_args=head)
     worker_node = cluster.add_node(num_cpus=NODE_CPUS)
     cluster.wait_for_nodes()

@@ -37,9 +37,12 @@ def parse(raw: dict[str, Any]) -> PipelineConfig:
         raise ConfigError(problems) from None
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read a pipeline YAML file, apply overrides, validate."""
-    return parse(read_raw(path, overrides))
+def load_saved(path: str | Path) -> PipelineConfig:
+    """A config this tool wrote (a run's config.yaml, a sweep's): checked when its run started,
+    read back against the schema alone, without touching data or models (`finetune predict`
+    needs neither). A user's pipeline file goes through `finetune.validate.load_pipeline`, the
+    one loader for those."""
+    return parse(read_raw(path))
 
 
 def save(config: PipelineConfig, path: str | Path) -> None:

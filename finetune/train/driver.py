@@ -137,4 +137,4 @@ def resume(run_dir: Path, console: Console | None = None) -> dict:
         raise FileNotFoundError(f"{run_dir} is not a run directory (config.yaml missing)")
     console = console or Console()
     console.print(f"resuming {run_dir}")
-    return run(config_module.load(run_dir / "config.yaml"), run_dir, console, resume=True)
+    return run(config_module.load_saved(run_dir / "config.yaml"), run_dir, console, resume=True)
