@@ -28,6 +28,7 @@ from finetune import models
 from finetune.config import DataConfig, ModelConfig, parse
 from finetune.data.catalog import rotten_tomatoes_rows
 from finetune.train import steps
+from finetune.train.trainer import ShardingConfig
 from finetune.train.setup import build_training
 
 
@@ -90,7 +91,7 @@ def _ray_worker(config: dict) -> None:
     }))  # fmt: skip
 
 
-def ray_train(rows: list[dict], args) -> dict:
+def ray_train(rows: list[dict], args, dataset_config) -> dict:
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -112,6 +113,7 @@ def ray_train(rows: list[dict], args) -> dict:
             scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": args.ray_cpus}),
             run_config=ray.train.RunConfig(storage_path=directory, name="overhead"),
             datasets={"train": train},
+            dataset_config=dataset_config,
         )
         fit_started = time.perf_counter()
         trainer.fit()
@@ -154,7 +156,10 @@ def main() -> None:
     # The same bare loop as a plain Ray task: Ray core's share of the cost, apart from Train and Data.
     task = ray.remote(num_cpus=args.ray_cpus)(bare_torch)
     in_task = ray.get(task.remote(rows, args))
-    ray_result = ray_train(rows, args)
+    # finetune's ingest (one worker iterates its datasets itself), then Ray's default (a
+    # streaming_split coordinator actor per dataset, which more than one worker needs)
+    ray_result = ray_train(rows, args, ShardingConfig(execution_options=ShardingConfig.default_ingest_options()))
+    split_result = ray_train(rows, args, ray.train.DataConfig(execution_options=ShardingConfig.default_ingest_options()))
     ray.shutdown()
     torch_after = bare_torch(rows, args)
 
@@ -164,6 +169,7 @@ def main() -> None:
     torch_speed = sum(torch_speeds) / 2
     task_speed = _steady_samples_per_s(in_task["step_ends"], args.warmup_steps, args.batch_size)
     ray_speed = _steady_samples_per_s(ray_result["step_ends"], args.warmup_steps, args.batch_size)
+    split_speed = _steady_samples_per_s(split_result["step_ends"], args.warmup_steps, args.batch_size)
     print(json.dumps({
         "model": args.model, "steps": args.steps, "batch_size": args.batch_size, "warmup_steps": args.warmup_steps,
         "precision": steps.resolve_precision(args.precision, torch.device("cpu")), "cpus": os.cpu_count(),
@@ -171,12 +177,16 @@ def main() -> None:
         "samples_per_s_ray": round(ray_speed, 2), "samples_per_s_torch": round(torch_speed, 2),
         "samples_per_s_torch_before_after": [round(v, 2) for v in torch_speeds], "materialized": args.materialize, "prefetch_batches": args.prefetch_batches, "dashboard": args.dashboard,
         "ratio": round(ray_speed / torch_speed, 3),
+        "samples_per_s_ray_split_coordinator": round(split_speed, 2),
+        "ratio_split_coordinator": round(split_speed / torch_speed, 3),
         "samples_per_s_bare_loop_in_ray_task": round(task_speed, 2),
         "ratio_bare_loop_in_ray_task": round(task_speed / torch_speed, 3),
         "startup_s_ray_init": round(ray_init_s, 2),
         # fit() time outside the training steps: worker group start, model build, first batch, teardown
         "fit_overhead_s_ray": round(ray_result["fit_s"] - (ray_result["step_ends"][-1] - ray_result["step_ends"][0]), 2),
+        "fit_overhead_s_ray_split_coordinator": round(split_result["fit_s"] - (split_result["step_ends"][-1] - split_result["step_ends"][0]), 2),
         "startup_s_worker_to_first_step": round(ray_result["startup_s"], 2),
+        "startup_s_worker_to_first_step_split_coordinator": round(split_result["startup_s"], 2),
         "startup_s_torch_to_first_step": round(torch_before["startup_s"], 2),
     }))  # fmt: skip
 

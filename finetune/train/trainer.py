@@ -23,7 +23,9 @@ from finetune.train.worker import WorkerSpec, train_loop_per_worker
 
 class ShardingConfig(ray.train.DataConfig):
     """Training shards are equal (DDP needs the same step count on every rank); validation and
-    test shards keep every row, so metrics cover the whole split whatever the worker count."""
+    test shards keep every row, so metrics cover the whole split whatever the worker count.
+    A single worker iterates its datasets itself: a streaming_split coordinator is one Ray actor
+    per dataset, and starting the three cost 11 s of a tiny run's 27 s while sharding nothing."""
 
     @staticmethod
     def default_ingest_options() -> ray.data.ExecutionOptions:
@@ -34,15 +36,23 @@ class ShardingConfig(ray.train.DataConfig):
                                          verbose_progress=current.verbose_progress)  # fmt: skip
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        if world_size == 1:
+            return [{name: self._ingest_copy(name, ds).iterator() for name, ds in datasets.items()}]
         train = {name: ds for name, ds in datasets.items() if name == "train"}
         shards = super().configure(train, world_size, worker_handles, worker_node_ids, **kwargs)
         for name, ds in datasets.items():
             if name != "train":
-                ds = ds.copy(ds)
-                ds.context.execution_options = self._resolve_execution_options(name)
-                for rank, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                splits = self._ingest_copy(name, ds).streaming_split(world_size, equal=False)
+                for rank, split in enumerate(splits):
                     shards[rank][name] = split
         return shards
+
+    def _ingest_copy(self, name: str, ds: ray.data.Dataset) -> ray.data.Dataset:
+        if ds.name is None:
+            ds.set_name(name)  # as Ray's own configure does: the name its progress and metrics show
+        ds = ds.copy(ds)
+        ds.context.execution_options = self._resolve_execution_options(name)
+        return ds
 
 
 def ingest_options(cfg: PipelineConfig) -> ray.data.ExecutionOptions:
