@@ -10,10 +10,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from finetune.train import TrainingDiverged
+from finetune.train import Interrupted, TrainingDiverged
 
 EXIT_CONFIG = 2
 EXIT_DATA = 1
+EXIT_INTERRUPTED = 130  # as a shell reports a program Ctrl-C stopped
+INSECURE_HELP = "send the cluster token over plain http to a non-loopback address (anyone on the path can read it)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,12 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--run-dir", help="train: the run folder on the cluster (shared storage)")
     submit.add_argument("--sweep-dir", help="tune: the sweep folder on the cluster (shared storage)")
     submit.add_argument("--wait", action="store_true", help="follow the logs; exit with the job's status")
+    submit.add_argument("--allow-insecure", action="store_true", help=INSECURE_HELP)
 
     jobs = commands.add_parser("jobs", help="status, logs or stop of a submitted job")
     jobs.add_argument("action", choices=("status", "logs", "stop"))
     jobs.add_argument("job_id")
     jobs.add_argument("--address", help="the cluster's dashboard URL (default: $RAY_ADDRESS, else a local head)")
     jobs.add_argument("--follow", action="store_true", help="logs: follow until the job ends")
+    jobs.add_argument("--allow-insecure", action="store_true", help=INSECURE_HELP)
 
     validate = commands.add_parser("validate", help="check a pipeline file without running it")
     validate.add_argument("pipeline")
@@ -100,15 +104,21 @@ def _jobs(args, console: Console) -> int:
         extra = ["--sweep-dir", args.sweep_dir] if args.tune and args.sweep_dir else []
         extra += ["--run-dir", args.run_dir] if not args.tune and args.run_dir else []
         client, job_id = jobs.submit(Path(args.pipeline), args.overrides, address=args.address, tune=args.tune,
-                                     extra=extra)  # fmt: skip
+                                     extra=extra, allow_insecure=args.allow_insecure)  # fmt: skip
         console.print(f"submitted job {job_id}", highlight=False)
         if not args.wait:
             console.print(f"follow it with: finetune jobs logs {job_id} --follow", highlight=False)
             return 0
-        status = jobs.follow(client, job_id)
+        try:
+            status = jobs.follow(client, job_id)
+        except KeyboardInterrupt:
+            console.print(f"stopped following job {job_id}; it keeps running on the cluster. Follow it again with: "
+                          f"finetune jobs logs {job_id} --follow; stop it with: finetune jobs stop {job_id}",
+                          highlight=False, soft_wrap=True)  # fmt: skip
+            return EXIT_INTERRUPTED
         console.print(f"job {job_id}: {status.value}", highlight=False)
         return jobs.exit_status(status)
-    client = jobs.client(args.address)
+    client = jobs.client(args.address, args.allow_insecure)
     if args.action == "status":
         info = client.get_job_info(args.job_id)
         console.print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""), highlight=False)
@@ -173,6 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         for problem in error.problems:
             console.print(f"  - {problem}", highlight=False, markup=False, soft_wrap=True)
         return EXIT_CONFIG
+    except (KeyboardInterrupt, Interrupted) as error:
+        # fit() may still run in its thread: shutting Ray down here ends its workers with it
+        import ray
+
+        ray.shutdown()
+        where = str(error) if isinstance(error, Interrupted) else "stopped"
+        console.print(f"[bold yellow]interrupted:[/] {escape(where)}", highlight=False, soft_wrap=True)
+        return EXIT_INTERRUPTED
     except TrainingDiverged as error:
         console.print(f"[bold red]training stopped:[/] {escape(str(error))}; lower optim.lr, or set "
                       "train.max_grad_norm / train.precision=fp32", highlight=False, soft_wrap=True)  # fmt: skip

@@ -9,14 +9,18 @@ submitted; the cluster's Python environment provides the dependencies (cluster/ 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import shlex
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ray.job_submission import JobStatus, JobSubmissionClient
+
+from finetune.config import ConfigError
 
 PACKAGE = Path(__file__).parent  # this module lives in the package it ships
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # a head on this machine
@@ -31,9 +35,29 @@ def _auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def client(address: str | None) -> JobSubmissionClient:
+def insecure_token_problem(address: str, headers: dict[str, str]) -> str | None:
+    """Why sending the cluster token to `address` would expose it: plain http to another machine
+    (anyone on the path reads a bearer token); None for https, loopback, or no token."""
+    url = urlsplit(address if "://" in address else f"http://{address}")
+    if not headers or url.scheme != "http":
+        return None
+    host = url.hostname or ""
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        if host == "localhost":
+            return None
+    return (f"--address {address}: the cluster token would travel over plain http to {host}; use an https:// address "
+            "(a TLS proxy in front of the dashboard, or an SSH tunnel to 127.0.0.1), or pass --allow-insecure")
+
+
+def client(address: str | None, allow_insecure: bool = False) -> JobSubmissionClient:
     address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
-    return JobSubmissionClient(address, headers=_auth_headers())
+    headers = _auth_headers()
+    if not allow_insecure and (problem := insecure_token_problem(address, headers)):
+        raise ConfigError([problem])
+    return JobSubmissionClient(address, headers=headers)
 
 
 def entrypoint(command: str, pipeline: str, overrides: list[str], extra: list[str]) -> str:
@@ -41,10 +65,11 @@ def entrypoint(command: str, pipeline: str, overrides: list[str], extra: list[st
 
 
 def submit(
-    pipeline: Path, overrides: list[str], *, address: str | None, tune: bool = False, extra: list[str] = ()
-) -> tuple[JobSubmissionClient, str]:
+    pipeline: Path, overrides: list[str], *, address: str | None, tune: bool = False, extra: list[str] = (),
+    allow_insecure: bool = False,
+) -> tuple[JobSubmissionClient, str]:  # fmt: skip
     """Submit `finetune train|tune PIPELINE overrides` as a Ray job; returns the client and job id."""
-    jobs = client(address)
+    jobs = client(address, allow_insecure)
     with tempfile.TemporaryDirectory(prefix="finetune-job-") as staging:
         staging = Path(staging)
         shutil.copytree(PACKAGE, staging / "finetune",

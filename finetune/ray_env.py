@@ -29,8 +29,10 @@ def ensure_ray() -> None:
 
 
 def quiet_ray_data() -> None:
-    # The live progress bar replaces Ray Data's per-dataset bars and execution notices.
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    # The live progress bar replaces Ray Data's per-dataset bars and execution notices; a failed
+    # read or task reaches the caller as its exception (a DataError: one line), so Ray Data's own
+    # log of it (a stack trace asking for a Ray bug report) would only repeat it.
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
@@ -41,6 +43,23 @@ def quiet_ray_data() -> None:
 
 def alive_nodes() -> int:
     return sum(1 for node in ray.nodes() if node["Alive"])
+
+
+def nodes_it_may_have(alive: int, cluster_config=None) -> int:
+    """How many nodes the cluster may have while a run goes on: those alive now, or as many as
+    its autoscaler may start (the node groups of the cluster config it publishes, as Ray Train
+    reads them; a group without a limit counts as one more node at least)."""
+    if cluster_config is None:
+        return alive
+    extra = sum(1 if group.max_count < 0 else group.max_count for group in cluster_config.node_group_configs)
+    return max(alive, 1 + extra)
+
+
+def cluster_nodes() -> int:
+    """`nodes_it_may_have` of the connected cluster: a single head that will grow counts as many."""
+    from ray._private.state import state  # the autoscaler's published config, as Ray Train and Data read it
+
+    return nodes_it_may_have(alive_nodes(), state.get_cluster_config())
 
 
 def on_driver_node() -> NodeAffinitySchedulingStrategy:
@@ -103,7 +122,7 @@ def check_shared_storage(storage_path: str, declared_shared: bool, nodes: int, m
         return
     raise ConfigError([
         f"checkpoint.storage_path={storage_path} is on this machine's own disk ({fstype or 'unknown file system'}), "
-        f"but the cluster has {nodes} nodes: every node writes checkpoints there. Use storage all nodes reach: "
+        f"but the cluster has (or can grow to) {nodes} nodes: every node writes checkpoints there. Use storage all nodes reach: "
         "a URI (s3://bucket/prefix, gs://bucket/prefix) or a shared file system (NFS, EFS, ...); if this path is "
         "a shared mount, set checkpoint.storage_is_shared=true"
     ])

@@ -30,6 +30,25 @@ def check_task(cfg: PipelineConfig) -> list[str]:
     return []
 
 
+def check_splits(cfg: PipelineConfig) -> list[str]:
+    """A run needs validation rows (to choose its checkpoint) and test rows (to report on)."""
+    problems = []
+    for split, use in (("val", "choose the best checkpoint on"), ("test", "report the final scores on")):
+        if not getattr(cfg.data, f"{split}_fraction") and not getattr(cfg.data, f"{split}_source"):
+            problems.append(f"data.{split}_fraction=0 and no data.{split}_source: there would be no {split} rows to "
+                            f"{use}; set data.{split}_fraction above 0 or give data.{split}_source")  # fmt: skip
+    return problems
+
+
+def check_text_length(cfg: PipelineConfig) -> list[str]:
+    """data.max_length beyond the text model's positions would fail in the first forward pass."""
+    positions = models.text_positions(cfg.model)
+    if positions and cfg.data.max_length > positions:
+        return [f"data.max_length={cfg.data.max_length}: {cfg.model.name} has {positions} token positions; "
+                f"set data.max_length to {positions} or less (longer texts are truncated)"]  # fmt: skip
+    return []
+
+
 def check_augmentation(cfg: PipelineConfig) -> list[str]:
     """Image augmentation set for a text model."""
     if models.resolve(cfg.model.name).family != "hf":
@@ -84,7 +103,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         raise ConfigError(error.problems + _registry_problems(raw)) from None
     problems = _registry_problems(raw)
     if not problems:
-        problems = check_task(cfg) + check_augmentation(cfg) + check_strategy(cfg)
+        problems = check_task(cfg) + check_splits(cfg) + check_text_length(cfg) + check_augmentation(cfg)
+        problems += check_strategy(cfg)
     if cfg.tune is not None:
         problems += check_search_space(raw, cfg.tune) + check_search_alg(cfg.tune)
     if problems:

@@ -50,7 +50,12 @@ def registered_checkpoint(run_dir: Path) -> bool:
     """Whether Ray Train's controller has taken a reported checkpoint of `finetune train
     --run-dir RUN_DIR` as the latest, what a restart or --resume continues from (the
     checkpoint's folder appears before that)."""
-    snapshot = run_dir / "ray" / run_dir.name / "checkpoint_manager_snapshot.json"
+    from finetune.train.driver import checkpoint_folder
+
+    folder = checkpoint_folder(run_dir)
+    if folder is None:
+        return False
+    snapshot = folder / "checkpoint_manager_snapshot.json"
     try:
         return json.loads(snapshot.read_text()).get("latest_checkpoint_result") is not None
     except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written

@@ -129,3 +129,65 @@ def test_cli_missing_pipeline_file(capsys):
 def test_strategy_is_checked_against_the_model_before_training(tmp_path, capsys, overrides, message):
     assert main(["validate", str(write(tmp_path, MINIMAL)), *overrides]) == 2
     assert message in capsys.readouterr().out
+
+
+def test_pipeline_files_as_editors_leave_them(tmp_path, capsys):
+    """Mistakes in the file itself: each one line with the place to look."""
+    cases = {
+        "duplicate.yaml": (b"data:\n  source: a.csv\n  source: b.csv\nmodel: {name: minilm-l6}\n",
+                           ", line 3, column 3: not valid YAML (key 'source' appears twice in this mapping (first on "
+                           "line 2))"),
+        "unclosed.yaml": (b"data:\n  source: [a.csv\nmodel: {name: minilm-l6}\n",
+                          ", line 3, column 6: not valid YAML (while parsing a flow sequence: expected ',' or ']', "
+                          "but got ':')"),
+        "latin-1.yaml": ("name: café\ndata: {source: rotten_tomatoes}\nmodel: {name: minilm-l6}\n".encode("latin-1"),
+                         ": byte 9 (0xe9) is not UTF-8 text; save the pipeline file as UTF-8"),
+    }  # fmt: skip
+    for name, (content, expected) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        assert main(["validate", str(path)]) == 2
+        out = capsys.readouterr().out
+        assert f"  - {path}{expected}" in out and "Traceback" not in out, out
+    bom = tmp_path / "bom.yaml"  # Windows editors write a UTF-8 byte-order mark
+    bom.write_bytes(b"\xef\xbb\xbf" + yaml.safe_dump(MINIMAL).encode())
+    assert main(["validate", str(bom)]) == 0
+
+
+def test_settings_that_would_fail_mid_run_fail_validate(tmp_path, tiny_bert_dir, capsys):
+    data = {"source": "rotten_tomatoes"}
+    cases = {
+        "data.max_length=2048": "data.max_length=2048: minilm-l6 has 512 token positions; set data.max_length to 512 "
+                                "or less (longer texts are truncated)",
+        "data.val_fraction=0": "data.val_fraction=0 and no data.val_source: there would be no val rows to choose the "
+                               "best checkpoint on; set data.val_fraction above 0 or give data.val_source",
+        "data.test_fraction=0": "data.test_fraction=0 and no data.test_source: there would be no test rows to report "
+                                "the final scores on",
+    }  # fmt: skip
+    for override, expected in cases.items():
+        assert main(["validate", str(write(tmp_path, {**MINIMAL, "data": data})), override]) == 2
+        assert expected in capsys.readouterr().out, override
+    erasing = {"source": str(tmp_path), "augment": [{"name": "random_erasing", "scale": [0.1, 1.5]}]}
+    assert main(["validate", str(write(tmp_path, {"data": erasing, "model": {"name": "efficientnet-lite0"}}))]) == 2
+    assert ("data.augment.0.scale: [0.1, 1.5]: a range of shares of the image, [low, high] with 0 < low <= high <= 1"
+            in capsys.readouterr().out)  # fmt: skip
+
+    not_a_model = tmp_path / "downloads"
+    not_a_model.mkdir()
+    assert main(["validate", str(write(tmp_path, {**MINIMAL, "model": {"name": f"hf:{not_a_model}"}}))]) == 2
+    out = capsys.readouterr().out
+    assert f"model.name='hf:{not_a_model}' cannot be loaded: " in out and "config.json" in out
+
+    # `~` is the home directory, as in a shell, wherever a path goes
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    (home / "models" / "tiny").symlink_to(tiny_bert_dir)
+    reviews = (home / "reviews.csv")
+    reviews.write_text("text,label\ngood,pos\nbad,neg\n")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HOME", str(home))
+        cfg = load(write(tmp_path, {"data": {"source": "~/reviews.csv", "max_length": 16}, "model": {"name": "hf:~/models/tiny"},
+                                    "checkpoint": {"storage_path": "~/runs"}}))  # fmt: skip
+        assert main(["validate", str(tmp_path / "pipeline.yaml")]) == 0
+    assert (cfg.data.source, cfg.model.name, cfg.checkpoint.storage_path) == (
+        str(reviews), f"hf:{home}/models/tiny", f"{home}/runs")  # fmt: skip

@@ -14,6 +14,7 @@ from helpers import tiny_sentiment_pipeline
 from finetune.cli import main
 from finetune.config import EarlyStoppingConfig, EmaConfig, OptimConfig, ScheduleConfig
 from finetune.train import TrainingDiverged, controls, optim, steps
+from finetune.train.driver import checkpoint_folder
 
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement():
@@ -114,7 +115,7 @@ def test_a_diverging_run_stops_with_the_step_and_keeps_its_last_good_checkpoint(
     assert "Traceback" not in out and "the last good checkpoint is kept at" in out
     logged = _epochs(run_dir)
     assert logged and len(logged) < 4 and all(e["train/loss"] == e["train/loss"] for e in logged)  # finite epochs only
-    kept = sorted(p for p in (run_dir / "ray" / run_dir.name).glob("checkpoint_*") if p.is_dir())
+    kept = sorted(p for p in checkpoint_folder(run_dir).glob("checkpoint_*") if p.is_dir())
     assert len(kept) == len(logged)  # no checkpoint of the diverged weights
     state = torch.load(kept[-1] / "train_state.pt", weights_only=False)
     assert state["epoch"] == logged[-1]["epoch"]

@@ -74,7 +74,7 @@ def test_explicit_val_and_test_files(ray_session, tmp_path):
 
 
 def test_missing_column_names_the_file_and_columns(ray_session, sentiment_csv):
-    with pytest.raises(DataError, match=r"reviews.csv: column 'body' not found; its columns are review, sentiment"):
+    with pytest.raises(DataError, match=r"reviews.csv: column 'body' not found; its columns are 'review', 'sentiment'"):
         load_source(DataConfig(source=str(sentiment_csv), text_column="body", label_column="sentiment"), seed=0)
 
 
@@ -211,6 +211,6 @@ def test_regression_targets_are_numbers(ray_session, tmp_path):
         load_source(cfg.model_copy(update={"source": str(words)}), seed=0, task="regression")
     gap = write_csv(tmp_path / "gap.csv", [*rows, {"text": "e", "price": ""}])
     source = load_source(cfg.model_copy(update={"source": str(gap)}), seed=0, task="regression")
-    assert "gap.csv, row 4: empty label" in data_error_text(source.splits["train"].take_all)
+    assert "gap.csv, row 4: no target (an empty cell or NaN)" in data_error_text(source.splits["train"].take_all)
     with pytest.raises(DataError, match="rotten_tomatoes is a classification dataset"):
         load_source(DataConfig(source="rotten_tomatoes"), seed=0, task="regression")

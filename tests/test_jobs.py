@@ -17,6 +17,7 @@ import yaml
 
 from helpers import WARM_WORKERS, tiny_sentiment_pipeline
 from finetune.cli import main
+from finetune.train.driver import checkpoint_folder
 
 
 def _free_ports(count: int) -> list[int]:
@@ -99,7 +100,8 @@ def test_submit_waits_for_the_job_and_its_checkpoint_lands_in_storage(ray_head, 
     job_id = out.split("submitted job ", 1)[1].split()[0]
     assert f"job {job_id}: SUCCEEDED" in out
     assert "finetune summary" in out and "test accuracy" in out  # the job's own log, followed
-    assert len([p for p in (storage / "run").glob("checkpoint_*") if p.is_dir()]) == 1  # the one epoch's checkpoint
+    assert checkpoint_folder(run_dir).parent == storage and checkpoint_folder(run_dir).name.startswith("run-")
+    assert len([p for p in checkpoint_folder(run_dir).glob("checkpoint_*") if p.is_dir()]) == 1  # the one epoch's
     assert (run_dir / "best" / "model.safetensors").is_file() and (run_dir / "summary.json").is_file()
 
     assert main(["jobs", "status", job_id, "--address", ray_head]) == 0
@@ -146,3 +148,20 @@ def test_submit_refuses_a_bad_pipeline_before_contacting_the_cluster(tmp_path, c
                                         "optim": {"lr": -1}}))  # fmt: skip
     assert main(["submit", str(pipeline), "--address", "http://127.0.0.1:9"]) == 2
     assert "optim.lr" in capsys.readouterr().out
+
+
+def test_the_cluster_token_never_travels_over_plain_http_to_another_machine(tmp_path, capsys, monkeypatch):
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump({"data": {"source": "rotten_tomatoes"}, "model": {"name": "minilm-l6"}}))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "secret-token")
+    for command in (["submit", str(pipeline)], ["jobs", "status", "raysubmit_1"]):
+        assert main([*command, "--address", "http://10.1.2.3:8265"]) == 2
+        assert ("--address http://10.1.2.3:8265: the cluster token would travel over plain http to 10.1.2.3; use an "
+                "https:// address") in capsys.readouterr().out  # fmt: skip
+    from finetune.jobs import insecure_token_problem
+
+    token = {"Authorization": "Bearer secret-token"}
+    for fine in ("http://127.0.0.1:8265", "http://localhost:8265", "http://[::1]:8265", "https://ray.example.com"):
+        assert insecure_token_problem(fine, token) is None, fine
+    assert insecure_token_problem("http://10.1.2.3:8265", {}) is None  # no token, nothing to expose
+    assert insecure_token_problem("10.1.2.3:8265", token)  # no scheme: Ray's client takes it as http

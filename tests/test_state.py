@@ -3,6 +3,9 @@ exactly as the run that wrote it would have (plain PyTorch, a tiny CNN with Batc
 
 from __future__ import annotations
 
+import pickle
+
+import pytest
 import torch
 from finetune.config import EarlyStoppingConfig, EmaConfig
 from finetune.train import controls
@@ -103,3 +106,25 @@ def test_a_run_that_stopped_early_has_no_epochs_left(tmp_path):
     loaded, _ = fresh_state(cfg)
     loaded.load(tmp_path)
     assert list(loaded.epochs_left(5)) == []
+
+
+class _RunsCode:
+    """What a crafted train_state.pt holds: unpickling it calls `touch MARKER`."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_train_state_in_shared_storage_runs_no_code(tmp_path):
+    cfg = pipeline_config(model={"name": "m"}, train={"epochs": EPOCHS, "ema": {"decay": 0.9}, "early_stopping": {"patience": 3}})
+    marker = tmp_path / "code-ran"
+    torch.save({"model": {}, "epoch": _RunsCode(str(marker))}, tmp_path / "train_state.pt")
+    state, _ = fresh_state(cfg)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        state.load(tmp_path)
+    assert not marker.exists()

@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from finetune import files
+
 from finetune.config.base import ConfigError, MetricName, Section, lower_is_better, metric_mode, task_class  # noqa: F401
 from finetune.config.errors import describe_errors, unknown_key_hints
 from finetune.config.overrides import apply_overrides, read_raw, set_dotted  # noqa: F401
@@ -47,4 +49,4 @@ def load_saved(path: str | Path) -> PipelineConfig:
 
 def save(config: PipelineConfig, path: str | Path) -> None:
     """Write the resolved config (every default filled in) as YAML."""
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    files.write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -5,8 +5,10 @@ a strategy's module can define its config section beside its code."""
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
@@ -34,6 +36,20 @@ def _validation_metric(value: str) -> str:
 
 
 MetricName = Annotated[str, AfterValidator(_validation_metric)]
+
+
+def _home_expanded(value: str) -> str:
+    """`~/data/x.csv` as the shell would read it: Ray, pyarrow and the hub loaders take `~` literally.
+    A URI with a password in it is refused: saved configs and logs would repeat it."""
+    if "://" in value and urlsplit(value).password:
+        raise ValueError("a URI with credentials in it would be written to the run's config.yaml and logs; give "
+                         "them through the environment (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) or a profile")
+    prefix, sep, rest = value.partition(":") if value.startswith("hf:") else ("", "", value)
+    return prefix + sep + (os.path.expanduser(rest) if rest.startswith("~") else rest)
+
+
+# a path (or a URI, left as it is) where `~` means the home directory, as in a shell
+UserPath = Annotated[str, AfterValidator(_home_expanded)]
 
 
 def task_class(name: str):

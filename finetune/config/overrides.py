@@ -42,15 +42,45 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+class _PipelineLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (plain YAML keeps the
+    last, so a forgotten earlier setting would silently lose)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in this mapping (first on line {seen[key] + 1})",
+                    key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(path: Path, error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    what = ": ".join(part for part in (getattr(error, "context", None), getattr(error, "problem", None)) if part)
+    return f"{path}{where}: not valid YAML ({what or error})"
+
+
 def read_raw(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     """The pipeline file as a mapping, overrides applied, not yet validated."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"pipeline file {path} does not exist"])
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ConfigError([f"{path}: byte {error.start} (0x{data[error.start]:02x}) is not UTF-8 text; save the "
+                           "pipeline file as UTF-8"]) from None  # fmt: skip
+    try:
+        raw = yaml.load(text, Loader=_PipelineLoader) or {}
     except yaml.YAMLError as error:
-        raise ConfigError([f"{path} is not valid YAML: {error}"]) from None
+        raise ConfigError([_yaml_problem(path, error)]) from None
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: a pipeline file is a mapping of sections (data, model, train, ...)"])
     return apply_overrides(raw, overrides or [])

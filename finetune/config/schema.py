@@ -5,20 +5,37 @@ field, cross-section checks in `PipelineConfig`. A strategy's section lives with
 
 from __future__ import annotations
 
+import codecs
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from finetune.config.base import MetricName, Section, metric_mode, regex_problem, task_class
+from finetune.config.base import MetricName, Section, UserPath, metric_mode, regex_problem, task_class
 
 
 # ---- training-time image augmentation (torchvision.transforms.v2), one entry per transform
 
 
+def _share_range(value: tuple[float, float]) -> tuple[float, float]:
+    low, high = value
+    if not 0.0 < low <= high <= 1.0:
+        raise ValueError(f"{list(value)}: a range of shares of the image, [low, high] with 0 < low <= high <= 1")
+    return value
+
+
+def _ratio_range(value: tuple[float, float]) -> tuple[float, float]:
+    if not 0.0 < value[0] <= value[1]:
+        raise ValueError(f"{list(value)}: a range of aspect ratios, [low, high] with 0 < low <= high")
+    return value
+
+
+ShareRange = Annotated[tuple[float, float], AfterValidator(_share_range)]
+
+
 class RandomResizedCropAug(Section):
     name: Literal["random_resized_crop"] = Field(description="Crop a random area and aspect, resized to image_size.")
-    scale: tuple[float, float] = Field((0.08, 1.0), description="Range of the crop's area, as a share of the image.")
-    ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="Range of the crop's aspect ratio.")
+    scale: ShareRange = Field((0.08, 1.0), description="Range of the crop's area, as a share of the image.")
+    ratio: Annotated[tuple[float, float], AfterValidator(_ratio_range)] = Field((3 / 4, 4 / 3), description="Range of the crop's aspect ratio.")
 
 
 class HorizontalFlipAug(Section):
@@ -52,7 +69,7 @@ class TrivialAugmentAug(Section):
 class RandomErasingAug(Section):
     name: Literal["random_erasing"] = Field(description="Erase a random rectangle (on the normalised image).")
     p: float = Field(0.25, ge=0.0, le=1.0, description="Probability of an erasure.")
-    scale: tuple[float, float] = Field((0.02, 0.33), description="Range of the erased area, as a share of the image.")
+    scale: ShareRange = Field((0.02, 0.33), description="Range of the erased area, as a share of the image.")
 
 
 AugmentConfig = Annotated[
@@ -63,21 +80,35 @@ AugmentConfig = Annotated[
 
 
 class DataConfig(Section):
-    source: str = Field(
+    source: UserPath = Field(
         description="A builtin dataset (rotten_tomatoes, fashion_mnist) or a path/URI to CSV, "
         "JSONL or Parquet file(s), or an image folder laid out as root/<class>/*.png|jpg."
     )
     format: Literal["auto", "csv", "jsonl", "parquet", "image_folder"] = Field(
         "auto", description="File format of `source`; auto infers it from the extension."
     )
-    val_source: str | None = Field(
+    val_source: UserPath | None = Field(
         None, description="Explicit validation file(s); when unset, a seeded split of `source`."
     )
-    test_source: str | None = Field(
+    test_source: UserPath | None = Field(
         None, description="Explicit test file(s); when unset, a seeded split of `source`."
     )
+    delimiter: str | None = Field(
+        None, min_length=1, max_length=1,
+        description="What separates a CSV file's fields; unset = a tab in .tsv/.tab files, a comma otherwise "
+        "(';' for spreadsheets saved where the comma is the decimal mark).",
+    )  # fmt: skip
+    encoding: str = Field(
+        "utf-8",
+        description="Text encoding of CSV and JSON lines files, e.g. utf-16 (Excel's 'Unicode text') or cp1252 "
+        "(older Excel); a UTF-8 byte-order mark is skipped.",
+    )
     text_column: str = Field("text", description="Column holding the input text (text tasks).")
-    image_column: str = Field("image", description="Column holding image bytes or paths (image tasks).")
+    image_column: str = Field(
+        "image",
+        description="Column holding the images (image tasks): encoded bytes, a path (absolute, or relative to the "
+        "folder of the table file that names it), or a Hugging Face-style struct of bytes and path.",
+    )
     label_column: str = Field(
         "label",
         description="Column holding the target: the class (classification), the labels (multi_label: a list, or "
@@ -130,6 +161,15 @@ class DataConfig(Section):
         "(the count of skipped rows is reported at the end of the run).",
     )
 
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"unknown encoding {value!r}: e.g. utf-8, utf-16, cp1252, latin-1") from None
+        return value
+
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> "DataConfig":
         if self.val_fraction + self.test_fraction >= 1.0:
@@ -179,7 +219,7 @@ class BatchNormConfig(Section):
 
 
 class ModelConfig(Section):
-    name: str = Field(
+    name: UserPath = Field(
         description="Model to fine-tune: minilm-l6 or efficientnet-lite0 (packaged, offline), "
         "hf:<hub id or local path> or torchvision:<architecture>."
     )
@@ -428,7 +468,7 @@ class CheckpointConfig(Section):
         None, description="Whether a higher or lower metric is better; unset = min for loss, mae, rmse, else max."
     )
     num_to_keep: int = Field(2, ge=1, description="Best checkpoints kept in storage.")
-    storage_path: str | None = Field(
+    storage_path: UserPath | None = Field(
         None,
         description="Where Ray Train stores checkpoints; unset = <run dir>/ray. On a multi-node cluster: a URI "
         "(s3://, gs://, ...) or a shared file system every node mounts; a local disk is refused.",

@@ -71,6 +71,21 @@ def _label_sums(batch: dict[str, np.ndarray], task: str, outputs: int) -> dict[s
     return {"rows": np.array([len(labels)]), "sums": sums[None].astype(np.float64), "squares": np.array([squares])}
 
 
+def _check_carved_splits(cfg: DataConfig, splits: dict[str, ray.data.Dataset], train_rows: int) -> None:
+    """A DataError for a validation or test share of `source` that drew no rows. Counted only where
+    that can happen (a few dozen rows expected): a larger share is never empty, and counting reads
+    the source once more."""
+    kept = 1.0 - cfg.val_fraction - cfg.test_fraction
+    for split in ("val", "test"):
+        fraction = getattr(cfg, f"{split}_fraction")
+        if getattr(cfg, f"{split}_source") or not fraction or train_rows * fraction / kept >= 50:
+            continue
+        if splits[split].count() == 0:
+            raise DataError(f"{cfg.source}: its {split} share (data.{split}_fraction={fraction}) drew no rows of "
+                            f"{train_rows} training rows; raise data.{split}_fraction, add rows, or give "
+                            f"data.{split}_source")  # fmt: skip
+
+
 def build_datasets(
     cfg: DataConfig, preprocessor: Preprocessor, seed: int, label_names: list[str] | None = None,
     task: str = "classification", train_eval_rows: int = 0,
@@ -91,6 +106,7 @@ def build_datasets(
         for_split["train"] = replace(preprocessor, augment=tuple(spec.model_dump() for spec in cfg.augment))
     splits = dict(source.splits)
     train_rows = splits["train"].count()  # before preprocessing and shuffling, which a count would run
+    _check_carved_splits(cfg, splits, train_rows)
     if cfg.shuffle == "full":  # a new seeded order each epoch (each execution of the dataset)
         splits["train"] = splits["train"].random_shuffle(seed=ray.data.RandomSeedConfig(seed, reseed_after_execution=True))
     ready = {split: preprocess(ds, for_split[split], policies[split]) for split, ds in splits.items()}

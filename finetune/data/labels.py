@@ -35,7 +35,10 @@ def discover_labels(ds: ray.data.Dataset, source: str, task: str, delimiter: str
         raise DataError(f"{source}: no rows with a label")
     # Numeric labels sort as numbers (2 before 10), text labels alphabetically.
     ordered = sorted(values) if all(isinstance(v, (int, np.integer)) for v in values) else sorted(map(str, values))
-    return [str(v) for v in ordered]
+    names = [str(v) for v in ordered]
+    if problem := task_class(task).label_names_problem(names):
+        raise DataError(f"{source}: {problem}")
+    return names
 
 
 def check_known_labels(ds: ray.data.Dataset, label_names: list[str], source: str, task: str, delimiter: str) -> None:
@@ -58,7 +61,8 @@ def encode_labels(
             raise DataError(f"{source}: label {unknown!r} is not one of the training labels {label_names}")
 
     def encode(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch = policy.drop(batch, {i: "empty label" for i, value in enumerate(batch["label"]) if kind.is_empty(value)})
+        problems = {i: kind.label_problem(value) for i, value in enumerate(batch["label"])}
+        batch = policy.drop(batch, {i: problem for i, problem in problems.items() if problem})
         batch["label"] = kind.encode(batch["label"], label_names, delimiter, check_known)
         return batch
 

@@ -9,13 +9,14 @@ once per process.
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from finetune.data.rows import BadRows, RowPolicy
+from finetune.data.rows import FILE, BadRows, RowPolicy
 
 if TYPE_CHECKING:
     import ray.data
@@ -38,7 +39,8 @@ class TextPreprocessor:
     kind: str = field(default="text", init=False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = {i: "no text" for i, text in enumerate(batch["text"]) if text is None or text != text}
+        missing = {i: "no text" if text is None or text != text else "empty text"
+                   for i, text in enumerate(batch["text"]) if text is None or text != text or not str(text).strip()}  # fmt: skip
         if missing:
             raise BadRows(missing)
         if len(batch["text"]) == 0:
@@ -86,23 +88,29 @@ class ImagePreprocessor:
         return ImageTransforms(self.size, self.augment)
 
     @staticmethod
-    def _decode(image):
-        from PIL import Image
+    def _decode(image, table_file: str | None = None):
+        """An RGB picture from encoded bytes, a path (relative: to the folder of the table file
+        that names it), a Hugging Face-style {"bytes", "path"} struct, or an array of pixels;
+        turned upright as its EXIF orientation says (phone photos)."""
+        from PIL import Image, ImageOps
 
-        if isinstance(image, str):  # a path in an image column
-            return Image.open(image).convert("RGB")
-        if isinstance(image, (bytes, bytearray, np.bytes_)) or (
-            isinstance(image, np.ndarray) and image.dtype == object
-        ):
-            return Image.open(io.BytesIO(bytes(image))).convert("RGB")
-        return Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
+        if isinstance(image, dict):
+            image = image["bytes"] if image.get("bytes") is not None else image.get("path")
+        if isinstance(image, str):
+            source = io.BytesIO(_read_path(image, table_file))
+        elif isinstance(image, (bytes, bytearray, np.bytes_)) or (isinstance(image, np.ndarray) and image.dtype == object):
+            source = io.BytesIO(bytes(image))
+        else:
+            return Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
+        return ImageOps.exif_transpose(Image.open(source)).convert("RGB")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         transforms = self.transforms
         sized, bad = [], {}
+        files = batch.get(FILE)
         for i, image in enumerate(batch["image"]):
             try:
-                picture = self._decode(image)
+                picture = self._decode(image, None if files is None else str(files[i]))
                 picture.load()
             except Exception as error:  # noqa: BLE001 - PIL raises many types for a broken file
                 bad[i] = f"unreadable image ({type(error).__name__}: {error})"
@@ -132,6 +140,20 @@ class ImagePreprocessor:
 
 
 Preprocessor = TextPreprocessor | ImagePreprocessor
+
+
+def _read_path(path: str, table_file: str | None) -> bytes:
+    """An image file's bytes: a URI (s3://, gs://, ...) or an absolute path as it is, a relative
+    path from the folder of the local table that names it (else from the working directory)."""
+    import pyarrow.fs as pafs
+
+    if "://" in path:
+        filesystem, path = pafs.FileSystem.from_uri(path)
+    else:
+        folder = os.path.dirname(table_file) if table_file and "://" not in table_file else ""
+        filesystem, path = pafs.LocalFileSystem(), os.path.abspath(os.path.join(folder, os.path.expanduser(path)))
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
 
 
 def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -4,10 +4,16 @@ module that reaches into `ray.data._internal` (Ray's CSV and JSON datasources)."
 
 from __future__ import annotations
 
+import codecs
+import csv as pycsv
+import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import ray.data
 from ray.data._internal.datasource.csv_datasource import CSVDatasource
@@ -50,15 +56,188 @@ def infer_format(source: str) -> str:
     raise DataError(f"cannot tell the format of {source}: set data.format to csv, jsonl, parquet or image_folder")
 
 
+@dataclass(frozen=True)
+class TableDialect:
+    """How a user's table files are written: `data.delimiter` (None: tab for .tsv/.tab, else a
+    comma), `data.encoding`, and the label column (rows merged by a stray quote are told apart
+    by the labels on their lines)."""
+
+    delimiter: str | None = None
+    encoding: str = "utf-8"
+    label_column: str | None = None
+
+    def delimiter_for(self, path: str) -> str:
+        if self.delimiter:
+            return self.delimiter
+        return "\t" if path.lower().endswith((".tsv", ".tab")) else ","
+
+    @property
+    def is_utf8(self) -> bool:
+        return codecs.lookup(self.encoding).name == "utf-8"
+
+
+UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+
+
+def _first_problem_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else message
+
+
+def utf16_problem(path: str, head: bytes, dialect: TableDialect) -> DataError | None:
+    """A UTF-16 file (its first bytes a UTF-16 byte-order mark) read as UTF-8."""
+    if dialect.is_utf8 and head.startswith(UTF16_BOMS):
+        return DataError(f"{path}: the file is UTF-16 text (it starts with a UTF-16 byte-order mark, as Excel's "
+                         "'Unicode text' export writes); set data.encoding: utf-16")  # fmt: skip
+    return None
+
+
+def encoding_problem(path: str, raw: bytes, dialect: TableDialect) -> DataError | None:
+    """Where `raw` (a file's bytes) stops being `dialect.encoding` text, as a DataError naming the byte."""
+    if problem := utf16_problem(path, raw, dialect):
+        return problem
+    try:
+        raw.decode(dialect.encoding)
+    except UnicodeDecodeError as error:
+        return DataError(f"{path}: byte {error.start} (0x{raw[error.start]:02x}) is not {dialect.encoding} text; set "
+                         "data.encoding to the file's encoding (files saved by older Excel are often cp1252)")  # fmt: skip
+    return None
+
+
 class _NumberedRows:
     """Ray's file readers, plus each row's number within its file (the `__row` column), so a
-    bad row can be named by file and row."""
+    bad row can be named by file and row; a file without rows is an error naming it."""
 
     def _read_stream(self, f, path: str):
         start = 0
         for table in super()._read_stream(f, path):
             yield table.append_column(ROW, pa.array(np.arange(start, start + table.num_rows)))
             start += table.num_rows
+        if start == 0:
+            raise DataError(f"{path}: no rows (a header or an empty file and nothing else); every file of a source "
+                            "needs at least one row")  # fmt: skip
+
+
+class _CheckedCSV(CSVDatasource):
+    """Ray's CSV reader as RFC 4180 has it (quoted fields may hold line breaks), with the
+    configured delimiter and encoding; what pyarrow says about a broken file becomes a
+    DataError naming the file, the row and the fix."""
+
+    def __init__(self, paths, dialect: TableDialect, **kwargs):
+        read_options = pacsv.ReadOptions(use_threads=False, encoding="utf8" if dialect.is_utf8 else dialect.encoding)
+        super().__init__(paths, arrow_csv_args={"read_options": read_options}, **kwargs)
+        self.dialect = dialect
+
+    def _open_input_source(self, filesystem, path: str, **open_args):
+        if self.dialect.is_utf8:  # a UTF-16 file would read as one garbled column
+            with filesystem.open_input_stream(path) as probe:
+                if problem := utf16_problem(path, probe.read(2), self.dialect):
+                    raise problem
+        return super()._open_input_source(filesystem, path, **open_args)
+
+    def _read_stream(self, f, path: str):
+        delimiter = self.dialect.delimiter_for(path)
+        self.parse_options = pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
+        first_row = 0
+        try:
+            for table in super()._read_stream(f, path):
+                self._check_text(table, path, delimiter, first_row)
+                first_row += table.num_rows
+                yield table
+        except DataError:
+            raise
+        except (ValueError, pa.ArrowException) as error:  # Ray wraps pyarrow's ArrowInvalid in a ValueError
+            raise self._parse_problem(path, error.__cause__ or error) from None
+
+    def _raw(self, path: str) -> bytes:
+        with self._filesystem.open_input_stream(path) as stream:
+            return stream.read()
+
+    def _parse_problem(self, path: str, error: BaseException) -> DataError:
+        message = str(error)
+        if isinstance(error, UnicodeDecodeError) or "decode" in message.lower():
+            return encoding_problem(path, self._raw(path), self.dialect) or DataError(f"{path}: {message}")
+        if "Empty CSV file" in message:
+            return DataError(f"{path}: the file is empty (not even a header row)")
+        found = re.search(r"Row #(\d+): Expected (\d+) columns, got (\d+): (.*)", message, re.S)
+        if not found:
+            return DataError(f"{path}: not a readable CSV file ({_first_problem_line(message)})")
+        record, expected, got, text = int(found[1]), int(found[2]), int(found[3]), found[4]
+        where = f"{path}, row {record - 2}"  # pyarrow counts records from 1, the header first
+        if text.startswith('"') and "\n" in text:
+            return DataError(f"{where}: a quoted field opened here is never closed ({text[:40]!r}...): every line "
+                             "after it would be one cell; close the quote or remove it")  # fmt: skip
+        return DataError(f"{where}: {got} fields where the header has {expected} ({text[:60]!r}); quote fields that "
+                         f"hold the delimiter {self.dialect.delimiter_for(path)!r}, or set data.delimiter")  # fmt: skip
+
+    def _check_text(self, table: pa.Table, path: str, delimiter: str, first_row: int) -> None:
+        if any(pa.types.is_binary(t) or pa.types.is_large_binary(t) for t in table.schema.types):
+            # pyarrow keeps a column whose bytes are not UTF-8 as binary
+            raise encoding_problem(path, self._raw(path), self.dialect) or DataError(f"{path}: a column holds bytes, not text")
+        label = self.dialect.label_column
+        if label not in table.column_names:
+            return
+        labels = {str(v) for v in table.column(label).to_pylist() if v is not None}
+        width, at = table.num_columns, table.column_names.index(label)
+        for name in table.column_names:
+            if not pa.types.is_string(table.schema.field(name).type):
+                continue
+            for row, cell in enumerate(table.column(name).to_pylist()):
+                if cell and "\n" in cell and (merged := _rows_inside(cell, delimiter, width, at, labels)):
+                    raise DataError(
+                        f"{path}, row {first_row + row}: column {name!r} holds line breaks and {merged} more line(s) shaped like "
+                        "rows of this file: a quote opened in this row closes only further down, so those rows "
+                        "would be lost; fix the quoting"
+                    )
+
+
+def _rows_inside(cell: str, delimiter: str, width: int, label_at: int, labels: set[str]) -> int:
+    """How many lines after a cell's first one parse as a whole row of the file (as many fields,
+    one of the file's labels in the label column): rows a stray quote swallowed."""
+    lines = cell.split("\n")[1:]
+    rows = [fields for fields in pycsv.reader(lines, delimiter=delimiter) if len(fields) == width]
+    return sum(1 for fields in rows if fields[label_at].strip() in labels)
+
+
+class _CheckedJSON(ArrowJSONDatasource):
+    """Ray's JSON reader in the configured encoding: a JSON lines file, or one JSON array; a bad
+    line is named by number."""
+
+    def __init__(self, paths, dialect: TableDialect, **kwargs):
+        super().__init__(paths, **kwargs)
+        self.dialect = dialect
+
+    def _read_stream(self, f, path: str):
+        raw = f.read_buffer().to_pybytes()
+        if problem := encoding_problem(path, raw, self.dialect):
+            raise problem
+        if not self.dialect.is_utf8:
+            raw = raw.decode(self.dialect.encoding).encode("utf-8")
+        raw = raw.removeprefix(codecs.BOM_UTF8)
+        if not raw.strip():
+            return  # no rows: said as for any file without them
+        if raw.lstrip()[:1] == b"[":  # one JSON array of objects
+            yield from self._read_with_python_json(pa.py_buffer(raw))
+            return
+        try:
+            tables = list(self._read_with_pyarrow_read_json(raw))
+        except pa.ArrowInvalid as error:
+            raise _json_lines_problem(path, raw, error) from None
+        yield from tables
+
+
+def _json_lines_problem(path: str, raw: bytes, error: Exception) -> DataError:
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as bad:
+            return DataError(f"{path}, line {number}: not valid JSON ({bad.msg}, column {bad.colno}); a JSON lines "
+                             "file holds one object per line")  # fmt: skip
+        if not isinstance(value, dict):
+            return DataError(f"{path}, line {number}: a JSON {type(value).__name__} where an object "
+                             '({"column": value, ...}) belongs')  # fmt: skip
+    return DataError(f"{path}: not a readable JSON lines file ({_first_problem_line(str(error))})")
 
 
 class _ParquetFiles(FileBasedDatasource):
@@ -67,22 +246,29 @@ class _ParquetFiles(FileBasedDatasource):
 
     _FILE_EXTENSIONS = ["parquet", "pq"]
 
+    def __init__(self, paths, dialect: TableDialect, **kwargs):
+        super().__init__(paths, **kwargs)  # the dialect is for text files: Parquet carries its own types
+
     def _open_input_source(self, filesystem, path: str, **open_args):
         return filesystem.open_input_file(path)  # Parquet's footer needs random access
 
     def _read_stream(self, f, path: str):
         import pyarrow.parquet as pq
 
+        try:
+            parquet = pq.ParquetFile(f)
+        except (pa.ArrowException, OSError) as error:
+            raise DataError(f"{path}: not a readable Parquet file ({_first_problem_line(str(error))})") from None
         # Small batches: rows of image bytes are large, and blocks must fit a capped object store.
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=256):
+        for batch in parquet.iter_batches(batch_size=256):
             yield pa.Table.from_batches([batch])
 
 
-class _NumberedCSV(_NumberedRows, CSVDatasource):
+class _NumberedCSV(_NumberedRows, _CheckedCSV):
     pass
 
 
-class _NumberedJSON(_NumberedRows, ArrowJSONDatasource):
+class _NumberedJSON(_NumberedRows, _CheckedJSON):
     pass
 
 
@@ -90,9 +276,9 @@ class _NumberedParquet(_NumberedRows, _ParquetFiles):
     pass
 
 
-def read_table_files(source: str, fmt: str) -> ray.data.Dataset:
+def read_table_files(source: str, fmt: str, dialect: TableDialect) -> ray.data.Dataset:
     reader = {"csv": _NumberedCSV, "jsonl": _NumberedJSON, "parquet": _NumberedParquet}[fmt]
-    ds = ray.data.read_datasource(reader(source, include_paths=True))
+    ds = ray.data.read_datasource(reader(source, dialect, include_paths=True))
     return ds.rename_columns({"path": FILE})
 
 

@@ -92,7 +92,11 @@ def find_data_error(error: BaseException) -> DataError | None:
             continue
         seen.add(id(current))
         if isinstance(current, DataError):
-            return current
+            # a failed Ray task's error is also an instance of its cause's class; its text is the traceback
+            # (whose message Ray Data extends with its retry advice: the first line is ours)
+            cause = getattr(current, "cause", None)
+            error = cause if isinstance(cause, DataError) else current
+            return DataError(str(error).splitlines()[0]) if "\n" in str(error) else error
         chain.append(current)
         stack += [current.__cause__, current.__context__, *getattr(current, "worker_failures", {}).values()]
     for current in chain:

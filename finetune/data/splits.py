@@ -49,11 +49,19 @@ class Source:
     splits: dict[str, ray.data.Dataset]  # "train" / "val" / "test"
 
 
+def image_key(image) -> bytes | str:
+    """What decides an image row's split: its bytes, or its path as the table writes it (a
+    relative path keeps its split when the folder moves)."""
+    if isinstance(image, dict):  # a Hugging Face-style image: {"bytes": ..., "path": ...}
+        return bytes(image["bytes"]) if image.get("bytes") is not None else str(image.get("path"))
+    return image if isinstance(image, str) else bytes(image)
+
+
 def hash_split(
     ds: ray.data.Dataset, key_column: str, split: str, val_fraction: float, test_fraction: float, seed: int
 ) -> ray.data.Dataset:
     def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keys = batch[key_column] if key_column in ("text", FILE) else [bytes(k) for k in batch[key_column]]
+        keys = batch[key_column] if key_column in ("text", FILE) else [image_key(k) for k in batch[key_column]]
         mask = split_mask(keys, seed, split, val_fraction, test_fraction)
         return {name: column[mask] for name, column in batch.items()}
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from torch import nn
@@ -73,9 +74,40 @@ def check_model(cfg: ModelConfig) -> list[str]:
             problems.append(f"model.name={cfg.name!r}: torchvision has no classification model {ref.target!r}")
     elif ref.family == "hf" and (ref.target.startswith((".", "/", "~")) and not Path(ref.target).expanduser().is_dir()):
         problems.append(f"model.name={cfg.name!r}: the local folder {ref.target} does not exist")
+    elif ref.family == "hf":
+        try:
+            hf_config(ref.target)
+        except (OSError, ValueError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            problems.append(f"model.name={cfg.name!r} cannot be loaded: {reason} (a hub id needs the network or the "
+                            "Hugging Face cache; a local folder needs the model's config.json)")  # fmt: skip
     if cfg.weights is not None and ref.family != "torchvision":
         problems.append(f"model.weights is for torchvision models only; {cfg.name} brings its own weights")
     return problems
+
+
+@lru_cache(maxsize=8)
+def hf_config(target: str):
+    """A Hugging Face model's config (a hub id or a local folder): what it is, without its weights."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(target)
+
+
+def text_positions(model_cfg: ModelConfig) -> int | None:
+    """How many tokens a text model's position embeddings cover (None: not a text model, out of
+    reach, or no such limit). RoBERTa-style models keep two positions for their padding offset."""
+    ref = resolve(model_cfg.name)
+    if ref.family != "hf":
+        return None
+    try:
+        config = hf_config(ref.target)
+    except (OSError, ValueError):
+        return None  # check_model says why
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and "roberta" in getattr(config, "model_type", ""):
+        positions -= 2
+    return positions
 
 
 def image_size_for(data_cfg: DataConfig) -> int:

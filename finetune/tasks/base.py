@@ -80,6 +80,16 @@ class Task:
         return value is None or bool(pd.isna(value))  # None, NaN, pandas' NA
 
     @classmethod
+    def label_problem(cls, value) -> str | None:
+        """Why a label cell makes its row a bad row (None: the row can be used)."""
+        return "empty label" if cls.is_empty(value) else None
+
+    @classmethod
+    def label_names_problem(cls, names: list[str]) -> str | None:
+        """Why the labels the training data has cannot train this task (None: they can)."""
+        return None
+
+    @classmethod
     def fixed_label_names(cls, label_column: str) -> list[str] | None:
         """The label names when they do not come from the data (None: discovered in the training split)."""
         return None

@@ -36,6 +36,12 @@ class Classification(Task):
         return "classification labels are class names or integer class ids"
 
     @classmethod
+    def label_names_problem(cls, names):
+        if len(names) < 2:
+            return f"every row has the label {names[0]!r}: a classifier needs rows of at least two classes"
+        return None
+
+    @classmethod
     def encode(cls, values, label_names, delimiter, check_known):
         index = {name: i for i, name in enumerate(label_names)}
         names = [str(v) for v in values]

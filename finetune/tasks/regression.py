@@ -57,6 +57,15 @@ class Regression(Task):
         return None if numeric else "regression targets are numbers"
 
     @classmethod
+    def label_problem(cls, value):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return "empty label"
+        number = float(value)
+        if math.isnan(number):  # an empty numeric cell reads as NaN
+            return "no target (an empty cell or NaN)"
+        return None if math.isfinite(number) else f"target {value} is not a finite number"
+
+    @classmethod
     def fixed_label_names(cls, label_column):
         return [label_column]  # the one output is the target column
 

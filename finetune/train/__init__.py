@@ -1,6 +1,10 @@
 """Training: the Ray Train worker loop, its plain-PyTorch steps, and the driver."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C stopped a run or a sweep; the message says where it can continue from."""
+
+
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite: the weights after that step are garbage."""
 

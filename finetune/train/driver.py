@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 
@@ -15,19 +16,46 @@ from rich.console import Console
 from rich.markup import escape
 
 from finetune import config as config_module
+from finetune import files
 from finetune.config import ConfigError, PipelineConfig
-from finetune.ray_env import alive_nodes, check_shared_storage, ensure_ray, on_driver_node, quiet_ray_data, warn_if_data_starved
+from finetune.ray_env import check_shared_storage, cluster_nodes, ensure_ray, on_driver_node, quiet_ray_data, warn_if_data_starved
 from finetune.report import verdict
 from finetune.report.progress import TrainingProgress, summary_table
-from finetune.train import TrainingDiverged
+from finetune.train import Interrupted, TrainingDiverged
 from finetune.train.events import Subscriber
 from finetune.train.monitor import RunMonitor
 from finetune.train.record import RunRecord
 from finetune.train.trainer import best_checkpoint, build_trainer, export_checkpoint, pipeline_datasets, plan_epoch
 
 
+RUN_FILE = "run.json"  # what ties a run folder to its checkpoints: the Ray Train run's name and storage
+
+
 def default_run_dir(cfg: PipelineConfig, root: str | Path = "runs") -> Path:
     return Path(root) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def checkpoint_folder(run_dir: Path) -> Path | None:
+    """Where Ray Train keeps this run's checkpoints (None before the run has started)."""
+    record = Path(run_dir) / RUN_FILE
+    if not record.is_file():
+        return None
+    run = json.loads(record.read_text())
+    return Path(run["storage_path"], run["ray_run_name"])
+
+
+def _ray_run(run_dir: Path, storage_path: str, resume: bool) -> tuple[str, str]:
+    """(name, storage path) of the run's Ray Train run. Ray Train continues any earlier run of the
+    same name and storage, so a new run gets a name of its own: a reused run folder name, a
+    deleted and rerun folder, or two runs started in the same second against one storage_path
+    never continue each other's checkpoints. --resume reads the run's own."""
+    record = run_dir / RUN_FILE
+    if resume and record.is_file():
+        run = json.loads(record.read_text())
+        return run["ray_run_name"], run["storage_path"]
+    if resume:  # a run folder from before run.json: named after the folder
+        return run_dir.name, storage_path
+    return f"{run_dir.name}-{uuid.uuid4().hex[:8]}", storage_path
 
 
 def fit_and_record(trainer, monitor, record: RunRecord, subscribers: list[Subscriber]) -> ray.train.Result:
@@ -66,7 +94,7 @@ def fit_and_record(trainer, monitor, record: RunRecord, subscribers: list[Subscr
 def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resume: bool = False) -> dict:
     """Fine-tune as configured; returns the summary also written to RUN_DIR/summary.json.
     `resume`: continue the run in `run_dir` from its latest checkpoint (Ray Train restores a run
-    of the same name and storage)."""
+    of the same name and storage: RUN_DIR/run.json names them)."""
     console = console or Console()
     started = time.time()
     run_dir = Path(run_dir).resolve()
@@ -74,21 +102,23 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
         raise ConfigError([f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --run-dir"])
     ensure_ray()
     warn_if_data_starved(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, console)
-    storage_path = cfg.checkpoint.storage_path or str(run_dir / "ray")
-    check_shared_storage(storage_path, cfg.checkpoint.storage_is_shared, alive_nodes())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_module.save(cfg, run_dir / "config.yaml")
+    ray_name, storage_path = _ray_run(run_dir, cfg.checkpoint.storage_path or str(run_dir / "ray"), resume)
+    check_shared_storage(storage_path, cfg.checkpoint.storage_is_shared, cluster_nodes())
     console.print(f"run directory: {run_dir}")
     quiet_ray_data()
     datasets = pipeline_datasets(cfg)
     train_rows = datasets.train_rows
     batches_per_epoch, steps_per_epoch = plan_epoch(cfg, train_rows)
+    # saved once the data is read: a data error leaves no run behind, so the same command reruns
+    run_dir.mkdir(parents=True, exist_ok=True)
+    files.write_text(run_dir / RUN_FILE, json.dumps({"ray_run_name": ray_name, "storage_path": storage_path}))
+    config_module.save(cfg, run_dir / "config.yaml")
     console.print(
         f"{train_rows} training rows, {len(datasets.label_names)} labels, {cfg.scaling.num_workers} worker(s), "
         f"{steps_per_epoch} steps/epoch"
     )
     monitor = RunMonitor.options(scheduling_strategy=on_driver_node()).remote()
-    trainer = build_trainer(cfg, datasets, batches_per_epoch, name=run_dir.name, storage_path=storage_path, monitor=monitor)
+    trainer = build_trainer(cfg, datasets, batches_per_epoch, name=ray_name, storage_path=storage_path, monitor=monitor)
 
     record = RunRecord(run_dir / "metrics.jsonl")
     try:
@@ -97,8 +127,11 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
         if record.diverged:
             raise TrainingDiverged(record.diverged.step, record.diverged.epoch)
         skipped = datasets.skipped_rows()
-    except BaseException:
-        kept = sorted(Path(storage_path, run_dir.name).glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
+    except BaseException as error:
+        kept = sorted(Path(storage_path, ray_name).glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
+        if isinstance(error, KeyboardInterrupt):
+            where = f"the last checkpoint is {kept[-1]}" if kept else "no epoch had finished"
+            raise Interrupted(f"{where}; continue with: finetune train --resume {run_dir}") from None
         if kept:
             console.print(f"training failed; the last good checkpoint is kept at {kept[-1]}", soft_wrap=True)
         raise
@@ -113,7 +146,7 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
     summary = record.summary(cfg, train_rows=train_rows, wall_s=time.time() - started, run_dir=run_dir,
                              has_best=best is not None, skipped=skipped)  # fmt: skip
     summary["warnings"] = verdict.check(summary, cfg.checkpoint.metric)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    files.write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     console.print(summary_table(summary))
     for warning in summary["warnings"]:
         console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from finetune import files
 from finetune.config import PipelineConfig
 from finetune.train.events import (
     Baseline, BatchNormPlan, Diverged, EpochEnded, FinalTest, LayerGroups, RunEvent, WorkerStarted,
@@ -19,8 +20,8 @@ class RunRecord:
 
     def __init__(self, metrics_path: Path) -> None:
         self.metrics_path = metrics_path
-        earlier = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
-        self.epochs: dict[int, dict] = {m["epoch"]: m for m in map(json.loads, earlier)}
+        # a driver killed mid-line leaves a torn last line: that epoch is trained again
+        self.epochs: dict[int, dict] = {m["epoch"]: m for m in files.read_json_lines(metrics_path)}
         self.starts: list[WorkerStarted] = []
         self.groups: LayerGroups | None = None
         self.batchnorm: BatchNormPlan | None = None
@@ -34,8 +35,7 @@ class RunRecord:
             if self.epochs.get(event.epoch) == event.metrics:
                 return False
             self.epochs[event.epoch] = event.metrics
-            with self.metrics_path.open("a") as lines:
-                lines.write(json.dumps(event.metrics) + "\n")
+            files.append_line(self.metrics_path, json.dumps(event.metrics))
         elif isinstance(event, WorkerStarted):
             self.starts.append(event)
         else:
@@ -46,7 +46,7 @@ class RunRecord:
 
     def close(self) -> None:
         """metrics.jsonl rewritten in epoch order, one line per epoch (a retrained epoch's last)."""
-        self.metrics_path.write_text("".join(json.dumps(e) + "\n" for e in self.epoch_list))
+        files.write_text(self.metrics_path, "".join(json.dumps(e) + "\n" for e in self.epoch_list))
 
     @property
     def epoch_list(self) -> list[dict]:

@@ -83,7 +83,8 @@ class TrainState:
         )
 
     def load(self, directory: str | Path) -> None:
-        state = torch.load(Path(directory) / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
+        # weights_only: a train_state.pt planted in shared storage cannot run code when a run resumes
+        state = torch.load(Path(directory) / TRAIN_STATE_FILE, map_location="cpu", weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -11,6 +11,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from finetune import files
 from finetune import models
 from finetune.config import PipelineConfig
 from finetune.data import DataError
@@ -74,8 +75,11 @@ def best_checkpoint(result: ray.train.Result, best_epoch: int | None) -> ray.tra
 
 def export_checkpoint(checkpoint: ray.train.Checkpoint, destination: Path) -> None:
     """The best epoch's model, without the optimizer state that only resuming needs."""
-    with checkpoint.as_directory() as directory:
-        shutil.copytree(directory, destination, ignore=shutil.ignore_patterns(TRAIN_STATE_FILE), dirs_exist_ok=True)
+    def copy(folder: Path) -> None:
+        with checkpoint.as_directory() as directory:
+            shutil.copytree(directory, folder, ignore=shutil.ignore_patterns(TRAIN_STATE_FILE), dirs_exist_ok=True)
+
+    files.replace_dir(destination, copy)  # a kill or a full disk leaves the previous best/ whole
 
 
 def plan_epoch(cfg: PipelineConfig, train_rows: int) -> tuple[int, int]:

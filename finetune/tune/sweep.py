@@ -31,10 +31,12 @@ from ray import tune
 from rich.console import Console
 
 from finetune import config as config_module
+from finetune import files
 from finetune.config import AshaConfig, PipelineConfig
 from finetune.inference import evaluate_run
 from finetune.report.sweep import history, plot_curves, results_table, trial_id
-from finetune.ray_env import alive_nodes, check_shared_storage, ensure_ray, quiet_ray_data, warn_if_data_starved
+from finetune.ray_env import check_shared_storage, cluster_nodes, ensure_ray, quiet_ray_data, warn_if_data_starved
+from finetune.train import Interrupted
 from finetune.train.trainer import build_trainer, export_checkpoint, pipeline_datasets, plan_epoch
 from finetune.tune.slots import ReleaseTrialSlot, create_slots, wait_for_slot
 from finetune.tune.space import param_space, trial_config, trial_count, trial_raw, used_params
@@ -119,12 +121,21 @@ def _tuner(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path) -> tune.Tuner:
     )
 
 
-def _fit(tuner: tune.Tuner, cfg: PipelineConfig):
+def _fit(tuner: tune.Tuner, cfg: PipelineConfig, sweep_dir: Path):
+    """The sweep's results; Interrupted after Ctrl-C (Tune saves its state on the first one and
+    returns with trials unfinished; a second one raises KeyboardInterrupt)."""
     slots = create_slots(cfg.tune.max_concurrent_trials)
+    resume = f"continue with: finetune tune --resume {sweep_dir}"
     try:
-        return tuner.fit()
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        raise Interrupted(f"the sweep stopped; {resume}") from None
     finally:
         ray.kill(slots)
+    if results.num_terminated + results.num_errors < len(results):
+        raise Interrupted(f"the sweep stopped with {len(results) - results.num_terminated - results.num_errors} "
+                          f"trial(s) unfinished; {resume}")  # fmt: skip
+    return results
 
 
 def sweep(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, console: Console | None = None) -> dict:
@@ -134,13 +145,13 @@ def sweep(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, console: Console
     sweep_dir.mkdir(parents=True, exist_ok=True)
     ensure_ray()
     # the trials' checkpoints and Tune's state live in the sweep folder: every node writes there
-    check_shared_storage(str(sweep_dir), cfg.checkpoint.storage_is_shared, alive_nodes())
+    check_shared_storage(str(sweep_dir), cfg.checkpoint.storage_is_shared, cluster_nodes())
     per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + TRIAL_ACTOR_CPUS
     warn_if_data_starved(cfg.tune.max_concurrent_trials * per_trial, console)
-    (sweep_dir / "pipeline.yaml").write_text(yaml.safe_dump(base_raw, sort_keys=False))
+    files.write_text(sweep_dir / "pipeline.yaml", yaml.safe_dump(base_raw, sort_keys=False))
     console.print(f"sweep directory: {sweep_dir}\n{trial_count(cfg.tune)} trials, {cfg.tune.max_concurrent_trials} at a time")
     started = time.time()
-    results = _fit(_tuner(cfg, base_raw, sweep_dir), cfg)
+    results = _fit(_tuner(cfg, base_raw, sweep_dir), cfg, sweep_dir)
     return _report(cfg, base_raw, sweep_dir, results, time.time() - started, console)
 
 
@@ -163,7 +174,7 @@ def resume(sweep_dir: Path, retry_errored: bool = False, console: Console | None
         resume_unfinished=True, resume_errored=retry_errored,
     )  # fmt: skip
     console.print(f"resuming sweep {sweep_dir}")
-    results = _fit(tuner, cfg)
+    results = _fit(tuner, cfg, sweep_dir)
     return _report(cfg, base_raw, sweep_dir, results, time.time() - started, console)
 
 
@@ -214,7 +225,7 @@ def _report(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, results, wall_
         best_raw = trial_raw(base_raw, params)
         best_raw["name"] = f"{config_module.parse(best_raw).name}-best"
         header = f"# best trial {best['trial']} of sweep {sweep_dir}: {metric} = {best[f'best {metric}']:.4f}\n"
-        (sweep_dir / "best.yaml").write_text(header + yaml.safe_dump(best_raw, sort_keys=False))
+        files.write_text(sweep_dir / "best.yaml", header + yaml.safe_dump(best_raw, sort_keys=False))
         # with best/, a run folder: `finetune evaluate|predict SWEEP_DIR` use the best trial's model
         config_module.save(config_module.parse(best_raw), sweep_dir / "config.yaml")
         summary["best"] = {"trial": best["trial"], "params": params, metric: float(best[f"best {metric}"]),
@@ -230,5 +241,5 @@ def _report(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, results, wall_
             + (f", {tested_metric} {summary['best'][tested_metric]:.4f}" if tested_metric in summary["best"] else "")
         )
         console.print(f"best model: {summary['best'].get('checkpoint')}\nretrain with: finetune train {sweep_dir / 'best.yaml'}")
-    (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    files.write_text(sweep_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
