@@ -191,3 +191,30 @@ def test_settings_that_would_fail_mid_run_fail_validate(tmp_path, tiny_bert_dir,
         assert main(["validate", str(tmp_path / "pipeline.yaml")]) == 0
     assert (cfg.data.source, cfg.model.name, cfg.checkpoint.storage_path) == (
         str(reviews), f"hf:{home}/models/tiny", f"{home}/runs")  # fmt: skip
+
+
+def test_credentials_in_a_uri_are_refused_before_anything_is_written(tmp_path, capsys):
+    for key, value in (("data.source", "s3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/reviews.csv"),
+                       ("checkpoint.storage_path", "https://user:hunter2@example.com/runs")):  # fmt: skip
+        assert main(["validate", str(write(tmp_path, MINIMAL)), f"{key}={value}"]) == 2
+        out = capsys.readouterr().out
+        assert f"{key}: a URI with credentials in it would be written to the run's config.yaml and logs" in out
+        assert "wJalrXUtnFEMI" not in out and "hunter2" not in out
+    assert main(["validate", str(write(tmp_path, MINIMAL)), "checkpoint.storage_path=s3://bucket/runs"]) == 0
+
+
+def test_every_runtime_dependency_has_a_lower_and_an_upper_bound():
+    """An install made a year from now resolves to releases the code was written for."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    requirements = [Requirement(r) for r in project["dependencies"]]
+    requirements += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    for requirement in requirements:
+        operators = {spec.operator for spec in requirement.specifier}
+        assert "==" in operators or ({">=", "<"} <= operators), f"{requirement} needs a lower and an upper bound"
+    names = {r.name for r in requirements}
+    assert {"numpy", "pydantic", "scikit-learn"} <= names
+    assert str(next(r for r in requirements if r.name == "scikit-learn").specifier) == "<2,>=1.4"
