@@ -1,7 +1,7 @@
 """Writing a run's files so that a kill or a full disk at any moment leaves the previous good
 version readable: each file is written beside its destination and renamed over it (a rename
 within one folder is atomic on POSIX file systems); a folder is built beside its destination
-and swapped in."""
+and swapped in (a link renamed over the old one)."""
 
 from __future__ import annotations
 
@@ -52,20 +52,26 @@ def read_json_lines(path: str | Path) -> list[dict]:
 
 
 def replace_dir(destination: str | Path, fill: Callable[[Path], None]) -> None:
-    """`destination` becomes the folder `fill(folder)` writes, swapped in only once it is complete."""
+    """`destination` becomes the folder `fill(folder)` writes, swapped in only once it is complete.
+    `destination` is a link to a hidden versioned folder beside it: replacing a link is one atomic
+    rename, so at every moment it names a whole version (two folder renames would leave a moment
+    with none)."""
     destination = Path(destination)
     token = uuid.uuid4().hex[:8]
-    building = destination.with_name(f".{destination.name}.{token}.partial")
-    retired = destination.with_name(f".{destination.name}.{token}.old")
+    version = destination.with_name(f".{destination.name}.{token}")
+    link = destination.with_name(f".{destination.name}.{token}.link")
+    previous = os.readlink(destination) if destination.is_symlink() else None
     try:
-        building.mkdir(parents=True)
-        fill(building)
-        if destination.exists():
-            destination.rename(retired)
-        building.rename(destination)
+        version.mkdir(parents=True)
+        fill(version)
+        os.symlink(version.name, link)  # relative: the run folder can move
+        if destination.is_dir() and not destination.is_symlink():  # a folder written before links: set aside once
+            destination.rename(destination.with_name(f".{destination.name}.{token}.old"))
+        os.replace(link, destination)
     except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        if retired.exists() and not destination.exists():
-            retired.rename(destination)  # the previous version stays
+        link.unlink(missing_ok=True)
+        shutil.rmtree(version, ignore_errors=True)
         raise
-    shutil.rmtree(retired, ignore_errors=True)
+    for leftover in (previous and destination.parent / previous, destination.with_name(f".{destination.name}.{token}.old")):
+        if leftover:
+            shutil.rmtree(leftover, ignore_errors=True)

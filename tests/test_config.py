@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -218,3 +219,20 @@ def test_every_runtime_dependency_has_a_lower_and_an_upper_bound():
     names = {r.name for r in requirements}
     assert {"numpy", "pydantic", "scikit-learn"} <= names
     assert str(next(r for r in requirements if r.name == "scikit-learn").specifier) == "<2,>=1.4"
+
+
+def test_a_model_that_ships_code_runs_it_only_when_the_pipeline_says_so(tmp_path):
+    from finetune.config import ModelConfig
+    from finetune.models import check_model
+
+    folder = tmp_path / "custom-model"
+    folder.mkdir()
+    (folder / "configuration_shipped.py").write_text(
+        "from transformers import PretrainedConfig\n\n\n"
+        "class ShippedConfig(PretrainedConfig):\n    model_type = 'shipped'\n"
+    )
+    shipped = {"model_type": "shipped", "auto_map": {"AutoConfig": "configuration_shipped.ShippedConfig"}}
+    (folder / "config.json").write_text(json.dumps(shipped))
+    (problem,) = check_model(ModelConfig(name=f"hf:{folder}"))
+    assert problem.startswith(f"model.name='hf:{folder}' cannot be loaded: ") and "trust_remote_code" in problem
+    assert check_model(ModelConfig(name=f"hf:{folder}", trust_remote_code=True)) == []

@@ -151,7 +151,14 @@ def test_csv_files_that_are_not_what_they_seem(ray_session, tmp_path):
                        "row 1: 3 fields where the header has 2 ('bad, really bad,neg'); quote fields that hold the "
                        "delimiter ','"),
         "unclosed.csv": ('review,sentiment\ngood,pos\n"bad movie,neg\nok one,pos\nfine,neg\n',
-                         "row 1: a quoted field opened here is never closed"),
+                         "row 1: 1 fields where the header has 2 ('\"bad movie,neg\\nok one,pos\\nfine,neg'); a quote opens "
+                         "a field here and does not close before the line ends"),
+        "stray.csv": ('review,sentiment\ngood,pos\n"bad, one",neg\n"stray quote here,pos\nfine,neg\n"another, quoted",pos\n',
+                      "row 2: 3 fields where the header has 2 ('\"stray quote here,pos\\nfine,neg\\n\"another, quoted\",pos'); a "
+                      "quote opens a field here and does not close before the line ends, so the lines after it run "
+                      "into this row: close or remove it"),
+        "semicolons.csv": ("id;review;sentiment\n1;good, really;pos\n",
+                           "the header has 1 field(s) split on ','; the header looks ';'-separated: set data.delimiter: ';'"),
         # a stray quote closed by a later one: the rows between would silently become one cell
         "merged.csv": ('review,sentiment\ngood,pos\n"bad movie,neg\nok one,pos\nthe "end" was fine",neg\nnice,pos\n',
                        "row 1: column 'review' holds line breaks and 1 more line(s) shaped like rows of this file"),

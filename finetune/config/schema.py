@@ -223,6 +223,11 @@ class ModelConfig(Section):
         description="Model to fine-tune: minilm-l6 or efficientnet-lite0 (packaged, offline), "
         "hf:<hub id or local path> or torchvision:<architecture>."
     )
+    trust_remote_code: bool = Field(
+        False,
+        description="hf: models only: let the model run the Python code it ships (an architecture transformers does "
+        "not have). That code runs on every node of the cluster: set it only for models whose code you trust.",
+    )
     weights: str | None = Field(
         None,
         description="torchvision only: a weights enum name (e.g. IMAGENET1K_V1, needs internet), "

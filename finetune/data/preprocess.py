@@ -26,16 +26,17 @@ if TYPE_CHECKING:
 
 
 @lru_cache(maxsize=4)
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path)
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
 
 
 @dataclass(frozen=True)
 class TextPreprocessor:
     tokenizer: str  # hub id or local folder
     max_length: int = 128
+    trust_remote_code: bool = False  # model.trust_remote_code: a tokenizer that ships code
     kind: str = field(default="text", init=False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -48,7 +49,7 @@ class TextPreprocessor:
             return {"input_ids": empty, "attention_mask": empty, "label": batch.get("label", np.zeros(0, np.int64))}
         # Padded to max_length here so blocks hold fixed-shape tensors; `trim_padding` then cuts
         # each training batch to its longest row, so compute follows the batch, not max_length.
-        encoded = load_tokenizer(self.tokenizer)(
+        encoded = load_tokenizer(self.tokenizer, self.trust_remote_code)(
             [str(t) for t in batch["text"]],
             truncation=True,
             max_length=self.max_length,

@@ -103,15 +103,27 @@ def encoding_problem(path: str, raw: bytes, dialect: TableDialect) -> DataError 
     return None
 
 
+def delimiter_hint(header: str, delimiter: str) -> str:
+    """'; the header looks ';'-separated: ...' when a header holds another common delimiter and not
+    the one in use (a spreadsheet saved where the comma is the decimal mark), else ''."""
+    if delimiter in header:
+        return ""
+    found = next((d for d in (";", "\t", "|", ",") if d != delimiter and d in header), None)
+    return f"; the header looks {found!r}-separated: set data.delimiter: {found!r}" if found else ""
+
+
 class _NumberedRows:
     """Ray's file readers, plus each row's number within its file (the `__row` column), so a
     bad row can be named by file and row; a file without rows is an error naming it."""
 
     def _read_stream(self, f, path: str):
         start = 0
-        for table in super()._read_stream(f, path):
-            yield table.append_column(ROW, pa.array(np.arange(start, start + table.num_rows)))
-            start += table.num_rows
+        try:
+            for table in super()._read_stream(f, path):
+                yield table.append_column(ROW, pa.array(np.arange(start, start + table.num_rows)))
+                start += table.num_rows
+        except OSError as error:  # storage refused or lost the file (permissions, a network error)
+            raise DataError(f"{path}: cannot be read ({_first_problem_line(str(error))})") from None
         if start == 0:
             raise DataError(f"{path}: no rows (a header or an empty file and nothing else); every file of a source "
                             "needs at least one row")  # fmt: skip
@@ -148,9 +160,9 @@ class _CheckedCSV(CSVDatasource):
         except (ValueError, pa.ArrowException) as error:  # Ray wraps pyarrow's ArrowInvalid in a ValueError
             raise self._parse_problem(path, error.__cause__ or error) from None
 
-    def _raw(self, path: str) -> bytes:
+    def _raw(self, path: str, size: int = -1) -> bytes:
         with self._filesystem.open_input_stream(path) as stream:
-            return stream.read()
+            return stream.read(size) if size >= 0 else stream.read()
 
     def _parse_problem(self, path: str, error: BaseException) -> DataError:
         message = str(error)
@@ -158,16 +170,22 @@ class _CheckedCSV(CSVDatasource):
             return encoding_problem(path, self._raw(path), self.dialect) or DataError(f"{path}: {message}")
         if "Empty CSV file" in message:
             return DataError(f"{path}: the file is empty (not even a header row)")
-        found = re.search(r"Row #(\d+): Expected (\d+) columns, got (\d+): (.*)", message, re.S)
+        found = re.search(r"(?:Row #(\d+): )?Expected (\d+) columns, got (\d+): (.*)", message, re.S)
         if not found:
             return DataError(f"{path}: not a readable CSV file ({_first_problem_line(message)})")
-        record, expected, got, text = int(found[1]), int(found[2]), int(found[3]), found[4]
-        where = f"{path}, row {record - 2}"  # pyarrow counts records from 1, the header first
-        if text.startswith('"') and "\n" in text:
-            return DataError(f"{where}: a quoted field opened here is never closed ({text[:40]!r}...): every line "
-                             "after it would be one cell; close the quote or remove it")  # fmt: skip
+        expected, got, text = int(found[2]), int(found[3]), found[4]
+        # pyarrow counts records from 1, the header first (and knows the number when reading in order)
+        where = f"{path}, row {int(found[1]) - 2}" if found[1] else path
+        delimiter = self.dialect.delimiter_for(path)
+        header = self._raw(path, 65536).decode(self.dialect.encoding, "replace").lstrip("\ufeff").splitlines()[:1]
+        if header and (hint := delimiter_hint(header[0], delimiter)):
+            return DataError(f"{path}: the header has {expected} field(s) split on {delimiter!r}{hint}")
+        if text.startswith('"') or f'{delimiter}"' in text:
+            return DataError(f"{where}: {got} fields where the header has {expected} ({text[:60]!r}); a quote opens a "
+                             "field here and does not close before the line ends, so the lines after it run into this "
+                             "row: close or remove it")  # fmt: skip
         return DataError(f"{where}: {got} fields where the header has {expected} ({text[:60]!r}); quote fields that "
-                         f"hold the delimiter {self.dialect.delimiter_for(path)!r}, or set data.delimiter")  # fmt: skip
+                         f"hold the delimiter {delimiter!r}, or set data.delimiter")  # fmt: skip
 
     def _check_text(self, table: pa.Table, path: str, delimiter: str, first_row: int) -> None:
         if any(pa.types.is_binary(t) or pa.types.is_large_binary(t) for t in table.schema.types):

@@ -16,7 +16,7 @@ import ray.data
 from finetune.config import DataConfig
 from finetune.data.catalog import CATALOG
 from finetune.data.labels import check_known_labels, discover_labels, encode_labels
-from finetune.data.readers import TableDialect, infer_format, read_image_folder, read_table_files
+from finetune.data.readers import TableDialect, delimiter_hint, infer_format, read_image_folder, read_table_files
 from finetune.data.rows import FILE, PROVENANCE, DataError, RowPolicy
 from finetune.data.splits import SPLITS, Source, hash_split
 from finetune.tasks import task_class
@@ -41,7 +41,7 @@ def _read_file_source(source: str, fmt: str, cfg: DataConfig, task: str) -> tupl
         raise DataError(
             f"{source}: column {', '.join(repr(c) for c in missing)} not found; its columns are "
             f"{', '.join(map(repr, columns))} (set data.text_column / data.image_column / data.label_column)"
-            + _delimiter_hint(columns, fmt)
+            + (delimiter_hint(columns[0], cfg.delimiter or ",") if fmt == "csv" and len(columns) == 1 else "")
         )
     label_type = schema.types[schema.names.index(cfg.label_column)]
     if problem := task_class(task).label_type_problem(label_type):
@@ -49,14 +49,6 @@ def _read_file_source(source: str, fmt: str, cfg: DataConfig, task: str) -> tupl
     renames = {input_column: kind, cfg.label_column: "label"}
     ds = ds.select_columns([input_column, cfg.label_column, *PROVENANCE]).rename_columns(renames)
     return ds, kind, kind
-
-
-def _delimiter_hint(columns: list[str], fmt: str) -> str:
-    """One column whose name holds another common delimiter: the file is separated by that one."""
-    if fmt != "csv" or len(columns) != 1:
-        return ""
-    found = next((d for d in (";", "\t", "|") if d in columns[0]), None)
-    return f"; the header looks {found!r}-separated: set data.delimiter: {found!r}" if found else ""
 
 
 def _load_files(

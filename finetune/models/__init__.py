@@ -76,22 +76,26 @@ def check_model(cfg: ModelConfig) -> list[str]:
         problems.append(f"model.name={cfg.name!r}: the local folder {ref.target} does not exist")
     elif ref.family == "hf":
         try:
-            hf_config(ref.target)
+            hf_config(ref.target, cfg.trust_remote_code)
         except (OSError, ValueError) as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            problems.append(f"model.name={cfg.name!r} cannot be loaded: {reason} (a hub id needs the network or the "
-                            "Hugging Face cache; a local folder needs the model's config.json)")  # fmt: skip
+            if "custom code" in str(error):
+                problems.append(f"model.name={cfg.name!r} cannot be loaded: it ships its own Python code; set "
+                                "model.trust_remote_code=true only if you trust that code (it runs on every node)")  # fmt: skip
+            else:
+                problems.append(f"model.name={cfg.name!r} cannot be loaded: {reason} (a hub id needs the network or "
+                                "the Hugging Face cache; a local folder needs the model's config.json)")  # fmt: skip
     if cfg.weights is not None and ref.family != "torchvision":
         problems.append(f"model.weights is for torchvision models only; {cfg.name} brings its own weights")
     return problems
 
 
 @lru_cache(maxsize=8)
-def hf_config(target: str):
+def hf_config(target: str, trust_remote_code: bool = False):
     """A Hugging Face model's config (a hub id or a local folder): what it is, without its weights."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(target)
+    return AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code)
 
 
 def text_positions(model_cfg: ModelConfig) -> int | None:
@@ -101,7 +105,7 @@ def text_positions(model_cfg: ModelConfig) -> int | None:
     if ref.family != "hf":
         return None
     try:
-        config = hf_config(ref.target)
+        config = hf_config(ref.target, model_cfg.trust_remote_code)
     except (OSError, ValueError):
         return None  # check_model says why
     positions = getattr(config, "max_position_embeddings", None)
@@ -117,7 +121,7 @@ def image_size_for(data_cfg: DataConfig) -> int:
 def build_preprocessor(model_cfg: ModelConfig, data_cfg: DataConfig) -> Preprocessor:
     ref = resolve(model_cfg.name)
     if ref.family == "hf":
-        return TextPreprocessor(tokenizer=ref.target, max_length=data_cfg.max_length)
+        return TextPreprocessor(ref.target, data_cfg.max_length, model_cfg.trust_remote_code)
     size = image_size_for(data_cfg)
     if ref.family == "efficientnet_lite":
         return ImagePreprocessor(size, vision.LITE_MEAN, vision.LITE_STD)
@@ -128,7 +132,7 @@ def build_model(model_cfg: ModelConfig, num_labels: int, image_size: int = DEFAU
     """Pretrained backbone + a new head with `num_labels` outputs; forward(**inputs) returns them."""
     ref = resolve(model_cfg.name)
     if ref.family == "hf":
-        model: nn.Module = text.build_text_model(ref.target, num_labels)
+        model: nn.Module = text.build_text_model(ref.target, num_labels, model_cfg.trust_remote_code)
     elif ref.family == "efficientnet_lite":
         model = vision.build_efficientnet_lite(num_labels, image_size)
     else:
@@ -138,13 +142,14 @@ def build_model(model_cfg: ModelConfig, num_labels: int, image_size: int = DEFAU
 
 
 def build_architecture(
-    family: str, target: str, num_labels: int, image_size: int = DEFAULT_IMAGE_SIZE, text_config: str | Path | None = None
-) -> nn.Module:
+    family: str, target: str, num_labels: int, image_size: int = DEFAULT_IMAGE_SIZE, text_config: str | Path | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:  # fmt: skip
     """The classifier's structure without pretrained weights (random init, or none on the meta
     device): for loading saved weights, and for checking a pipeline before anything downloads.
     `text_config`: where an hf model's config.json is (default: `target`)."""
     if family == "hf":
-        return text.rebuild_text_model(text_config or target, num_labels)
+        return text.rebuild_text_model(text_config or target, num_labels, trust_remote_code)
     if family == "efficientnet_lite":
         return vision.build_efficientnet_lite(num_labels, image_size, pretrained=False)
     return vision.rebuild_torchvision(target, num_labels)
@@ -158,15 +163,16 @@ def meta_architecture(model_cfg: ModelConfig, image_size: int, num_labels: int =
     ref = resolve(model_cfg.name)
     try:
         with torch.device("meta"):
-            return build_architecture(ref.family, ref.target, num_labels, image_size)
+            return build_architecture(ref.family, ref.target, num_labels, image_size,
+                                      trust_remote_code=model_cfg.trust_remote_code)  # fmt: skip
     except OSError:
         return None
 
 
 def _architecture(model_cfg: ModelConfig, num_labels: int, image_size: int) -> dict:
     ref = resolve(model_cfg.name)
-    return {"name": model_cfg.name, "family": ref.family, "target": ref.target,
-            "num_labels": num_labels, "image_size": image_size}  # fmt: skip
+    return {"name": model_cfg.name, "family": ref.family, "target": ref.target, "num_labels": num_labels,
+            "image_size": image_size, "trust_remote_code": model_cfg.trust_remote_code}  # fmt: skip
 
 
 def save_model(
@@ -193,7 +199,7 @@ def save_model(
     if isinstance(preprocessor, TextPreprocessor):
         from finetune.data.preprocess import load_tokenizer
 
-        load_tokenizer(preprocessor.tokenizer).save_pretrained(directory)
+        load_tokenizer(preprocessor.tokenizer, preprocessor.trust_remote_code).save_pretrained(directory)
         preprocessing = {"kind": "text", "max_length": preprocessor.max_length}
     else:
         preprocessing = {"kind": "image", "size": preprocessor.size,
@@ -225,14 +231,15 @@ def load_model(directory: str | Path) -> SavedModel:
     task_file = directory / "task.json"
     task = task_from_json(json.loads(task_file.read_text()) if task_file.is_file() else {"type": "classification"}, label_names)
     preprocessing = json.loads((directory / "preprocessing.json").read_text())
+    trusted = architecture.get("trust_remote_code", False)  # the pipeline's say, kept with the model
     model = build_architecture(
         architecture["family"], architecture["target"], architecture["num_labels"], architecture["image_size"],
-        text_config=directory,
+        text_config=directory, trust_remote_code=trusted,
     )
     load_weights(model, str(directory / "model.safetensors"))
     model.eval()
     if preprocessing["kind"] == "text":
-        preprocessor: Preprocessor = TextPreprocessor(str(directory), preprocessing["max_length"])
+        preprocessor: Preprocessor = TextPreprocessor(str(directory), preprocessing["max_length"], trusted)
     else:
         preprocessor = ImagePreprocessor(
             preprocessing["size"], tuple(preprocessing["mean"]), tuple(preprocessing["std"])

@@ -25,13 +25,14 @@ class TextClassifier(nn.Module):
         return self.hf_model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def build_text_model(name_or_path: str, num_labels: int) -> TextClassifier:
-    """Pretrained encoder from the hub or a local folder; a fresh head for `num_labels` classes."""
+def build_text_model(name_or_path: str, num_labels: int, trust_remote_code: bool = False) -> TextClassifier:
+    """Pretrained encoder from the hub or a local folder; a fresh head for `num_labels` classes.
+    `trust_remote_code`: model.trust_remote_code (off: a model that ships code is refused)."""
     from transformers import AutoModelForSequenceClassification
 
     _quiet_transformers()
     hf_model = AutoModelForSequenceClassification.from_pretrained(
-        name_or_path, num_labels=num_labels, ignore_mismatched_sizes=True
+        name_or_path, num_labels=num_labels, ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code
     )
     return TextClassifier(hf_model)
 
@@ -40,10 +41,10 @@ def save_text_architecture(model: TextClassifier, directory: Path) -> None:
     model.hf_model.config.save_pretrained(directory)
 
 
-def rebuild_text_model(config_source: str | Path, num_labels: int) -> TextClassifier:
+def rebuild_text_model(config_source: str | Path, num_labels: int, trust_remote_code: bool = False) -> TextClassifier:
     """The architecture from a config.json (a saved model folder or a hub id), without weights."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     _quiet_transformers()
-    config = AutoConfig.from_pretrained(config_source, num_labels=num_labels)
-    return TextClassifier(AutoModelForSequenceClassification.from_config(config))
+    config = AutoConfig.from_pretrained(config_source, num_labels=num_labels, trust_remote_code=trust_remote_code)
+    return TextClassifier(AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code))
