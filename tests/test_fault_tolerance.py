@@ -47,6 +47,20 @@ def _pipeline(tmp_path: Path, tiny_bert_dir: Path, rows: int = 400, scaling: dic
                                    scaling={"max_failures": 2, **(scaling or {})}, checkpoint={"num_to_keep": 2})  # fmt: skip
 
 
+def _driver_until_checkpoint(pipeline: Path, run_dir: Path, env: dict, **output) -> subprocess.Popen:
+    """`finetune train` in its own process group, returned once its first epoch's checkpoint is
+    registered (what a restart or --resume continues from)."""
+    driver = subprocess.Popen([sys.executable, "-m", "finetune.cli", "train", str(pipeline), "--run-dir", str(run_dir)],
+                              env=env, start_new_session=True, **output)  # fmt: skip
+    deadline = time.time() + 300
+    while not registered_checkpoint(run_dir):
+        if driver.poll() is not None or time.time() > deadline:
+            os.killpg(driver.pid, signal.SIGKILL)
+            pytest.fail("no checkpoint before the driver ended")
+        time.sleep(0.2)
+    return driver
+
+
 def _epochs(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -55,18 +69,9 @@ def _epochs(run_dir: Path) -> list[dict]:
 def test_a_killed_driver_resumes_from_its_last_checkpoint(ray_session, tmp_path, tiny_bert_dir, capsys):
     pipeline, run_dir = _pipeline(tmp_path, tiny_bert_dir), tmp_path / "run"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "finetune.cli", "train", str(pipeline), "--run-dir", str(run_dir)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.time() + 300
-        while not registered_checkpoint(run_dir):
-            assert driver.poll() is None and time.time() < deadline, "no checkpoint before the driver ended"
-            time.sleep(0.2)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+    driver = _driver_until_checkpoint(pipeline, run_dir, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
     assert not (run_dir / "summary.json").exists()
     with open(run_dir / "metrics.jsonl", "a") as metrics:  # as if the kill had landed mid-line
         metrics.write('{"epoch": 1, "train/loss": 0.4, "val/acc')
@@ -125,15 +130,8 @@ def test_ctrl_c_stops_a_run_with_where_to_continue_and_leaves_no_ray_process(tmp
     pipeline, run_dir = _pipeline(tmp_path, tiny_bert_dir, epochs=40), tmp_path / "run"
     ray_tmp = tempfile.mkdtemp(prefix="rayint-", dir="/tmp")  # names every process of this Ray
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp}
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "finetune.cli", "train", str(pipeline), "--run-dir", str(run_dir)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+    driver = _driver_until_checkpoint(pipeline, run_dir, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 300
-        while not registered_checkpoint(run_dir):
-            assert driver.poll() is None and time.time() < deadline, "no checkpoint before the driver ended"
-            time.sleep(0.2)
         os.killpg(driver.pid, signal.SIGINT)
         out, _ = driver.communicate(timeout=120)
     finally:

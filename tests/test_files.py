@@ -143,6 +143,15 @@ def test_image_tables_of_paths_structs_and_photos(ray_session, tmp_path):
 # ---- broken files: one line naming file, row and fix ---------------------------------------------
 
 
+def _each_names_its_file(folder, cases: dict[str, tuple[str, str]]) -> None:
+    """Each file name -> (its text, what its one-line error must say after the file's path)."""
+    for name, (text, expected) in cases.items():
+        path = folder / name
+        path.write_text(text)
+        message = _reading_error(_cfg(path))
+        assert message.startswith(str(path)) and expected in message, (name, message)
+
+
 def test_csv_files_that_are_not_what_they_seem(ray_session, tmp_path):
     cases = {
         "empty.csv": ("", "the file is empty (not even a header row)"),
@@ -163,11 +172,7 @@ def test_csv_files_that_are_not_what_they_seem(ray_session, tmp_path):
         "merged.csv": ('review,sentiment\ngood,pos\n"bad movie,neg\nok one,pos\nthe "end" was fine",neg\nnice,pos\n',
                        "row 1: column 'review' holds line breaks and 1 more line(s) shaped like rows of this file"),
     }  # fmt: skip
-    for name, (text, expected) in cases.items():
-        path = tmp_path / name
-        path.write_text(text)
-        message = _reading_error(_cfg(path))
-        assert message.startswith(str(path)) and expected in message, (name, message)
+    _each_names_its_file(tmp_path, cases)
 
 
 def test_bad_json_lines_are_named_by_line(ray_session, tmp_path):
@@ -179,11 +184,7 @@ def test_bad_json_lines_are_named_by_line(ray_session, tmp_path):
         "list.jsonl": (f'{good}\n["bad", "neg"]\n', ', line 2: a JSON list where an object ({"column": value, ...}) belongs'),
         "empty.jsonl": ("\n", ": no rows"),
     }  # fmt: skip
-    for name, (text, expected) in cases.items():
-        path = tmp_path / name
-        path.write_text(text)
-        message = _reading_error(_cfg(path))
-        assert message.startswith(str(path)) and expected in message, (name, message)
+    _each_names_its_file(tmp_path, cases)
     not_parquet = tmp_path / "reviews.parquet"
     not_parquet.write_text("review,sentiment\ngood,pos\n")
     assert _reading_error(_cfg(not_parquet)).startswith(f"{not_parquet}: not a readable Parquet file (")
