@@ -40,8 +40,12 @@ class TextPreprocessor:
     kind: str = field(default="text", init=False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = {i: "no text" if text is None or text != text else "empty text"
-                   for i, text in enumerate(batch["text"]) if text is None or text != text or not str(text).strip()}  # fmt: skip
+        missing = {}
+        for i, text in enumerate(batch["text"]):
+            if text is None or text != text:  # None or NaN
+                missing[i] = "no text"
+            elif not str(text).strip():
+                missing[i] = "empty text"
         if missing:
             raise BadRows(missing)
         if len(batch["text"]) == 0:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import ray.data
@@ -194,13 +195,16 @@ class _CheckedCSV(CSVDatasource):
         label = self.dialect.label_column
         if label not in table.column_names:
             return
-        labels = {str(v) for v in table.column(label).to_pylist() if v is not None}
+        labels = None  # read only when a cell holds a line break: this runs on every batch of every epoch
         width, at = table.num_columns, table.column_names.index(label)
         for name in table.column_names:
             if not pa.types.is_string(table.schema.field(name).type):
                 continue
-            for row, cell in enumerate(table.column(name).to_pylist()):
-                if cell and "\n" in cell and (merged := _rows_inside(cell, delimiter, width, at, labels)):
+            column = table.column(name)
+            for row in pc.indices_nonzero(pc.fill_null(pc.match_substring(column, "\n"), False)).to_pylist():
+                if labels is None:
+                    labels = {str(v) for v in table.column(label).to_pylist() if v is not None}
+                if merged := _rows_inside(column[row].as_py(), delimiter, width, at, labels):
                     raise DataError(
                         f"{path}, row {first_row + row}: column {name!r} holds line breaks and {merged} more line(s) shaped like "
                         "rows of this file: a quote opened in this row closes only further down, so those rows "

@@ -35,13 +35,15 @@ def default_run_dir(cfg: PipelineConfig, root: str | Path = "runs") -> Path:
     return Path(root) / f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
+def _run_file(run_dir: Path) -> dict | None:
+    record = Path(run_dir) / RUN_FILE
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
 def checkpoint_folder(run_dir: Path) -> Path | None:
     """Where Ray Train keeps this run's checkpoints (None before the run has started)."""
-    record = Path(run_dir) / RUN_FILE
-    if not record.is_file():
-        return None
-    run = json.loads(record.read_text())
-    return Path(run["storage_path"], run["ray_run_name"])
+    run = _run_file(run_dir)
+    return None if run is None else Path(run["storage_path"], run["ray_run_name"])
 
 
 def _ray_run(run_dir: Path, storage_path: str, resume: bool) -> tuple[str, str]:
@@ -49,9 +51,7 @@ def _ray_run(run_dir: Path, storage_path: str, resume: bool) -> tuple[str, str]:
     same name and storage, so a new run gets a name of its own: a reused run folder name, a
     deleted and rerun folder, or two runs started in the same second against one storage_path
     never continue each other's checkpoints. --resume reads the run's own."""
-    record = run_dir / RUN_FILE
-    if resume and record.is_file():
-        run = json.loads(record.read_text())
+    if resume and (run := _run_file(run_dir)):
         return run["ray_run_name"], run["storage_path"]
     if resume:  # a run folder from before run.json: named after the folder
         return run_dir.name, storage_path
