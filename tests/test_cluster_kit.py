@@ -5,12 +5,15 @@ autoscaling head refusing checkpoints on its own disk."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shlex
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import jsonschema
+import kubernetes_validate
 import pytest
 import ray
 import yaml
@@ -20,6 +23,9 @@ from finetune.config import ConfigError
 from finetune.ray_env import check_shared_storage, nodes_it_may_have
 
 CLUSTER = Path(__file__).parent.parent / "cluster"
+KUBERAY_MANIFESTS = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+KUBERNETES = "1.33"  # the oldest Kubernetes the manifests are written for
+KUBERAY = "v1.4.2"  # the KubeRay operator release whose CRDs the manifests are written for
 
 
 def test_the_launcher_config_is_valid_and_its_commands_expand():
@@ -60,6 +66,69 @@ def test_kuberay_jobs_write_their_folders_to_a_volume_every_pod_mounts(job):
         mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
         mount = next(path for path in mounts if folder.startswith(path + "/"))  # the folder is on a mounted volume
         assert claims[mounts[mount]] == "finetune-shared"
+
+
+def _pod_templates(manifest: dict) -> list[dict]:
+    """The Kubernetes pod templates inside a RayCluster or RayJob: head, worker groups, submitter."""
+    spec = manifest["spec"]
+    cluster = spec.get("rayClusterSpec", spec)
+    templates = [cluster["headGroupSpec"]["template"]] + [group["template"] for group in cluster["workerGroupSpecs"]]
+    return templates + ([spec["submitterPodTemplate"]] if "submitterPodTemplate" in spec else [])
+
+
+def _strict_kubernetes_problem(resource: dict) -> str | None:
+    try:
+        kubernetes_validate.validate(resource, KUBERNETES, strict=True)  # unknown keys too, as `kubectl apply` refuses them
+    except kubernetes_validate.ValidationError as error:
+        return error.message
+    return None
+
+
+@pytest.mark.parametrize("manifest", KUBERAY_MANIFESTS, ids=lambda path: path.name)
+def test_kuberay_manifests_pods_and_volume_are_valid_kubernetes(manifest):
+    """Kubernetes' own published schemas, offline: the volume claim, and every pod template the
+    KubeRay resources embed (the part of KubeRay's CRDs that is Kubernetes' PodTemplateSpec)."""
+    resource = yaml.safe_load(manifest.read_text())
+    if resource["apiVersion"] == "v1":
+        assert _strict_kubernetes_problem(resource) is None
+        return
+    for template in _pod_templates(resource):
+        assert _strict_kubernetes_problem({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
+                                           "template": template}) is None  # fmt: skip
+    misspelled = copy.deepcopy(_pod_templates(resource)[0])
+    misspelled["spec"]["containers"][0]["volumeMount"] = []
+    assert "'volumeMount' was unexpected" in _strict_kubernetes_problem(
+        {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": misspelled})
+
+
+def _closed(schema):
+    """A CRD's OpenAPI schema as `kubectl apply --validate=strict` reads it: fields it does not
+    declare are errors, except where it preserves unknown fields."""
+    if isinstance(schema, dict):
+        schema = {key: _closed(value) for key, value in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        return schema
+    return [_closed(item) for item in schema] if isinstance(schema, list) else schema
+
+
+@pytest.mark.parametrize("manifest", [path for path in KUBERAY_MANIFESTS if "ray.io" in path.read_text()],
+                         ids=lambda path: path.name)  # fmt: skip
+def test_kuberay_manifests_are_valid_against_kuberays_crds(manifest):
+    """KubeRay publishes its CRDs in its repository; this machine has no copy and no internet."""
+    resource = yaml.safe_load(manifest.read_text())
+    group, version = resource["apiVersion"].split("/")
+    url = (f"https://raw.githubusercontent.com/ray-project/kuberay/{KUBERAY}/ray-operator/config/crd/bases/"
+           f"{group}_{resource['kind'].lower()}s.yaml")  # fmt: skip
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            crd = yaml.safe_load(response.read())
+    except OSError as error:
+        pytest.skip(f"KubeRay's {resource['kind']} CRD could not be fetched from {url} ({error}): needs internet")
+    schema = next(v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v["name"] == version)
+    spec_schema = _closed(schema["properties"]["spec"])
+    jsonschema.Draft4Validator(spec_schema).validate(resource["spec"])
 
 
 def _cluster_config(*max_counts: int) -> autoscaler_pb2.ClusterConfig:

@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,14 @@ def test_image_folder(ray_session, tmp_path):
     # red images are cats: their red channel is high after normalisation
     for pixels, label in zip(batch["pixel_values"], batch["label"]):
         assert (pixels[0].mean() > pixels[2].mean()) == (label.item() == 0)
+
+    def split_files(folder):  # a folder moved elsewhere keeps its split
+        splits = load_source(DataConfig(source=str(folder), val_fraction=0.25, test_fraction=0.25), seed=0).splits
+        return {name: sorted(Path(r["__file"]).relative_to(folder).as_posix() for r in ds.take_all())
+                for name, ds in splits.items()}  # fmt: skip
+
+    shutil.copytree(root, tmp_path / "moved" / "photos")
+    assert split_files(root) == split_files(tmp_path / "moved" / "photos")
 
 
 def test_max_samples_cap_each_split(ray_session, sentiment_csv):

@@ -123,10 +123,24 @@ def test_submit_tune_runs_the_sweep_on_the_cluster_and_jobs_stop_ends_a_job(ray_
     assert summary["trials"] == 1 and summary["best"]["params"]["optim.lr"] in (1e-3, 3e-3)
     assert (sweep_dir / "best.yaml").is_file() and (sweep_dir / "results.csv").is_file()
 
-    assert main(["submit", str(pipeline), "train.epochs=50", "--address", ray_head, "--run-dir", str(tmp_path / "long")]) == 0
-    job_id = capsys.readouterr().out.split("submitted job ", 1)[1].split()[0]
-    # Stopped while running (a job stopped while still PENDING may start its driver anyway: Ray's race).
-    assert _wait_for_status(job_id, ray_head, capsys, "RUNNING")
+    # Ctrl-C while `submit --wait` follows a job stops the following, not the job.
+    follower = subprocess.Popen([sys.executable, "-m", "finetune.cli", "submit", str(pipeline), "train.epochs=50",
+                                 "--address", ray_head, "--run-dir", str(tmp_path / "long"), "--wait"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    try:
+        lines = iter(follower.stdout.readline, "")
+        job_id = next(line for line in lines if "submitted job " in line).split("submitted job ", 1)[1].split()[0]
+        # Stopped while running (a job stopped while still PENDING may start its driver anyway: Ray's race).
+        assert _wait_for_status(job_id, ray_head, capsys, "RUNNING")
+        os.killpg(follower.pid, signal.SIGINT)
+        out, _ = follower.communicate(timeout=60)
+    finally:
+        if follower.poll() is None:
+            os.killpg(follower.pid, signal.SIGKILL)
+    assert follower.returncode == 130, out[-2000:]
+    assert f"stopped following job {job_id}; it keeps running on the cluster" in out
+    assert f"stop it with: finetune jobs stop {job_id}" in out and "Traceback" not in out
+    assert _wait_for_status(job_id, ray_head, capsys, "RUNNING", timeout=5)
     assert main(["jobs", "stop", job_id, "--address", ray_head]) == 0
     assert f"{job_id}: stop requested" in capsys.readouterr().out
     assert _wait_for_status(job_id, ray_head, capsys, "STOPPED")

@@ -194,6 +194,10 @@ def _trial_states(sweep_dir: Path) -> dict[str, str]:
     return {t["trial_id"]: t["status"] for t in (json.loads(data) for data, _ in trials)}
 
 
+def _has_checkpoint(trial_dir: Path) -> bool:
+    return any(path.is_dir() for path in trial_dir.glob("checkpoint_*"))  # checkpoint_manager_snapshot.json is not one
+
+
 def _epochs_reported(sweep_dir: Path, trial: str) -> list[int]:
     path = next((sweep_dir / "sweep").glob(f"*{trial}*/result.json"))
     return [r["epochs_done"] for r in map(json.loads, path.read_text().splitlines()) if "epochs_done" in r]
@@ -235,7 +239,7 @@ def test_resume_after_the_driver_is_killed(ray_session, tmp_path, tiny_bert_dir,
             by_status = {status: [t for t, s in states.items() if s == status] for status in states.values()}
             running = by_status.get("RUNNING", [])
             # kill once the third trial has saved a checkpoint (so it has something to resume)
-            if len(states) == 3 and running and list((sweep_dir / "train" / running[0]).glob("checkpoint_*")):
+            if len(states) == 3 and running and _has_checkpoint(sweep_dir / "train" / running[0]):
                 break
             assert driver.poll() is None, f"the sweep ended (exit {driver.returncode}) before it could be interrupted"
             time.sleep(0.5)
@@ -264,6 +268,35 @@ def test_resume_after_the_driver_is_killed(ray_session, tmp_path, tiny_bert_dir,
     assert all(times), times  # both trained after the resume
     first, second = sorted(times, key=min)
     assert max(first) <= min(second), (first, second)
+
+
+@pytest.mark.e2e
+def test_ctrl_c_stops_a_sweep_with_where_to_continue(ray_session, tmp_path, tiny_bert_dir):
+    """SIGINT to the driver's process group, as a terminal sends Ctrl-C, once the trial has a
+    checkpoint: Tune saves the sweep's state, and the user reads one line on how to continue."""
+    pipeline = sweep_pipeline(tmp_path, tiny_bert_dir, 200, {"search_space": {"optim.lr": {"grid": [1e-3]}},
+                                                             "scheduler": {"name": "fifo"}})  # fmt: skip
+    sweep_dir = tmp_path / "sweep"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "finetune.cli", "tune", str(pipeline), "train.epochs=40", "--sweep-dir", str(sweep_dir)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while not any(map(_has_checkpoint, (sweep_dir / "train").glob("*"))):
+            assert driver.poll() is None and time.time() < deadline, "the sweep ended before it could be interrupted"
+            time.sleep(0.5)
+        os.killpg(driver.pid, signal.SIGINT)
+        out, _ = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130, out[-3000:]
+    assert f"interrupted: the sweep stopped with 1 trial(s) unfinished; continue with: finetune tune --resume {sweep_dir}" \
+        in " ".join(out.split()), out[-3000:]  # fmt: skip
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    assert list(_trial_states(sweep_dir).values()) not in ([], ["TERMINATED"])  # saved, and left to continue
 
 
 def test_trial_slots_hold_trials_back_until_tune_ends_one(ray_session):

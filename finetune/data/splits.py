@@ -1,8 +1,8 @@
 """Deterministic train/val/test assignment by seeded hashing.
 
-Each row's split depends only on its key (row index, text, or file path) and the seed,
-never on the order rows arrive in, so a split is the same in a streaming read, a
-re-run, and `finetune evaluate` months later. Duplicate texts land in the same split,
+Each row's split depends only on its key (text, image bytes or path, or an image folder's
+class/file name) and the seed, never on the order rows arrive in or where the files lie, so a
+split is the same in a streaming read, a re-run, and `finetune evaluate` months later. Duplicate texts land in the same split,
 which keeps exact duplicates from leaking between train and test.
 """
 
@@ -57,11 +57,21 @@ def image_key(image) -> bytes | str:
     return image if isinstance(image, str) else bytes(image)
 
 
+def folder_key(path: str) -> str:
+    """What decides an image folder row's split: its class folder and file name, not where the
+    folder lies (a moved or copied folder keeps its split)."""
+    parts = str(path).replace("\\", "/").rsplit("/", 2)
+    return "/".join(parts[-2:])
+
+
 def hash_split(
     ds: ray.data.Dataset, key_column: str, split: str, val_fraction: float, test_fraction: float, seed: int
 ) -> ray.data.Dataset:
     def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keys = batch[key_column] if key_column in ("text", FILE) else [image_key(k) for k in batch[key_column]]
+        if key_column == FILE:
+            keys = [folder_key(path) for path in batch[FILE]]
+        else:
+            keys = batch[key_column] if key_column == "text" else [image_key(k) for k in batch[key_column]]
         mask = split_mask(keys, seed, split, val_fraction, test_fraction)
         return {name: column[mask] for name, column in batch.items()}
 

@@ -132,9 +132,11 @@ def _fit(tuner: tune.Tuner, cfg: PipelineConfig, sweep_dir: Path):
         raise Interrupted(f"the sweep stopped; {resume}") from None
     finally:
         ray.kill(slots)
-    if results.num_terminated + results.num_errors < len(results):
-        raise Interrupted(f"the sweep stopped with {len(results) - results.num_terminated - results.num_errors} "
-                          f"trial(s) unfinished; {resume}")  # fmt: skip
+    # The saved state, as --resume reads it: after Ctrl-C Tune saves it, then stops the running
+    # trials, and the results it returns call those TERMINATED like the finished ones.
+    saved = tune.ExperimentAnalysis(str(sweep_dir / EXPERIMENT)).trials
+    if unfinished := sum(trial.status not in ("TERMINATED", "ERROR") for trial in saved):
+        raise Interrupted(f"the sweep stopped with {unfinished} trial(s) unfinished; {resume}")
     return results
 
 
