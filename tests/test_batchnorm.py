@@ -205,19 +205,12 @@ def test_a_cnn_on_a_small_greyscale_folder_is_as_good_as_its_weights(ray_session
     test accuracy well above the most common class, val close to train-eval, and no warning."""
     import json
     import runpy
-    import shutil
-    import tempfile
-    from pathlib import Path
 
     import yaml
 
     from finetune.cli import main
 
-    # A folder's rows are split by their file paths: the same folder name every session, so the
-    # same images validate (pytest's numbered temp folders drew a new validation set each time,
-    # and val then ranged 0.70-0.81 beside train-eval 0.83-0.87).
-    photos = Path(tempfile.gettempdir()) / "finetune-tests-greyscale-photos"
-    shutil.rmtree(photos, ignore_errors=True)
+    photos = tmp_path / "photos"  # its rows split by class folder and file name, the same each session
     folder = runpy.run_path("pipelines/make_fashion_folder.py")
     folder["main"]([str(photos), "--train-images", "480", "--test-images", "200", "--classes", "4"])
     pipeline = tmp_path / "photos.yaml"
