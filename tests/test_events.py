@@ -4,13 +4,16 @@ on events built by hand: no Ray."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 from rich.console import Console
 
-from finetune.report.progress import TrainingProgress
+from finetune.report.progress import TrainingProgress, phases_line
 from finetune.train.events import (
-    Baseline, BatchNormPlan, EpochEnded, EventSink, FinalTest, LayerGroups, StepProgress, WorkerStarted,
+    Baseline, BatchNormPlan, EpochEnded, EventSink, FinalTest, LayerGroups, StepProgress, WorkerPhases, WorkerStarted,
 )  # fmt: skip
+from finetune.train.phases import PHASES, PhaseClock, run_phases
 from finetune.train.record import RunRecord
 from helpers import pipeline_config
 
@@ -40,8 +43,8 @@ def test_a_restarted_run_is_folded_once_per_epoch_and_counted(tmp_path):
     record.close()
     assert [json.loads(line)["epoch"] for line in metrics_path.read_text().splitlines()] == [0, 1, 2]
 
-    summary = record.summary(pipeline_config(train={"epochs": 3}), train_rows=100, wall_s=9.0, run_dir=tmp_path,
-                             has_best=True, skipped={})  # fmt: skip
+    summary = record.summary(pipeline_config(train={"epochs": 3}), train_rows=100, wall_s=9.0, phases_s={},
+                             run_dir=tmp_path, has_best=True, skipped={})  # fmt: skip
     assert summary["restarts"] == 1 and summary["restart_epochs"] == [2] and summary["resumed_from_epoch"] == 0
     assert [w["node_id"] for w in summary["workers"]] == ["node-0", "node-1"]
     assert summary["best_epoch"] == 2 and summary["best_val_metric"] == {"val/accuracy": 0.9}
@@ -54,6 +57,33 @@ def test_a_restarted_run_is_folded_once_per_epoch_and_counted(tmp_path):
     assert again.fold(epoch(2, 0.95)) and not again.fold(epoch(1, 0.8))
     again.close()
     assert [json.loads(line)["val/accuracy"] for line in metrics_path.read_text().splitlines()] == [0.7, 0.8, 0.95]
+
+
+def test_the_wall_time_splits_into_phases_that_add_up():
+    """The driver's clock around the worker group's: the gaps between them are the worker group
+    starting and shutting down; what neither clock saw is "other"."""
+    driver = PhaseClock()
+    driver.add("ray_start", 1.0)
+    driver.add("read_data", 2.0)
+    fit_started = driver.started_at + 3.5
+    worker = WorkerPhases(started_at=fit_started + 6.0, ended_at=fit_started + 6.0 + 10.0,
+                          seconds={"model_setup": 3.0, "baseline": 1.0, "data_start": 0.5, "training": 4.0,
+                                   "evaluation": 0.5, "checkpoints": 0.5, "test": 0.25})  # fmt: skip
+    fit_ended = worker.ended_at + 1.5
+    driver.add("export", 0.25)
+    phases = run_phases(driver, fit_started, fit_ended, worker, wall_s=fit_ended - driver.started_at + 0.5)
+    assert list(phases) == [p for p in PHASES if p in phases]  # in run order
+    assert phases["worker_group_start"] == 6.0 and phases["shutdown"] == 1.5
+    # the driver's 0.5 s before fit() that its clock did not time, the worker loop's untimed 0.25 s, the tail's 0.25 s
+    assert phases["other"] == pytest.approx(1.0)
+    assert sum(phases.values()) == pytest.approx(fit_ended - driver.started_at + 0.5)
+    line = phases_line(phases)
+    assert line.startswith("time: ray start 1.0 s, read data 2.0 s, worker group start 6.0 s (") and "training 4.0 s" in line
+    # a run whose worker group never sent its phases (it diverged): fit() as one phase
+    assert run_phases(driver, fit_started, fit_ended, None, wall_s=30.0)["training"] == pytest.approx(17.5, abs=0.01)
+
+    record = RunRecord(Path("/nonexistent/metrics.jsonl"))
+    assert record.fold(worker) and record.phases == worker
 
 
 def test_the_progress_display_draws_what_the_events_say():

@@ -9,6 +9,7 @@ from helpers import image_parquet, two_worker_pipeline, write_csv
 from finetune.cli import main
 from finetune.config import OptimConfig, ScheduleConfig
 from finetune.train import optim, steps
+from finetune.train.phases import PHASES
 from finetune.tasks.classification import Classification
 
 
@@ -98,9 +99,14 @@ def test_two_worker_run_learns_and_its_checkpoint_reloads(ray_session, tmp_path,
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["test_accuracy"] > 0.9 > summary["baseline_test_accuracy"]
     assert summary["train_samples_per_s"] > 0 and summary["wall_s"] > 0
+    phases = summary["phases_s"]  # every phase of the run timed, adding up to its wall time
+    assert set(phases) == set(PHASES) and all(seconds >= 0 for seconds in phases.values())
+    assert sum(phases.values()) == pytest.approx(summary["wall_s"], abs=0.1)
+    assert min(phases["training"], phases["worker_group_start"], phases["model_setup"]) > 0
+    assert phases["other"] < 0.2 * summary["wall_s"]  # the clocks see most of the run
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == 3e-3
     out = capsys.readouterr().out
-    assert "finetune summary" in out and str(run_dir) in out
+    assert "finetune summary" in out and str(run_dir) in out and "\ntime: " in out
 
     # The exported best model predicts exactly as the worker's copy did: same test metrics.
     capsys.readouterr()

@@ -88,6 +88,14 @@ def summary_table(summary: dict) -> Table:
     return table
 
 
+def phases_line(phases_s: dict[str, float]) -> str:
+    """Where the wall time went, the phases in run order: what to look at when a run is slow."""
+    total = sum(phases_s.values()) or 1.0
+    shown = [f"{phase.replace('_', ' ')} {seconds:.1f} s" + (f" ({seconds / total:.0%})" if seconds / total >= 0.2 else "")
+             for phase, seconds in phases_s.items() if seconds >= 0.05]  # fmt: skip
+    return "time: " + ", ".join(shown)
+
+
 def groups_table(rows: list[dict]) -> Table:
     """Layer groups input -> output with their learning rate and trainable parameter count."""
     table = Table(title="layer groups (input -> output)")

@@ -20,11 +20,12 @@ from finetune import files
 from finetune.config import ConfigError, PipelineConfig
 from finetune.ray_env import check_shared_storage, cluster_nodes, ensure_ray, on_driver_node, quiet_ray_data, warn_if_data_starved
 from finetune.report import verdict
-from finetune.report.progress import TrainingProgress, summary_table
+from finetune.report.progress import TrainingProgress, phases_line, summary_table
 from finetune.train import Interrupted, TrainingDiverged
 from finetune.train.events import Subscriber
 from finetune.train.monitor import RunMonitor
 from finetune.train.record import RunRecord
+from finetune.train.phases import PhaseClock, run_phases
 from finetune.train.trainer import best_checkpoint, build_trainer, export_checkpoint, pipeline_datasets, plan_epoch
 
 
@@ -96,17 +97,19 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
     `resume`: continue the run in `run_dir` from its latest checkpoint (Ray Train restores a run
     of the same name and storage: RUN_DIR/run.json names them)."""
     console = console or Console()
-    started = time.time()
+    clock = PhaseClock()
     run_dir = Path(run_dir).resolve()
     if not resume and (run_dir / "config.yaml").exists():
         raise ConfigError([f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --run-dir"])
-    ensure_ray()
+    with clock("ray_start"):
+        ensure_ray()
     warn_if_data_starved(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, console)
     ray_name, storage_path = _ray_run(run_dir, cfg.checkpoint.storage_path or str(run_dir / "ray"), resume)
     check_shared_storage(storage_path, cfg.checkpoint.storage_is_shared, cluster_nodes())
     console.print(f"run directory: {run_dir}")
     quiet_ray_data()
-    datasets = pipeline_datasets(cfg)
+    with clock("read_data"):
+        datasets = pipeline_datasets(cfg)
     train_rows = datasets.train_rows
     batches_per_epoch, steps_per_epoch = plan_epoch(cfg, train_rows)
     # saved once the data is read: a data error leaves no run behind, so the same command reruns
@@ -123,7 +126,9 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
     record = RunRecord(run_dir / "metrics.jsonl")
     try:
         with TrainingProgress(console, cfg.train.epochs, steps_per_epoch) as progress:
+            fit_started = time.time()
             result = fit_and_record(trainer, monitor, record, [progress])
+            fit_ended = time.time()
         if record.diverged:
             raise TrainingDiverged(record.diverged.step, record.diverged.epoch)
         skipped = datasets.skipped_rows()
@@ -142,12 +147,16 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
 
     best = best_checkpoint(result, record.best_epoch)
     if best is not None:
-        export_checkpoint(best, run_dir / "best")
-    summary = record.summary(cfg, train_rows=train_rows, wall_s=time.time() - started, run_dir=run_dir,
+        with clock("export"):
+            export_checkpoint(best, run_dir / "best")
+    wall_s = time.time() - clock.started_at
+    phases_s = run_phases(clock, fit_started, fit_ended, record.phases, wall_s)
+    summary = record.summary(cfg, train_rows=train_rows, wall_s=wall_s, phases_s=phases_s, run_dir=run_dir,
                              has_best=best is not None, skipped=skipped)  # fmt: skip
     summary["warnings"] = verdict.check(summary, cfg.checkpoint.metric)
     files.write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     console.print(summary_table(summary))
+    console.print(phases_line(summary["phases_s"]), highlight=False, soft_wrap=True)
     for warning in summary["warnings"]:
         console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     if skipped:

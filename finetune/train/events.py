@@ -13,7 +13,8 @@ fires, in the order a run sees them:
                  worker group sends the epochs before its checkpoint again (the driver drops
                  the ones it has)
   Diverged       rank 0: the training loss became NaN or infinite; the run stops
-  FinalTest      rank 0: the best epoch's weights on test, the run's last event
+  FinalTest      rank 0: the best epoch's weights on test
+  WorkerPhases   rank 0, the run's last event: where this worker group's time went
 
 StepProgress is apart: the latest one replaces the one before (the progress bar), it is not
 kept. Plain dataclasses, no Ray: a subscriber can be tested on events built by hand.
@@ -34,6 +35,7 @@ class Event(StrEnum):
     EPOCH_ENDED = "epoch_ended"
     DIVERGED = "diverged"
     FINAL_TEST = "final_test"
+    WORKER_PHASES = "worker_phases"
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,15 @@ class FinalTest:
 
 
 @dataclass(frozen=True)
+class WorkerPhases:
+    kind: ClassVar[Event] = Event.WORKER_PHASES
+    every_rank: ClassVar[bool] = False
+    started_at: float  # wall clock (time.time()) when the worker loop began
+    ended_at: float  # and when it sent this
+    seconds: dict[str, float]  # model_setup, baseline, data_start, training, evaluation, checkpoints, test
+
+
+@dataclass(frozen=True)
 class StepProgress:
     epoch: int
     step: int  # optimizer steps done in this epoch
@@ -104,7 +115,7 @@ class StepProgress:
     samples_per_s: float  # all workers together
 
 
-RunEvent = LayerGroups | BatchNormPlan | WorkerStarted | Baseline | EpochEnded | Diverged | FinalTest
+RunEvent = LayerGroups | BatchNormPlan | WorkerStarted | Baseline | EpochEnded | Diverged | FinalTest | WorkerPhases
 
 
 class Subscriber(Protocol):

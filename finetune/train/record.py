@@ -9,7 +9,7 @@ from pathlib import Path
 from finetune import files
 from finetune.config import PipelineConfig
 from finetune.train.events import (
-    Baseline, BatchNormPlan, Diverged, EpochEnded, FinalTest, LayerGroups, RunEvent, WorkerStarted,
+    Baseline, BatchNormPlan, Diverged, EpochEnded, FinalTest, LayerGroups, RunEvent, WorkerPhases, WorkerStarted,
 )  # fmt: skip
 
 
@@ -28,6 +28,7 @@ class RunRecord:
         self.baseline: Baseline | None = None
         self.diverged: Diverged | None = None
         self.final: FinalTest | None = None
+        self.phases: WorkerPhases | None = None
 
     def fold(self, event: RunEvent) -> bool:
         """Keep `event`; False for an epoch a restarted worker group resent unchanged."""
@@ -40,7 +41,7 @@ class RunRecord:
             self.starts.append(event)
         else:
             attribute = {LayerGroups: "groups", BatchNormPlan: "batchnorm", Baseline: "baseline",
-                         Diverged: "diverged", FinalTest: "final"}[type(event)]  # fmt: skip
+                         Diverged: "diverged", FinalTest: "final", WorkerPhases: "phases"}[type(event)]  # fmt: skip
             setattr(self, attribute, event)
         return True
 
@@ -57,8 +58,8 @@ class RunRecord:
         epochs = self.epoch_list
         return epochs[-1]["best_epoch"] if epochs else None
 
-    def summary(self, cfg: PipelineConfig, *, train_rows: int, wall_s: float, run_dir: Path, has_best: bool,
-                skipped: dict) -> dict:  # fmt: skip
+    def summary(self, cfg: PipelineConfig, *, train_rows: int, wall_s: float, phases_s: dict[str, float], run_dir: Path,
+                has_best: bool, skipped: dict) -> dict:  # fmt: skip
         """What summary.json says (verdict warnings are added by the driver)."""
         epochs, best_epoch = self.epoch_list, self.best_epoch
         final = self.final.metrics if self.final else {}
@@ -84,6 +85,7 @@ class RunRecord:
             "num_workers": cfg.scaling.num_workers,
             "train_samples_per_s": sum(e["train/samples"] for e in epochs) / train_seconds if train_seconds else None,
             "wall_s": wall_s,
+            "phases_s": phases_s,  # where wall_s went (train.phases.PHASES says what each is)
             "run_dir": str(run_dir),
             "best_checkpoint": str(run_dir / "best") if has_best else None,
             "skipped_rows": skipped.get("counts", {}),

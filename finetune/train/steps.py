@@ -68,6 +68,7 @@ class EpochStats:
     loss_sum: float | torch.Tensor = 0.0  # a device tensor during the epoch: read only when reported
     seconds: float = 0.0
     data_wait_seconds: float = 0.0  # time blocked on the next batch
+    first_batch_seconds: float = 0.0  # of which waiting for the first: the data pipeline starting
 
     @property
     def loss(self) -> float:
@@ -80,13 +81,17 @@ class EpochStats:
 
 def _timed(batches: Iterable, stats: EpochStats) -> Iterator:
     iterator = iter(batches)
+    first = True
     while True:
         start = time.perf_counter()
         try:
             batch = next(iterator)
         except StopIteration:
             return
-        stats.data_wait_seconds += time.perf_counter() - start
+        waited = time.perf_counter() - start
+        if first:
+            stats.first_batch_seconds, first = waited, False
+        stats.data_wait_seconds += waited
         yield batch
 
 

@@ -27,6 +27,7 @@ from finetune.train import TrainingDiverged, controls, steps
 from finetune.train.events import (
     Baseline, BatchNormPlan, Diverged, EpochEnded, EventSink, FinalTest, LayerGroups, StepProgress, WorkerStarted,
 )  # fmt: skip
+from finetune.train.phases import PhaseClock
 from finetune.train.setup import Training, build_training
 from finetune.train.state import TrainState
 from finetune.tasks import Task
@@ -52,27 +53,36 @@ class WorkerSpec:
 def train_loop_per_worker(loop_config: dict) -> None:
     spec: WorkerSpec = loop_config["spec"]
     cfg = spec.pipeline
-    worker = set_up(spec)  # model -> strategy -> optimizer -> schedule, loss, EMA, early stopping
-    state = worker.new_state()
-    if checkpoint := ray.train.get_checkpoint():  # a restarted worker group, or --resume
-        with checkpoint.as_directory() as directory:
-            state.load(directory)
+    clock = PhaseClock()  # where this worker group's time goes: summary.json "phases_s"
+    with clock("model_setup"):
+        worker = set_up(spec)  # model -> strategy -> optimizer -> schedule, loss, EMA, early stopping
+        state = worker.new_state()
+        if checkpoint := ray.train.get_checkpoint():  # a restarted worker group, or --resume
+            with checkpoint.as_directory() as directory:
+                state.load(directory)
     announce(worker, state)
     if state.next_epoch == 0:
-        state.baseline = evaluate_baseline(worker)
+        with clock("baseline"):
+            state.baseline = evaluate_baseline(worker)
     for epoch in state.epochs_left(cfg.train.epochs):  # none once early stopping has stopped the run
         try:
             stats = train_one_epoch(worker, epoch)  # strategy hooks run at each step
         except TrainingDiverged as diverged:
             return stop_diverged(worker, state, epoch, diverged)
+        clock.add("data_start", stats.first_batch_seconds)  # the data pipeline starting its epoch
+        clock.add("training", stats.seconds - stats.first_batch_seconds)
         metrics = epoch_metrics(worker, epoch, stats)
-        recalibrate_batchnorm(worker, metrics)
-        metrics.update(validate(worker))
+        with clock("evaluation"):
+            recalibrate_batchnorm(worker, metrics)
+            metrics.update(validate(worker))
         stop = end_epoch(worker, state, epoch, metrics)
-        checkpoint_and_report(worker, state, metrics)
+        with clock("checkpoints"):
+            checkpoint_and_report(worker, state, metrics)
         if stop:
             break
-    final_test(worker, state)
+    with clock("test"):
+        final_test(worker, state)
+    worker.events.emit(clock.worker_phases())
 
 
 @dataclass
