@@ -63,7 +63,7 @@ def build_training(
     """`model` as built (pretrained body, new head) through the strategy to its optimizer and
     schedule. `device`: move the model there first (None: leave it, e.g. on the meta device).
     `wrap(model, param_groups, freezes)`: the DDP wrapper on workers. `fused`: the optimizer's
-    fused kernels (default: when every parameter is on a GPU)."""
+    fused kernels (default: when every parameter is on a GPU or every one on the CPU)."""
     batchnorm.set_momentum(model, cfg.model.batchnorm.momentum)
     if cfg.model.batchnorm.sync and world_size > 1:  # same Parameter objects: groups and strategies are unaffected
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
