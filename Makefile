@@ -1,4 +1,4 @@
-# make demo: fine-tune MiniLM on Rotten Tomatoes with 2 Ray Train workers (needs nothing but this repo)
+# make demo: fine-tune MiniLM on Rotten Tomatoes with Ray Train (needs nothing but this repo)
 # make test: the test suite.  Both run `setup` first when .venv is missing or stale.
 PYTHON ?= python3
 VENV := .venv

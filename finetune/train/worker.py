@@ -27,7 +27,6 @@ from finetune.train import TrainingDiverged, controls, steps
 from finetune.train.events import (
     Baseline, BatchNormPlan, Diverged, EpochEnded, EventSink, FinalTest, LayerGroups, StepProgress, WorkerStarted,
 )  # fmt: skip
-from finetune.train.eval_cache import EvalBatches
 from finetune.train.phases import PhaseClock
 from finetune.train.setup import Training, build_training
 from finetune.train.state import TrainState
@@ -105,7 +104,6 @@ class Worker:
     early_stopping: controls.EarlyStopping | None
     recalibrating: bool  # BatchNorm statistics recomputed before each validation
     events: EventSink
-    eval_batches: EvalBatches  # val, test and train-eval read from Ray Data once, when they fit
 
     @property
     def evaluated(self) -> torch.nn.Module:
@@ -140,7 +138,6 @@ def set_up(spec: WorkerSpec) -> Worker:
         early_stopping=controls.EarlyStopping(stopping, stopping.metric) if stopping else None,
         recalibrating=bn.recalibrate and bool(training.train_modes.layers) and spec.has_train_eval,
         events=EventSink(spec.monitor, context.get_world_rank()),
-        eval_batches=EvalBatches(_every_rank(device)),
     )  # fmt: skip
     worker.events.emit(LayerGroups(training.describe_groups()))
     if note := training.describe_batchnorm(cfg, worker.recalibrating):
@@ -297,12 +294,8 @@ def _evaluate(worker: Worker, module, split: str, constant: bool = False, max_ro
     collectives; the rows are gathered from every rank once, at the end. `constant`: also what a
     predictor that ignores its input scores on these rows. `max_rows`: per rank."""
     cfg, task = worker.cfg, worker.spec.task
-
-    def read():
-        shard = ray.train.get_dataset_shard(split)
-        return shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, prefetch_batches=cfg.data.prefetch_batches)
-
-    batches = worker.eval_batches(split, read)
+    shard = ray.train.get_dataset_shard(split)
+    batches = shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, prefetch_batches=cfg.data.prefetch_batches)
     rows = steps.evaluate_rows(module, batches, task, device=worker.device, precision=worker.precision, max_rows=max_rows)
     rows = steps.all_gather_rows(rows)
     return {**task.metrics(rows, split), **(task.constant_metrics(rows, split) if constant else {})}
@@ -315,14 +308,6 @@ def _all_reduce(op):
         return tensor
 
     return reduce
-
-
-def _every_rank(device: torch.device):
-    """True on every rank when `flag` is True on every rank."""
-    def agree(flag: bool) -> bool:
-        return bool(_all_reduce(dist.ReduceOp.MIN)(torch.tensor([int(flag)], device=device)).item())
-
-    return agree
 
 
 def _threads_per_worker(cfg: PipelineConfig, local_workers: int) -> int:
