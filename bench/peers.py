@@ -347,9 +347,8 @@ def run_one(job: str, peer: str, args) -> dict:
 def medians(runs: list[dict]) -> dict:
     out = {key: round(statistics.median(r[key] for r in runs), 3)
            for key in ("wall_s", "training_s", "train_samples_per_s", "test_accuracy")}  # fmt: skip
-    phases = {name for r in runs for name in r["phases_s"]}
     out["phases_s"] = {name: round(statistics.median(r["phases_s"].get(name, 0.0) for r in runs), 1)
-                       for name in runs[0]["phases_s"] if name in phases}  # fmt: skip
+                       for name in runs[0]["phases_s"]}  # fmt: skip
     return out
 
 
@@ -366,7 +365,6 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.child:
-        job, peer = args.child.split(":")
         runner = {"text:trainer": trainer_text, "text:torch": torch_text, "image:torch": torch_image}[args.child]
         print(RESULT + json.dumps(runner(args)), flush=True)
         return
