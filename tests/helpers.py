@@ -3,10 +3,14 @@ pipelines. Imported by test modules (`from helpers import ...`); fixtures stay i
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
 import random
+import signal
+import subprocess
 from pathlib import Path
 
 import pyarrow as pa
@@ -101,6 +105,23 @@ def two_worker_pipeline(tmp_path: Path, tiny_bert_dir: Path) -> Path:
     """The tiny sentiment pipeline on 640 rows, 2 DDP workers, progress every 2 steps."""
     return tiny_sentiment_pipeline(tmp_path, tiny_bert_dir, rows=640, train={"log_every_steps": 2},
                                    scaling={"num_workers": 2})  # fmt: skip
+
+
+@contextlib.contextmanager
+def process_group(process: subprocess.Popen):
+    """`process` (started with start_new_session=True) and its whole group killed if it still runs
+    when the block ends: a failed test leaves no driver or Ray of its own behind."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def ctrl_c(process: subprocess.Popen, timeout: float) -> str:
+    """SIGINT to the process's group, as a terminal sends Ctrl-C; its output once it has exited."""
+    os.killpg(process.pid, signal.SIGINT)
+    return process.communicate(timeout=timeout)[0]
 
 
 def png_bytes(color, size: int = 12) -> bytes:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import registered_checkpoint, tiny_sentiment_pipeline
+from helpers import ctrl_c, process_group, registered_checkpoint, tiny_sentiment_pipeline
 from finetune.cli import main
 from finetune.config import ConfigError
 from finetune.ray_env import check_shared_storage, mount_type
@@ -125,12 +125,8 @@ def test_ctrl_c_stops_a_run_with_where_to_continue_and_leaves_no_ray_process(tmp
     ray_tmp = tempfile.mkdtemp(prefix="rayint-", dir="/tmp")  # names every process of this Ray
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp}
     driver = _driver_until_checkpoint(pipeline, run_dir, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        os.killpg(driver.pid, signal.SIGINT)
-        out, _ = driver.communicate(timeout=120)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+    with process_group(driver):
+        out = ctrl_c(driver, timeout=120)
     assert driver.returncode == 130, out[-3000:]
     assert "interrupted: the last checkpoint is " in out and f"continue with: finetune train --resume {run_dir}" in out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]

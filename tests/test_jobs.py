@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import WARM_WORKERS, tiny_sentiment_pipeline
+from helpers import ctrl_c, process_group, WARM_WORKERS, tiny_sentiment_pipeline
 from finetune.cli import main
 from finetune.train.driver import checkpoint_folder
 
@@ -127,16 +127,12 @@ def test_submit_tune_runs_the_sweep_on_the_cluster_and_jobs_stop_ends_a_job(ray_
     follower = subprocess.Popen([sys.executable, "-m", "finetune.cli", "submit", str(pipeline), "train.epochs=50",
                                  "--address", ray_head, "--run-dir", str(tmp_path / "long"), "--wait"],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
-    try:
+    with process_group(follower):
         lines = iter(follower.stdout.readline, "")
         job_id = next(line for line in lines if "submitted job " in line).split("submitted job ", 1)[1].split()[0]
         # Stopped while running (a job stopped while still PENDING may start its driver anyway: Ray's race).
         assert _wait_for_status(job_id, ray_head, capsys, "RUNNING")
-        os.killpg(follower.pid, signal.SIGINT)
-        out, _ = follower.communicate(timeout=60)
-    finally:
-        if follower.poll() is None:
-            os.killpg(follower.pid, signal.SIGKILL)
+        out = ctrl_c(follower, timeout=60)
     assert follower.returncode == 130, out[-2000:]
     assert f"stopped following job {job_id}; it keeps running on the cluster" in out
     assert f"stop it with: finetune jobs stop {job_id}" in out and "Traceback" not in out

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from ray import tune
 
-from helpers import sentiment_rows, tiny_sentiment_pipeline, write_csv
+from helpers import ctrl_c, process_group, sentiment_rows, tiny_sentiment_pipeline, write_csv
 from finetune.cli import main
 from finetune.config import ConfigError, parse
 from finetune.tune.space import check_search_space, param_space, trial_config, trial_count, used_params
@@ -282,16 +282,12 @@ def test_ctrl_c_stops_a_sweep_with_where_to_continue(ray_session, tmp_path, tiny
         [sys.executable, "-m", "finetune.cli", "tune", str(pipeline), "train.epochs=40", "--sweep-dir", str(sweep_dir)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
-    try:
+    with process_group(driver):
         deadline = time.time() + 300
         while not list((sweep_dir / "train").glob("*/checkpoint_manager_snapshot.json")):  # the trial's Ray Train run
             assert driver.poll() is None and time.time() < deadline, "the sweep ended before it could be interrupted"
             time.sleep(0.5)
-        os.killpg(driver.pid, signal.SIGINT)
-        out, _ = driver.communicate(timeout=120)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+        out = ctrl_c(driver, timeout=120)
     assert driver.returncode == 130, out[-3000:]
     assert f"interrupted: the sweep stopped with 1 trial(s) unfinished; continue with: finetune tune --resume {sweep_dir}" \
         in " ".join(out.split()), out[-3000:]  # fmt: skip
