@@ -19,10 +19,19 @@ NETWORK_FILE_SYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs"
                         "virtiofs", "9p", "efs"}  # fmt: skip
 
 
+# A Ray started for one command serves only that command's run, so its Train controller polls
+# the workers every 0.5 s rather than Ray's 2 s: each epoch's report, the final test's and the
+# shutdown each waited for a poll (a small run: 41 -> 34 s, docs/BENCHMARKS.md).
+LOCAL_TRAIN_POLL_S = "0.5"
+
+
 def ensure_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (a submitted job), else start an embedded local Ray."""
     if ray.is_initialized():
         return
+    if not os.environ.get("RAY_ADDRESS"):
+        # read by the controller's process, a child of the raylet this process starts
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_TRAIN_POLL_S)
     # Workers' own logs (model loading, Ray Train internals) stay in Ray's session folder;
     # the driver shows progress and errors. Worker exceptions still reach the driver.
     ray.init(log_to_driver=False, logging_level="WARNING", configure_logging=True)

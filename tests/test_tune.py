@@ -146,21 +146,21 @@ def sweep_pipeline(tmp_path: Path, tiny_bert_dir: Path, rows: int, tune_section:
 @pytest.mark.e2e
 def test_asha_stops_weak_trials_and_best_yaml_is_the_best_trial(ray_session, tmp_path, tiny_bert_dir, capsys):
     """Trials run one at a time in grid order: the good learning rate first reaches each rung, so
-    ASHA (reduction factor 2) stops the two that barely learn at their first rung."""
+    ASHA (reduction factor 2) stops the one that barely learns at its first rung."""
     pipeline = sweep_pipeline(tmp_path, tiny_bert_dir, 400, {
-        "search_space": {"optim.lr": {"grid": [3e-3, 1e-6, 2e-6]}},
+        "search_space": {"optim.lr": {"grid": [3e-3, 1e-6]}},
         "num_samples": 1, "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
     })  # fmt: skip
     sweep_dir = tmp_path / "sweep"
     assert main(["tune", str(pipeline), "--sweep-dir", str(sweep_dir)]) == 0
     out = capsys.readouterr().out
-    assert "sweep: 3 trials, ranked by val/accuracy" in out and "retrain with: finetune train" in out
+    assert "sweep: 2 trials, ranked by val/accuracy" in out and "retrain with: finetune train" in out
 
     summary = json.loads((sweep_dir / "summary.json").read_text())
-    assert summary["trials"] == 3 and summary["errored"] == 0
-    assert summary["stopped_early"] >= 1
+    assert summary["trials"] == 2 and summary["errored"] == 0
+    assert summary["stopped_early"] == 1
     assert summary["best"]["params"] == {"optim.lr": 3e-3}
-    assert summary["trial_epochs"] < 3 * 3
+    assert summary["trial_epochs"] < 2 * 3
     assert summary["best"]["test/accuracy"] > 0.9 and summary["best"]["test/samples"] > 0
     import pandas as pd
 
