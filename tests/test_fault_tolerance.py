@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from helpers import ctrl_c, process_group, registered_checkpoint, tiny_sentiment_pipeline
@@ -59,6 +61,18 @@ def _driver_until_checkpoint(pipeline: Path, run_dir: Path, env: dict, **output)
             pytest.fail("no checkpoint before the driver ended")
         time.sleep(0.2)
     return driver
+
+
+def _train_controllers_poll(ray_tmp: str) -> list[str | None]:
+    """RAY_TRAIN_HEALTH_CHECK_INTERVAL_S in the environment of each Train controller process of
+    the Ray whose processes run with RAY_TMPDIR=`ray_tmp`."""
+    seen = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            title, environ = process.cmdline(), process.environ()
+            if title and title[0].startswith("ray::TrainController") and environ.get("RAY_TMPDIR") == ray_tmp:
+                seen.append(environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"))
+    return seen
 
 
 def _epochs(run_dir: Path) -> list[dict]:
@@ -120,12 +134,15 @@ def test_two_nodes_one_worker_each_survive_a_lost_node(tmp_path, tiny_bert_dir):
 def test_ctrl_c_stops_a_run_with_where_to_continue_and_leaves_no_ray_process(tmp_path, tiny_bert_dir):
     """SIGINT to the driver's process group, as a terminal sends Ctrl-C, once an epoch's checkpoint
     is registered: one line saying where to continue, exit 130, no traceback, and nothing of the
-    run's own Ray (a local one, started by the driver) left running."""
+    run's own Ray (a local one, started by the driver) left running. That Ray's Train controller
+    polls its workers every 0.5 s, as the driver set it (the test session's own setting removed)."""
     pipeline, run_dir = _pipeline(tmp_path, tiny_bert_dir, epochs=40), tmp_path / "run"
     ray_tmp = tempfile.mkdtemp(prefix="rayint-", dir="/tmp")  # names every process of this Ray
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
+    env["RAY_TMPDIR"] = ray_tmp
     driver = _driver_until_checkpoint(pipeline, run_dir, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     with process_group(driver):
+        assert _train_controllers_poll(ray_tmp) == ["0.5"]
         out = ctrl_c(driver, timeout=120)
     assert driver.returncode == 130, out[-3000:]
     assert "interrupted: the last checkpoint is " in out and f"continue with: finetune train --resume {run_dir}" in out
