@@ -20,8 +20,9 @@ NETWORK_FILE_SYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs"
 
 
 # A Ray started for one command serves only that command's run, so its Train controller polls
-# the workers every 0.5 s rather than Ray's 2 s: each epoch's report, the final test's and the
-# shutdown each waited for a poll (a small run: 41 -> 34 s, docs/BENCHMARKS.md).
+# the workers every 0.5 s rather than Ray's 2 s: a report that follows the last within a poll,
+# the final test's and the end of the run each waited for one (a tiny model's run: 41 -> 33-38
+# s; docs/BENCHMARKS.md, "Ray Train's poll").
 LOCAL_TRAIN_POLL_S = "0.5"
 
 
