@@ -195,8 +195,7 @@ def test_multi_label_sweep_over_losses_with_ddp_beats_a_constant_predictor(ray_s
                  "val_fraction": 0.15, "test_fraction": 0.2},
         "model": {"name": f"hf:{tiny_bert_dir}"},
         "optim": {"lr": 3e-3},
-        # train_eval off: its sample and per-epoch pass through a third split coordinator cost each trial seconds
-        "train": {"epochs": 4, "batch_size": 8, "precision": "fp32", "train_eval_rows": 0},
+        "train": {"epochs": 4, "batch_size": 8, "precision": "fp32"},
         # 2 x 0.45 + the trial actor's 0.01 leave Ray Data a whole CPU of the 2 (0.5 would hang; warned)
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.45},
         "checkpoint": {"num_to_keep": 1},
