@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from helpers import FILLER, NEGATIVE, POSITIVE, WARM_WORKERS, sentiment_rows, write_csv
+from finetune.ray_env import LOCAL_TRAIN_POLL_S
 
-# Ray Train's controller polls its workers every 2 s and acts on what it sees at the next poll:
-# a tiny run spent ~5 s just waiting to be seen finished. Subprocesses (drivers, heads) inherit it.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# The test session's Ray, the two-node cluster and the jobs head are started by the tests, not
+# by ensure_ray, so they get its Train poll from here; subprocesses (drivers, heads) inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_TRAIN_POLL_S)
 
 
 @pytest.fixture(scope="session")
