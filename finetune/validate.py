@@ -16,6 +16,7 @@ from finetune.config import ConfigError, DataConfig, ModelConfig, PipelineConfig
 from finetune.data.catalog import CATALOG
 from finetune.data.sources import check_source
 from finetune.models import check_model
+from finetune.tracking.config import check_tracking
 from finetune.train.setup import Training, build_training
 from finetune.tune.space import check_search_alg, check_search_space
 
@@ -105,6 +106,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     if not problems:
         problems = check_task(cfg) + check_splits(cfg) + check_text_length(cfg) + check_augmentation(cfg)
         problems += check_strategy(cfg)
+    problems += check_tracking(cfg.tracking)
     if cfg.tune is not None:
         problems += check_search_space(raw, cfg.tune) + check_search_alg(cfg.tune)
     if problems:

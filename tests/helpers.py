@@ -199,3 +199,76 @@ class TinyNet(nn.Module):
 def TinyCNN() -> ImageClassifier:
     """TinyNet behind the project's image-model wrapper (pixel_values in, logits out)."""
     return ImageClassifier(TinyNet())
+
+
+# ---- reading back what the trackers logged, through each tracker's own format and reader
+
+
+def tensorboard_scalars(logdir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of the event files in `logdir` (TensorBoard's own reader), tag -> step -> value."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    multiplexer = EventMultiplexer().AddRunsFromDirectory(str(logdir))
+    multiplexer.Reload()
+    scalars: dict[str, dict[int, float]] = {}
+    for run, tags in multiplexer.Runs().items():
+        for tag in tags["scalars"]:
+            for event in multiplexer.Scalars(run, tag):
+                scalars.setdefault(tag, {})[event.step] = event.value
+    return scalars
+
+
+def wandb_offline_records(run_dir: Path) -> list:
+    """The records of every offline W&B run file under `run_dir`, decoded with W&B's own protobuf
+    schema. The file is a W&B header (7 bytes) then LevelDB-log records: 32 KiB blocks of
+    [crc32c:4][length:2][type:1][data], a record longer than a block's rest split FIRST/MIDDLE/LAST."""
+    from wandb.proto import wandb_internal_pb2
+
+    records = []
+    for path in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")):
+        data, position, pending = path.read_bytes(), 7, b""
+        while position + 7 <= len(data):
+            block_left = 32768 - (position % 32768)
+            if block_left < 7:  # the block's tail is padding
+                position += block_left
+                continue
+            length = int.from_bytes(data[position + 4 : position + 6], "little")
+            kind = data[position + 6]
+            if kind == 0 and length == 0:
+                break
+            pending += data[position + 7 : position + 7 + length]
+            position += 7 + length
+            if kind in (1, 4):  # FULL, LAST
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(pending)
+                records.append(record)
+                pending = b""
+    return records
+
+
+def wandb_history(run_dir: Path) -> dict[str, dict[int, float]]:
+    """What `run.log` logged in the run folder's offline W&B runs: key -> step -> value."""
+    history: dict[str, dict[int, float]] = {}
+    for record in wandb_offline_records(run_dir):
+        if record.WhichOneof("record_type") != "history":
+            continue
+        items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+        step = record.history.step.num
+        for key, value in items.items():
+            if not key.startswith("_"):
+                history.setdefault(key, {})[step] = value
+    return history
+
+
+def mlflow_history(tracking_uri: str, run_id: str) -> dict[str, dict[int, float]]:
+    """Every metric of an MLflow run (MlflowClient), name -> step -> value; a step logged twice fails."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    history: dict[str, dict[int, float]] = {}
+    for name in client.get_run(run_id).data.metrics:
+        points = client.get_metric_history(run_id, name)
+        steps_logged = [point.step for point in points]
+        assert len(steps_logged) == len(set(steps_logged)), f"{name} logged twice at a step: {steps_logged}"
+        history[name] = {point.step: point.value for point in points}
+    return history

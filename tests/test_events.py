@@ -89,7 +89,7 @@ def test_the_wall_time_splits_into_phases_that_add_up():
 def test_the_progress_display_draws_what_the_events_say():
     console = Console(record=True, width=120)
     with TrainingProgress(console, epochs=2, steps_per_epoch=4) as progress:
-        progress.on_step(StepProgress(epoch=0, step=2, steps=4, loss=0.6931, samples_per_s=12.5))
+        progress.on_step(StepProgress(epoch=0, step=2, steps=4, loss=0.6931, samples_per_s=12.5, recent_loss=0.69, lrs={}))
         progress.on_event(LayerGroups([{"group": "encoder", "lr": None, "params": 1000, "trainable_now": 0}]))
         progress.on_event(Baseline({"baseline_test/accuracy": 0.5, "baseline_test/samples": 10}))
         progress.on_event(EpochEnded({**epoch(0, 0.75).metrics, "train_eval/accuracy": 0.8}))
@@ -106,9 +106,9 @@ def test_rank_zero_sends_the_run_events_and_every_rank_its_start(ray_session):
         monitor = RunMonitor.remote()
         sink = EventSink(monitor, rank)
         sink.emit(start(rank, 0))
+        sink.step(StepProgress(0, 1, 4, 0.5, 10.0, 0.5, {"head": 1e-3}))
         sink.emit(epoch(0, 0.7))
-        sink.step(StepProgress(0, 1, 4, 0.5, 10.0))
-        latest, events = ray_session.get(monitor.poll.remote(0))
-        assert events == ([start(rank, 0), epoch(0, 0.7)] if rank == 0 else [start(rank, 0)])
-        assert latest == (StepProgress(0, 1, 4, 0.5, 10.0) if rank == 0 else None)
+        items = ray_session.get(monitor.poll.remote(0))  # in the order sent
+        assert items == ([start(rank, 0), StepProgress(0, 1, 4, 0.5, 10.0, 0.5, {"head": 1e-3}), epoch(0, 0.7)] if rank == 0 else [start(rank, 0)])
+        assert ray_session.get(monitor.poll.remote(len(items))) == []
         ray_session.kill(monitor)

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import ctrl_c, process_group, registered_checkpoint, tiny_sentiment_pipeline
+from helpers import ctrl_c, mlflow_history, process_group, registered_checkpoint, tiny_sentiment_pipeline
 from finetune.cli import main
 from finetune.config import ConfigError
 from finetune.ray_env import check_shared_storage, mount_type
@@ -44,8 +44,9 @@ def test_multi_node_runs_need_storage_every_node_reaches():
         assert "s3://" in error.value.problems[0] and "storage_is_shared" in error.value.problems[0]
 
 
-def _pipeline(tmp_path: Path, tiny_bert_dir: Path, rows: int = 400, scaling: dict | None = None, **train) -> Path:
-    return tiny_sentiment_pipeline(tmp_path, tiny_bert_dir, rows=rows, name="ft", train=train,
+def _pipeline(tmp_path: Path, tiny_bert_dir: Path, rows: int = 400, scaling: dict | None = None,
+              tracking: dict | None = None, **train) -> Path:  # fmt: skip
+    return tiny_sentiment_pipeline(tmp_path, tiny_bert_dir, rows=rows, name="ft", train=train, tracking=tracking or {},
                                    scaling={"max_failures": 2, **(scaling or {})}, checkpoint={"num_to_keep": 2})  # fmt: skip
 
 
@@ -81,7 +82,7 @@ def _epochs(run_dir: Path) -> list[dict]:
 
 @pytest.mark.e2e
 def test_a_killed_driver_resumes_from_its_last_checkpoint(ray_session, tmp_path, tiny_bert_dir, capsys):
-    pipeline, run_dir = _pipeline(tmp_path, tiny_bert_dir), tmp_path / "run"
+    pipeline, run_dir = _pipeline(tmp_path, tiny_bert_dir, tracking={"mlflow": {}}), tmp_path / "run"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
     driver = _driver_until_checkpoint(pipeline, run_dir, env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.killpg(driver.pid, signal.SIGKILL)
@@ -95,6 +96,19 @@ def test_a_killed_driver_resumes_from_its_last_checkpoint(ray_session, tmp_path,
     assert summary["resumed_from_epoch"] >= 1  # not from scratch
     assert [e["epoch"] for e in _epochs(run_dir)] == [0, 1, 2]
     assert summary["test_accuracy"] > 0.9 and summary["best_checkpoint"]
+    # the killed driver's MLflow run, continued: every epoch once (mlflow_history fails on a step
+    # logged twice), the last as metrics.jsonl has it, and the test metrics
+    tracking = json.loads((run_dir / "tracking.json").read_text())
+    history = mlflow_history(tracking["mlflow_tracking_uri"], tracking["mlflow_run_id"])
+    epochs = _epochs(run_dir)
+    assert sorted(history["val/accuracy"]) == [e["steps_done"] for e in epochs]
+    assert history["val/accuracy"][epochs[-1]["steps_done"]] == pytest.approx(epochs[-1]["val/accuracy"])
+    assert history["test/accuracy"] == pytest.approx({epochs[-1]["steps_done"]: summary["test_accuracy"]})
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking["mlflow_tracking_uri"])
+    assert [r.info.run_id for r in client.search_runs([client.get_run(tracking["mlflow_run_id"]).info.experiment_id])] \
+        == [tracking["mlflow_run_id"]]  # fmt: skip
     assert main(["train", "--resume", str(tmp_path / "nothing-here")]) == 2
     assert "is not a run directory" in capsys.readouterr().out
     assert main(["train", str(pipeline), "--run-dir", str(run_dir)]) == 2  # a finished run is not overwritten

@@ -1,11 +1,12 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from torch import nn
 
-from helpers import image_parquet, two_worker_pipeline, write_csv
+from helpers import image_parquet, mlflow_history, tensorboard_scalars, two_worker_pipeline, wandb_history, write_csv
 from finetune.cli import main
 from finetune.config import OptimConfig, ScheduleConfig
 from finetune.train import optim, steps
@@ -90,7 +91,8 @@ def test_two_worker_run_learns_and_its_checkpoint_reloads(ray_session, tmp_path,
     """The real path: CLI -> Ray Data -> TorchTrainer with 2 DDP workers -> run directory."""
     pipeline = two_worker_pipeline(tmp_path, tiny_bert_dir)
     run_dir = tmp_path / "run"
-    assert main(["train", str(pipeline), "--run-dir", str(run_dir)]) == 0
+    trackers = ["tracking.mlflow={}", "tracking.wandb={mode: offline}"]  # TensorBoard is on by default
+    assert main(["train", str(pipeline), *trackers, "--run-dir", str(run_dir)]) == 0
 
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [0, 1, 2]
@@ -107,6 +109,7 @@ def test_two_worker_run_learns_and_its_checkpoint_reloads(ray_session, tmp_path,
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == 3e-3
     out = capsys.readouterr().out
     assert "finetune summary" in out and str(run_dir) in out and "\ntime: " in out
+    _check_trackers(run_dir, epochs, summary)
 
     # The exported best model predicts exactly as the worker's copy did: same test metrics.
     capsys.readouterr()
@@ -119,6 +122,31 @@ def test_two_worker_run_learns_and_its_checkpoint_reloads(ray_session, tmp_path,
     assert main(["predict", str(run_dir), "a great movie", "an awful boring film"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == ["pos", "neg"]
+
+
+def _check_trackers(run_dir: Path, epochs: list[dict], summary: dict) -> None:
+    """One tracker run for the two DDP workers, in each tracker, holding what metrics.jsonl and
+    summary.json hold, each epoch at the optimizer step it ended."""
+    from mlflow import MlflowClient
+
+    state = json.loads((run_dir / "tracking.json").read_text())
+    client = MlflowClient(tracking_uri=state["mlflow_tracking_uri"])
+    experiment = client.get_experiment_by_name(yaml.safe_load((run_dir / "config.yaml").read_text())["name"])
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_id == state["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert {f.path for f in client.list_artifacts(run.info.run_id)} == {"best", "summary.json"}
+    assert "model.json" in {Path(f.path).name for f in client.list_artifacts(run.info.run_id, "best")}
+    histories = {
+        "tensorboard": tensorboard_scalars(run_dir / "tensorboard"),
+        "mlflow": mlflow_history(state["mlflow_tracking_uri"], run.info.run_id),
+        "wandb": wandb_history(run_dir),
+    }
+    last_step = epochs[-1]["steps_done"]
+    for tracker, history in histories.items():
+        for name in ("train/loss", "val/loss", "val/accuracy", "val/macro_f1"):
+            assert history[name] == pytest.approx({e["steps_done"]: e[name] for e in epochs}, rel=1e-6), (tracker, name)
+        assert history["test/accuracy"] == pytest.approx({last_step: summary["test_accuracy"]}), tracker
+        assert max(history["step/loss"]) == last_step and set(history["lr/head"]) == set(history["step/loss"]), tracker
 
 
 @pytest.mark.e2e

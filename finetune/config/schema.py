@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from finetune.config.base import MetricName, Section, UserPath, metric_mode, regex_problem, task_class
+from finetune.tracking.config import TrackingConfig
 
 
 # ---- training-time image augmentation (torchvision.transforms.v2), one entry per transform
@@ -592,6 +593,7 @@ class PipelineConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     tune: TuneConfig | None = Field(None, description="A hyperparameter sweep (`finetune tune`); train ignores it.")
 
     @model_validator(mode="after")

@@ -21,8 +21,9 @@ from finetune.config import ConfigError, PipelineConfig
 from finetune.ray_env import check_shared_storage, cluster_nodes, ensure_ray, on_driver_node, quiet_ray_data, warn_if_data_starved
 from finetune.report import verdict
 from finetune.report.progress import TrainingProgress, phases_line, summary_table
+from finetune.tracking import start_tracking
 from finetune.train import Interrupted, TrainingDiverged
-from finetune.train.events import Subscriber
+from finetune.train.events import StepProgress, Subscriber
 from finetune.train.monitor import RunMonitor
 from finetune.train.record import RunRecord
 from finetune.train.phases import PhaseClock, run_phases
@@ -75,14 +76,15 @@ def fit_and_record(trainer, monitor, record: RunRecord, subscribers: list[Subscr
     seen = 0
     while True:
         finished = not thread.is_alive()
-        latest, events = ray.get(monitor.poll.remote(seen))
-        seen += len(events)
-        for subscriber in subscribers if latest else ():
-            subscriber.on_step(latest)
-        for event in events:
-            if record.fold(event):  # a resumed run resends the epochs before its checkpoint
+        items = ray.get(monitor.poll.remote(seen))
+        seen += len(items)
+        for item in items:
+            if isinstance(item, StepProgress):
                 for subscriber in subscribers:
-                    subscriber.on_event(event)
+                    subscriber.on_step(item)
+            elif record.fold(item):  # a resumed run resends the epochs before its checkpoint
+                for subscriber in subscribers:
+                    subscriber.on_event(item)
         if finished:
             break
         thread.join(timeout=0.5)
@@ -124,15 +126,18 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
     trainer = build_trainer(cfg, datasets, batches_per_epoch, name=ray_name, storage_path=storage_path, monitor=monitor)
 
     record = RunRecord(run_dir / "metrics.jsonl")
+    with clock("tracking"):
+        tracking = start_tracking(cfg, run_dir, resume)
     try:
         with TrainingProgress(console, cfg.train.epochs, steps_per_epoch) as progress:
             fit_started = time.time()
-            result = fit_and_record(trainer, monitor, record, [progress])
+            result = fit_and_record(trainer, monitor, record, [progress, tracking])
             fit_ended = time.time()
         if record.diverged:
             raise TrainingDiverged(record.diverged.step, record.diverged.epoch)
         skipped = datasets.skipped_rows()
     except BaseException as error:
+        tracking.fail(interrupted=isinstance(error, KeyboardInterrupt))
         kept = sorted(Path(storage_path, ray_name).glob("checkpoint_*"), key=lambda p: p.stat().st_mtime)
         if isinstance(error, KeyboardInterrupt):
             where = f"the last checkpoint is {kept[-1]}" if kept else "no epoch had finished"
@@ -155,6 +160,7 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
                              has_best=best is not None, skipped=skipped)  # fmt: skip
     summary["warnings"] = verdict.check(summary, cfg.checkpoint.metric)
     files.write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    tracking.finish(summary, run_dir / "best" if best is not None else None)
     console.print(summary_table(summary))
     console.print(phases_line(summary["phases_s"]), highlight=False, soft_wrap=True)
     for warning in summary["warnings"]:

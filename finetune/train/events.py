@@ -16,8 +16,9 @@ fires, in the order a run sees them:
   FinalTest      rank 0: the best epoch's weights on test
   WorkerPhases   rank 0, the run's last event: where this worker group's time went
 
-StepProgress is apart: the latest one replaces the one before (the progress bar), it is not
-kept. Plain dataclasses, no Ray: a subscriber can be tested on events built by hand.
+StepProgress is apart: rank 0 sends one every train.log_every_steps optimizer steps (the
+progress bar shows the latest; trackers log each). Plain dataclasses, no Ray: a subscriber can
+be tested on events built by hand.
 """
 
 from __future__ import annotations
@@ -113,13 +114,21 @@ class StepProgress:
     steps: int  # optimizer steps per epoch
     loss: float  # mean training loss of the epoch so far
     samples_per_s: float  # all workers together
+    recent_loss: float  # mean training loss of the steps since the progress before
+    lrs: dict[str, float]  # each layer group's learning rate now (frozen groups absent)
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps since the run began."""
+        return self.epoch * self.steps + self.step
 
 
 RunEvent = LayerGroups | BatchNormPlan | WorkerStarted | Baseline | EpochEnded | Diverged | FinalTest | WorkerPhases
 
 
 class Subscriber(Protocol):
-    """What the driver hands each event to, in arrival order (a resent epoch only once)."""
+    """What the driver hands each event and step progress to, in the order rank 0 sent them (a
+    resent epoch only once)."""
 
     def on_event(self, event: RunEvent) -> None: ...
 

@@ -14,15 +14,14 @@ from finetune.train.events import RunEvent, StepProgress
 @ray.remote(num_cpus=0)
 class RunMonitor:
     def __init__(self) -> None:
-        self.latest: StepProgress | None = None
-        self.events: list[RunEvent] = []
+        self.items: list[RunEvent | StepProgress] = []  # in the order they came (one caller: rank 0's)
 
     def progress(self, progress: StepProgress) -> None:
-        self.latest = progress
+        self.items.append(progress)
 
     def record(self, event: RunEvent) -> None:
-        self.events.append(event)
+        self.items.append(event)
 
-    def poll(self, seen: int) -> tuple[StepProgress | None, list[RunEvent]]:
-        """The latest step progress and the events after the first `seen`."""
-        return self.latest, self.events[seen:]
+    def poll(self, seen: int) -> list[RunEvent | StepProgress]:
+        """The events and step progress after the first `seen`."""
+        return self.items[seen:]

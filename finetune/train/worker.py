@@ -173,9 +173,13 @@ def train_one_epoch(worker: Worker, epoch: int) -> steps.EpochStats:
         prefetch_batches=cfg.data.prefetch_batches,
     )
     module, strategy, ema = training.module, training.strategy, worker.ema
+    reported = {"steps": 0, "loss_sum": 0.0}  # at the step progress before
 
     def on_step(step: int, loss: float, stats: steps.EpochStats) -> None:
-        worker.events.step(StepProgress(epoch, step, per_epoch, loss, stats.samples_per_s * worker.world_size))
+        recent = (stats.loss_sum - reported["loss_sum"]) / max(step - reported["steps"], 1)
+        reported.update(steps=step, loss_sum=stats.loss_sum)
+        worker.events.step(StepProgress(epoch, step, per_epoch, loss, stats.samples_per_s * worker.world_size,
+                                        recent, _group_lrs(training.optimizer)))  # fmt: skip
 
     return steps.train_epoch(
         training.model, batches, training.optimizer, training.scheduler, worker.loss_fn,
@@ -299,6 +303,11 @@ def _evaluate(worker: Worker, module, split: str, constant: bool = False, max_ro
     rows = steps.evaluate_rows(module, batches, task, device=worker.device, precision=worker.precision, max_rows=max_rows)
     rows = steps.all_gather_rows(rows)
     return {**task.metrics(rows, split), **(task.constant_metrics(rows, split) if constant else {})}
+
+
+def _group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Each layer group's learning rate now (its decayed and undecayed halves share it)."""
+    return {group.get("name", f"group_{i}"): group["lr"] for i, group in enumerate(optimizer.param_groups)}
 
 
 def _all_reduce(op):

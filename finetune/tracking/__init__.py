@@ -1,0 +1,117 @@
+"""Experiment trackers: the run's events (train/events.py) logged to TensorBoard, MLflow and
+Weights & Biases by the driver, the one process that sees the whole run. Rank 0 alone sends
+events, so one run is one tracker run whatever the number of workers. A restarted worker group
+or `--resume` continues it: the run folder's tracking.json keeps the tracker runs' ids and the
+last step and epoch logged, and what was logged is not logged again (steps and an epoch
+retrained after a restart keep the values first logged; metrics.jsonl keeps the retrained).
+
+Every metric is logged against the optimizer step: every train.log_every_steps steps the mean
+loss of those steps (step/loss), the speed (step/samples_per_s) and the learning rate of each
+layer group (lr/<group>); each epoch's metrics.jsonl line at the step the epoch ended; the
+baseline at step 0 and the test metrics at the last step."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from finetune import files
+from finetune.train.events import (
+    Baseline,
+    EpochEnded,
+    FinalTest,
+    RunEvent,
+    StepProgress,
+)
+
+if TYPE_CHECKING:
+    from finetune.config import PipelineConfig
+
+STATE_FILE = "tracking.json"
+# metrics.jsonl keys that say where an epoch sits rather than measure it
+_BOOKKEEPING = {"epoch", "epochs_done", "steps_done", "best_epoch", "early_stopped"}
+
+
+def flat_params(cfg: PipelineConfig) -> dict[str, object]:
+    """The resolved pipeline as dotted keys (`optim.lr`), lists as their JSON text."""
+    out: dict[str, object] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, inner)
+        else:
+            out[prefix] = json.dumps(value) if isinstance(value, list) else value
+
+    walk("", cfg.model_dump(mode="json", exclude={"tune"}))
+    return out
+
+
+class Tracking:
+    """The run's trackers, as one subscriber of its events (`train.events.Subscriber`)."""
+
+    def __init__(self, trackers: list, state_path: Path, state: dict) -> None:
+        self.trackers, self.state_path, self.state = trackers, state_path, state
+        self.step = state.get("last_step", 0)  # where the test metrics go: the run's last step
+
+    def on_step(self, progress: StepProgress) -> None:
+        if progress.global_step <= self.state.get("last_step", -1):
+            return
+        metrics = {"step/loss": progress.recent_loss, "step/samples_per_s": progress.samples_per_s}
+        metrics.update({f"lr/{group}": lr for group, lr in progress.lrs.items()})
+        self._log(metrics, progress.global_step, last_step=progress.global_step)
+
+    def on_event(self, event: RunEvent) -> None:
+        if isinstance(event, Baseline):
+            self._log(event.metrics, 0)
+        elif isinstance(event, EpochEnded) and event.epoch > self.state.get("last_epoch", -1):
+            metrics = {k: v for k, v in event.metrics.items() if k not in _BOOKKEEPING}
+            self.step = max(self.step, event.metrics["steps_done"])
+            self._log({**metrics, "epoch": event.metrics["epochs_done"]}, self.step, last_epoch=event.epoch)
+        elif isinstance(event, FinalTest):
+            self._log({k: v for k, v in event.metrics.items() if k.startswith(("test/", "constant_test/"))}, self.step)
+
+    def finish(self, summary: dict, best_dir: Path | None) -> None:
+        for tracker in self.trackers:
+            tracker.finish(summary, best_dir)
+
+    def fail(self, interrupted: bool) -> None:
+        for tracker in self.trackers:
+            tracker.fail(interrupted)
+
+    def _log(self, metrics: dict, step: int, **high_water: int) -> None:
+        metrics = {k: float(v) for k, v in metrics.items() if _is_number(v) and math.isfinite(v)}
+        for tracker in self.trackers:
+            tracker.log(metrics, step)
+        if high_water:
+            self.state.update(high_water)
+            files.write_text(self.state_path, json.dumps(self.state))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def start_tracking(cfg: PipelineConfig, run_dir: Path, resume: bool) -> Tracking:
+    """The trackers `cfg.tracking` asks for, each with a run of its own, or (`resume`) the runs
+    this run folder logged to before."""
+    state_path = run_dir / STATE_FILE
+    state = json.loads(state_path.read_text()) if resume and state_path.is_file() else {}
+    trackers = []
+    tracking = cfg.tracking
+    if tracking.tensorboard:
+        from finetune.tracking.tensorboard import TensorBoardTracker
+
+        trackers.append(TensorBoardTracker(run_dir / "tensorboard", cfg))
+    if tracking.mlflow is not None:
+        from finetune.tracking.mlflow import MlflowTracker
+
+        trackers.append(MlflowTracker(tracking.mlflow, cfg, run_dir, state))
+    if tracking.wandb is not None:
+        from finetune.tracking.wandb import WandbTracker
+
+        trackers.append(WandbTracker(tracking.wandb, cfg, run_dir, state))
+    files.write_text(state_path, json.dumps(state))
+    return Tracking(trackers, state_path, state)
