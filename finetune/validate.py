@@ -16,7 +16,7 @@ from finetune.config import ConfigError, DataConfig, ModelConfig, PipelineConfig
 from finetune.data.catalog import CATALOG
 from finetune.data.sources import check_source
 from finetune.models import check_model
-from finetune.tracking.config import check_tracking
+from finetune.tracking import check_tracking
 from finetune.train.setup import Training, build_training
 from finetune.tune.space import check_search_alg, check_search_space
 

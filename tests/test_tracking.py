@@ -9,8 +9,8 @@ import json
 import pytest
 
 from finetune.config import ConfigError
-from finetune.tracking import start_tracking
-from finetune.tracking.config import TrackingConfig, check_tracking
+from finetune.config import TrackingConfig
+from finetune.tracking import check_tracking, start_tracking
 from finetune.train.events import Baseline, EpochEnded, FinalTest, StepProgress
 from helpers import mlflow_history, pipeline_config, tensorboard_scalars, wandb_history
 
@@ -47,7 +47,7 @@ def test_every_tracker_logs_the_same_metrics_at_the_same_steps_and_a_resumed_run
     # --resume: the same tracker runs; the worker group resends epoch 2 and retrains from its checkpoint
     tracking = start_tracking(cfg, run_dir, resume=True)
     tracking.on_event(_epoch(1, 0.8))
-    _feed(tracking, range(1, 3), baseline=False)  # epoch 2 again from its checkpoint's start: not logged twice
+    _feed(tracking, range(1, 3))  # epoch 2 again from its checkpoint's start, a resent baseline: not logged twice
     tracking.on_event(FinalTest({"test/accuracy": 0.85, "constant_test/accuracy": 0.5, "val/accuracy": 0.9}))
     tracking.finish({"test_accuracy": 0.85, "epochs_run": 3}, best_dir=None)
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from ray import tune
 
-from helpers import ctrl_c, process_group, sentiment_rows, tiny_sentiment_pipeline, write_csv
+from helpers import ctrl_c, mlflow_history, process_group, sentiment_rows, tiny_sentiment_pipeline, write_csv
 from finetune.cli import main
 from finetune.config import ConfigError, parse
 from finetune.tune.space import check_search_space, param_space, trial_config, trial_count, used_params
@@ -151,6 +151,7 @@ def test_asha_stops_weak_trials_and_best_yaml_is_the_best_trial(ray_session, tmp
         "search_space": {"optim.lr": {"grid": [3e-3, 1e-6]}},
         "num_samples": 1, "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
     })  # fmt: skip
+    pipeline.write_text(yaml.safe_dump({**yaml.safe_load(pipeline.read_text()), "tracking": {"mlflow": {}}}))
     sweep_dir = tmp_path / "sweep"
     assert main(["tune", str(pipeline), "--sweep-dir", str(sweep_dir)]) == 0
     out = capsys.readouterr().out
@@ -169,6 +170,16 @@ def test_asha_stops_weak_trials_and_best_yaml_is_the_best_trial(ray_session, tmp
     assert table.loc[1e-6, "stopped_early"] and table.loc[1e-6, "epochs_run"] < 3
     assert (sweep_dir / "curves.png").stat().st_size > 10_000
     assert (sweep_dir / "best" / "model.safetensors").is_file()
+    # MLflow: Tune ends both trials' processes (ASHA at max_t too): the sweep closes their runs, saying which stopped early
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent_id = json.loads((sweep_dir / "tracking.json").read_text())["mlflow_run_id"]
+    children = {float(r.data.params["optim.lr"]): r for r in client.search_runs(
+        [client.get_run(parent_id).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")}  # fmt: skip
+    assert children[3e-3].info.status == "FINISHED" and children[3e-3].data.tags["finetune.stopped_early"] == "false"
+    assert children[1e-6].info.status == "KILLED" and children[1e-6].data.tags["finetune.stopped_early"] == "true"
+    assert client.get_run(parent_id).info.status == "FINISHED"
 
     # best.yaml is the best trial's pipeline, a plain pipeline file `finetune train` takes as is
     best_raw = yaml.safe_load((sweep_dir / "best.yaml").read_text())
@@ -195,7 +206,13 @@ def _trial_states(sweep_dir: Path) -> dict[str, str]:
 
 
 def _has_checkpoint(trial_dir: Path) -> bool:
-    return any(path.is_dir() for path in trial_dir.glob("checkpoint_*"))  # checkpoint_manager_snapshot.json is not one
+    """Ray Train's controller has taken a checkpoint of the trial's run as its latest (what a
+    resumed trial continues from: the checkpoint's folder appears before that)."""
+    try:
+        snapshot = json.loads((trial_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written
+        return False
+    return snapshot.get("latest_checkpoint_result") is not None
 
 
 def _epochs_reported(sweep_dir: Path, trial: str) -> list[int]:
@@ -225,6 +242,7 @@ def test_resume_after_the_driver_is_killed(ray_session, tmp_path, tiny_bert_dir,
         "search_space": {"model.name": {"grid": [f"hf:{empty_model}", f"hf:{tiny_bert_dir}", f"hf:{model_copy}"]}},
         "num_samples": 1, "scheduler": {"name": "fifo"}, "max_concurrent_trials": 1,
     })  # fmt: skip
+    pipeline.write_text(yaml.safe_dump({**yaml.safe_load(pipeline.read_text()), "tracking": {"mlflow": {}}}))
     sweep_dir = tmp_path / "sweep"
     # a second driver on the test session's Ray, which (as any local Ray now) wants its auth token
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token"}
@@ -260,7 +278,9 @@ def test_resume_after_the_driver_is_killed(ray_session, tmp_path, tiny_bert_dir,
     assert summary["trials"] == 3 and summary["errored"] == 0 and summary["trial_epochs"] == 12
     assert (finished_train.read_text(), finished_train.stat().st_mtime) == snapshot  # not trained again
     resumed = _epochs_reported(sweep_dir, interrupted)
-    assert resumed[-1] == 4 and len(resumed) == len(set(resumed))  # continued, no epoch trained twice
+    assert resumed[-1] == 4 and len(resumed) == len(set(resumed))  # no epoch reported twice
+    reports = [json.loads(line) for line in next((sweep_dir / "sweep").glob(f"*{interrupted}*/result.json")).open()]
+    assert min(r["epochs_done"] for r in reports if "epochs_done" in r and r["timestamp"] > killed_at) >= 2  # continued
     assert _epochs_reported(sweep_dir, errored) == [1, 2, 3, 4]
     assert set(_trial_states(sweep_dir).values()) == {"TERMINATED"}
     # one at a time: every epoch of one restored trial was reported before any of the other's
@@ -268,6 +288,18 @@ def test_resume_after_the_driver_is_killed(ray_session, tmp_path, tiny_bert_dir,
     assert all(times), times  # both trained after the resume
     first, second = sorted(times, key=min)
     assert max(first) <= min(second), (first, second)
+    # MLflow: the resumed sweep kept its parent run and each trial its child run: the interrupted
+    # trial's run continued, every epoch logged once (mlflow_history fails on a step logged twice)
+    from mlflow import MlflowClient
+
+    parent_id = json.loads((sweep_dir / "tracking.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_run(parent_id).info.experiment_id])
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id}
+    assert len(runs) == 4 and set(children) == {errored, finished, interrupted}
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    epochs = mlflow_history(client.tracking_uri, children[interrupted].info.run_id)["epoch"]
+    assert sorted(epochs.values()) == [1, 2, 3, 4]
 
 
 @pytest.mark.e2e

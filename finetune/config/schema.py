@@ -11,7 +11,6 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from finetune.config.base import MetricName, Section, UserPath, metric_mode, regex_problem, task_class
-from finetune.tracking.config import TrackingConfig
 
 
 # ---- training-time image augmentation (torchvision.transforms.v2), one entry per transform
@@ -483,6 +482,37 @@ class CheckpointConfig(Section):
         False, description="Declare a local storage_path shared by every node (a mount finetune does not recognise)."
     )
 
+
+
+# ---- the `tracking` section: which experiment trackers a run logs to (finetune/tracking/)
+
+
+class MlflowConfig(Section):
+    tracking_uri: str | None = Field(
+        None,
+        description="An MLflow tracking server or database (http://host:5000, sqlite:///path/mlflow.db, databricks). "
+        "Unset = MLFLOW_TRACKING_URI, else a local SQLite file beside the run folders (runs/mlflow.db; "
+        "`mlflow ui --backend-store-uri sqlite:///runs/mlflow.db` shows it).",
+    )
+    experiment: str | None = Field(None, description="The MLflow experiment; unset = the pipeline's name.")
+    run_name: str | None = Field(None, description="The MLflow run's name; unset = the run folder's name.")
+
+
+class WandbConfig(Section):
+    project: str | None = Field(None, description="The W&B project; unset = the pipeline's name.")
+    entity: str | None = Field(None, description="The W&B team or user; unset = your default entity.")
+    mode: Literal["online", "offline"] = Field(
+        "online", description="offline: write the run under <run dir>/wandb only (no network); `wandb sync` uploads it later."
+    )
+    run_name: str | None = Field(None, description="The W&B run's name; unset = the run folder's name.")
+
+
+class TrackingConfig(Section):
+    tensorboard: bool = Field(
+        True, description="TensorBoard event files in <run dir>/tensorboard: `tensorboard --logdir runs`."
+    )
+    mlflow: MlflowConfig | None = Field(None, description="Log to MLflow ({} = the defaults; needs finetune[mlflow]).")
+    wandb: WandbConfig | None = Field(None, description="Log to Weights & Biases ({} = the defaults; needs finetune[wandb]).")
 
 
 # ---- the `tune` section: a Ray Tune sweep over dotted config keys

@@ -27,7 +27,7 @@ from finetune.train.events import (
 )
 
 if TYPE_CHECKING:
-    from finetune.config import PipelineConfig
+    from finetune.config import PipelineConfig, TrackingConfig
 
 STATE_FILE = "tracking.json"
 # metrics.jsonl keys that say where an epoch sits rather than measure it
@@ -64,8 +64,8 @@ class Tracking:
         self._log(metrics, progress.global_step, last_step=progress.global_step)
 
     def on_event(self, event: RunEvent) -> None:
-        if isinstance(event, Baseline):
-            self._log(event.metrics, 0)
+        if isinstance(event, Baseline) and not self.state.get("baseline_logged"):
+            self._log(event.metrics, 0, baseline_logged=True)
         elif isinstance(event, EpochEnded) and event.epoch > self.state.get("last_epoch", -1):
             metrics = {k: v for k, v in event.metrics.items() if k not in _BOOKKEEPING}
             self.step = max(self.step, event.metrics["steps_done"])
@@ -81,7 +81,7 @@ class Tracking:
         for tracker in self.trackers:
             tracker.fail(interrupted)
 
-    def _log(self, metrics: dict, step: int, **high_water: int) -> None:
+    def _log(self, metrics: dict, step: int, **high_water) -> None:
         metrics = {k: float(v) for k, v in metrics.items() if _is_number(v) and math.isfinite(v)}
         for tracker in self.trackers:
             tracker.log(metrics, step)
@@ -94,11 +94,13 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def start_tracking(cfg: PipelineConfig, run_dir: Path, resume: bool) -> Tracking:
+def start_tracking(cfg: PipelineConfig, run_dir: Path, resume: bool, sweep: dict | None = None) -> Tracking:
     """The trackers `cfg.tracking` asks for, each with a run of its own, or (`resume`) the runs
-    this run folder logged to before."""
+    this run folder logged to before. `sweep`: the trial of a sweep (`SweepTracking.for_trials`):
+    its MLflow run nested under the sweep's, its W&B run in the sweep's group."""
     state_path = run_dir / STATE_FILE
     state = json.loads(state_path.read_text()) if resume and state_path.is_file() else {}
+    sweep = sweep or {}
     trackers = []
     tracking = cfg.tracking
     if tracking.tensorboard:
@@ -108,10 +110,59 @@ def start_tracking(cfg: PipelineConfig, run_dir: Path, resume: bool) -> Tracking
     if tracking.mlflow is not None:
         from finetune.tracking.mlflow import MlflowTracker
 
-        trackers.append(MlflowTracker(tracking.mlflow, cfg, run_dir, state))
+        trackers.append(MlflowTracker(tracking.mlflow, cfg, run_dir, state, parent=sweep.get("mlflow")))
     if tracking.wandb is not None:
         from finetune.tracking.wandb import WandbTracker
 
-        trackers.append(WandbTracker(tracking.wandb, cfg, run_dir, state))
+        trackers.append(WandbTracker(tracking.wandb, cfg, run_dir, state, group=sweep.get("wandb_group")))
     files.write_text(state_path, json.dumps(state))
     return Tracking(trackers, state_path, state)
+
+
+class SweepTracking:
+    """A sweep's side: the MLflow run its trials nest under (the searched keys and the base
+    pipeline as its parameters, the best trial's metrics and model at the end) and the W&B
+    group of its trials. SWEEP_DIR/tracking.json keeps the parent's id for --resume."""
+
+    def __init__(self, cfg: PipelineConfig, sweep_dir: Path, resume: bool) -> None:
+        self.state_path = sweep_dir / STATE_FILE
+        self.state = json.loads(self.state_path.read_text()) if resume and self.state_path.is_file() else {}
+        self.mlflow = None
+        if cfg.tracking.mlflow is not None:
+            from finetune.tracking.mlflow import MlflowTracker
+
+            self.mlflow = MlflowTracker(cfg.tracking.mlflow, cfg, sweep_dir, self.state)
+        self.wandb_group = sweep_dir.name if cfg.tracking.wandb is not None else None
+        files.write_text(self.state_path, json.dumps(self.state))
+
+    def for_trials(self) -> dict:
+        """What each trial's `start_tracking(sweep=...)` needs (plain values: it travels to the trial's actor)."""
+        parent = {"run_id": self.mlflow.run_id, "tracking_uri": self.mlflow.tracking_uri} if self.mlflow else None
+        return {"mlflow": parent, "wandb_group": self.wandb_group}
+
+    def finish(self, summary: dict, best_dir: Path | None, stopped_early: dict[str, bool]) -> None:
+        """`stopped_early`: trial id -> whether the scheduler stopped it before its last epoch."""
+        if self.mlflow is None:
+            return
+        best = summary.get("best") or {}
+        self.mlflow.log({k: v for k, v in best.items() if _is_number(v) and "/" in k}, 0)
+        self.mlflow.close_children(stopped_early)
+        self.mlflow.finish(summary, best_dir)
+
+    def fail(self, interrupted: bool) -> None:
+        if self.mlflow is not None:
+            self.mlflow.fail(interrupted)
+
+
+EXTRAS = {"mlflow": ("mlflow", "MLflow"), "wandb": ("wandb", "Weights & Biases")}  # tracker: (module, name)
+
+
+def check_tracking(cfg: TrackingConfig) -> list[str]:
+    """A tracker asked for but not installed: say which extra brings it, before anything starts."""
+    import importlib.util
+
+    return [
+        f'tracking.{tracker} needs {name}: pip install "finetune[{tracker}]" (in a checkout: pip install -e ".[{tracker}]")'
+        for tracker, (module, name) in EXTRAS.items()
+        if getattr(cfg, tracker) is not None and importlib.util.find_spec(module) is None
+    ]

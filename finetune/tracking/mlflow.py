@@ -10,10 +10,9 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from finetune.tracking.config import MlflowConfig
 
 if TYPE_CHECKING:
-    from finetune.config import PipelineConfig
+    from finetune.config import MlflowConfig, PipelineConfig
 
 MAX_BATCH = 1000  # metrics per log_batch call (MLflow's limit); params: 100
 
@@ -37,31 +36,43 @@ def default_tracking_uri(runs_root: Path) -> str:
 
 
 class MlflowTracker:
-    def __init__(self, cfg: MlflowConfig, pipeline: PipelineConfig, run_dir: Path, state: dict) -> None:
+    """One MLflow run; `parent` ({run_id, tracking_uri}): nested under a sweep's run, in its store
+    and experiment."""
+
+    def __init__(self, cfg: MlflowConfig, pipeline: PipelineConfig, run_dir: Path, state: dict,
+                 parent: dict | None = None) -> None:  # fmt: skip
         from mlflow.entities import Param
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         from finetune.tracking import flat_params
 
-        tracking_uri = cfg.tracking_uri or default_tracking_uri(run_dir.parent)
-        self.client = client = _client(tracking_uri)
-        name = cfg.experiment or pipeline.name
-        experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            experiment_id = experiment.experiment_id
-        else:  # artifacts of a local database beside it, not in the working directory's ./mlruns
-            local = tracking_uri.startswith("sqlite:///")
-            artifacts = Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts" if local else None
-            experiment_id = client.create_experiment(name, artifact_location=artifacts.as_uri() if artifacts else None)
+        self.tracking_uri = (parent or {}).get("tracking_uri") or cfg.tracking_uri or default_tracking_uri(run_dir.parent)
+        self.client = client = _client(self.tracking_uri)
         if run_id := state.get("mlflow_run_id"):
             client.update_run(run_id, status="RUNNING")
         else:
-            run_id = client.create_run(experiment_id, run_name=cfg.run_name or run_dir.name,
-                                       tags={"finetune.run_dir": str(run_dir)}).info.run_id  # fmt: skip
+            tags = {"finetune.run_dir": str(run_dir)}
+            if parent:
+                experiment_id = client.get_run(parent["run_id"]).info.experiment_id
+                tags[MLFLOW_PARENT_RUN_ID] = parent["run_id"]
+            else:
+                experiment_id = self._experiment(cfg.experiment or pipeline.name)
+            run_id = client.create_run(experiment_id, run_name=cfg.run_name if cfg.run_name and not parent else run_dir.name,
+                                       tags=tags).info.run_id  # fmt: skip
             params = [Param(k, str(v)) for k, v in flat_params(pipeline).items()]
             for start in range(0, len(params), 100):
                 client.log_batch(run_id, params=params[start : start + 100])
-            state.update(mlflow_run_id=run_id, mlflow_tracking_uri=tracking_uri)
+            state.update(mlflow_run_id=run_id, mlflow_tracking_uri=self.tracking_uri)
         self.run_id = run_id
+
+    def _experiment(self, name: str) -> str:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        # a local database's artifacts beside it, not in the working directory's ./mlruns
+        local = self.tracking_uri.startswith("sqlite:///")
+        artifacts = Path(self.tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts" if local else None
+        return self.client.create_experiment(name, artifact_location=artifacts.as_uri() if artifacts else None)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -71,9 +82,24 @@ class MlflowTracker:
         for start in range(0, len(batch), MAX_BATCH):
             self.client.log_batch(self.run_id, metrics=batch[start : start + MAX_BATCH])
 
+    def close_children(self, stopped_early: dict[str, bool]) -> None:
+        """Nested runs still open when their sweep ends: trials the scheduler ended (Tune ends
+        their process without a word), at max_t (FINISHED) or early (`stopped_early[trial]`:
+        KILLED, tagged finetune.stopped_early)."""
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        running = self.client.search_runs(
+            [experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.run_id}' and attributes.status = 'RUNNING'"
+        )  # fmt: skip
+        for child in running:
+            early = stopped_early.get(child.info.run_name, False)
+            self.client.set_tag(child.info.run_id, "finetune.stopped_early", str(early).lower())
+            self.client.set_terminated(child.info.run_id, "KILLED" if early else "FINISHED")
+
     def finish(self, summary: dict, best_dir: Path | None) -> None:
         self.client.log_dict(self.run_id, summary, "summary.json")
-        if best_dir is not None:
+        if best_dir is not None and best_dir.is_dir():
             self.client.log_artifacts(self.run_id, str(best_dir), "best")
         self.client.set_terminated(self.run_id, "FINISHED")
 

@@ -7,14 +7,15 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from finetune.tracking.config import WandbConfig
 
 if TYPE_CHECKING:
-    from finetune.config import PipelineConfig
+    from finetune.config import WandbConfig, PipelineConfig
 
 
 class WandbTracker:
-    def __init__(self, cfg: WandbConfig, pipeline: PipelineConfig, run_dir: Path, state: dict) -> None:
+    def __init__(self, cfg: WandbConfig, pipeline: PipelineConfig, run_dir: Path, state: dict,
+                 group: str | None = None) -> None:  # fmt: skip
+        """`group`: a sweep's trials share one (W&B's way of gathering the runs of a sweep)."""
         os.environ.setdefault("WANDB_SILENT", "true")  # W&B's own banner lines; its errors still show
         import wandb
 
@@ -22,6 +23,7 @@ class WandbTracker:
         self.run = wandb.init(
             project=cfg.project or pipeline.name, entity=cfg.entity, name=cfg.run_name or run_dir.name,
             id=run_id, resume="allow", mode=cfg.mode, dir=str(run_dir), config=pipeline.model_dump(mode="json"),
+            group=group, job_type="trial" if group else None,
             settings=wandb.Settings(console="off", save_code=False),
         )  # fmt: skip
         state["wandb_run_id"] = run_id

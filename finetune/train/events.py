@@ -136,8 +136,9 @@ class Subscriber(Protocol):
 
 
 class EventSink:
-    """A worker's side: sends its events to the run's monitor actor (none: a sweep trial, whose
-    reports reach Tune instead). Events for one rank are sent by rank 0 only."""
+    """A worker's side: sends its events to the run's monitor actor (that of `finetune train`'s
+    driver, or of a sweep trial's Tune actor; none: nobody listens). Events for one rank are sent
+    by rank 0 only."""
 
     def __init__(self, monitor, rank: int) -> None:
         self.monitor, self.rank = monitor, rank

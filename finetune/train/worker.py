@@ -43,7 +43,7 @@ class WorkerSpec:
     batches_per_epoch: int  # per worker, the same on every rank (equal shards, full batches only)
     image_size: int
     has_train_eval: bool  # the fixed training sample is a dataset (train_eval metrics, BatchNorm recalibration)
-    monitor: object | None = None  # the driver's RunMonitor actor; None in a sweep trial
+    monitor: object | None = None  # the RunMonitor actor of the run's driver (a sweep trial's: its Tune actor)
 
     @property
     def steps_per_epoch(self) -> int:

@@ -10,6 +10,7 @@ SWEEP_DIR/
   pipeline.yaml   the pipeline as given (overrides applied): what --resume reruns
   sweep/          Ray Tune's experiment (trial results, searcher and scheduler state)
   train/<trial>/  each trial's Ray Train run and checkpoints
+  trials/<trial>/ each trial's metrics.jsonl, TensorBoard files and tracker state (tracking section)
   results.csv     one row per trial; curves.png: every trial's validation curve
   best/           the best trial's best checkpoint (a saved model: evaluate/predict/export)
   best.yaml       the pipeline with the best values, for `finetune train` as is
@@ -35,8 +36,14 @@ from finetune import files
 from finetune.config import AshaConfig, PipelineConfig
 from finetune.inference import evaluate_run
 from finetune.report.sweep import history, plot_curves, results_table, trial_id
-from finetune.ray_env import check_shared_storage, cluster_nodes, ensure_ray, quiet_ray_data, warn_if_data_starved
+from finetune.ray_env import (
+    check_shared_storage, cluster_nodes, ensure_ray, on_driver_node, quiet_ray_data, warn_if_data_starved,
+)  # fmt: skip
 from finetune.train import Interrupted
+from finetune.tracking import SweepTracking, start_tracking
+from finetune.train.driver import fit_and_record
+from finetune.train.monitor import RunMonitor
+from finetune.train.record import RunRecord
 from finetune.train.trainer import build_trainer, export_checkpoint, pipeline_datasets, plan_epoch
 from finetune.tune.slots import ReleaseTrialSlot, create_slots, wait_for_slot
 from finetune.tune.space import param_space, trial_config, trial_count, trial_raw, used_params
@@ -52,8 +59,10 @@ def default_sweep_dir(cfg: PipelineConfig, root: str | Path = "runs") -> Path:
     return Path(root) / f"{cfg.name}-sweep-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def run_trial(params: dict, base_raw: dict, sweep_dir: str) -> None:
-    """One trial (runs in a Tune actor): the trial's pipeline through the `finetune train` path."""
+def run_trial(params: dict, base_raw: dict, sweep_dir: str, tracking: dict) -> None:
+    """One trial (runs in a Tune actor): the trial's pipeline through the `finetune train` path,
+    this actor being its driver: the workers' events come to it, and its trackers log them as a
+    run of the sweep's (`tracking`: SweepTracking.for_trials)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
@@ -62,19 +71,31 @@ def run_trial(params: dict, base_raw: dict, sweep_dir: str) -> None:
     quiet_ray_data()
     datasets = pipeline_datasets(cfg)
     batches_per_epoch, _ = plan_epoch(cfg, datasets.train_rows)
+    monitor = RunMonitor.options(scheduling_strategy=on_driver_node()).remote()  # owned by this actor: ends with it
     trainer = build_trainer(
-        cfg, datasets, batches_per_epoch, name=trial_id,
+        cfg, datasets, batches_per_epoch, name=trial_id, monitor=monitor,
         storage_path=str(Path(sweep_dir) / "train"), callbacks=(TuneReportCallback(),),
     )  # fmt: skip
+    trial_dir = Path(sweep_dir) / "trials" / trial_id  # a resumed trial continues its tracker runs
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    trackers = start_tracking(cfg, trial_dir, resume=True, sweep=tracking)
+    record = RunRecord(trial_dir / "metrics.jsonl")
     try:
-        trainer.fit()
+        fit_and_record(trainer, monitor, record, [trackers])
+    except BaseException as error:
+        trackers.fail(interrupted=isinstance(error, KeyboardInterrupt))
+        raise
     finally:
+        ray.kill(monitor)
         if datasets.bad_row_log is not None:
             ray.kill(datasets.bad_row_log)
+    tested = record.final.metrics if record.final else {}
+    trackers.finish({"trial": trial_id, "params": params, **{k.replace("/", "_"): v for k, v in tested.items()}}, None)
 
 
-def _trainable(base_raw: dict, sweep_dir: Path):
-    trainable = tune.with_parameters(run_trial, base_raw=base_raw, sweep_dir=str(sweep_dir))
+def _trainable(base_raw: dict, sweep_dir: Path, tracking: SweepTracking):
+    trainable = tune.with_parameters(run_trial, base_raw=base_raw, sweep_dir=str(sweep_dir),
+                                     tracking=tracking.for_trials())  # fmt: skip
     return tune.with_resources(trainable, {"CPU": TRIAL_ACTOR_CPUS})
 
 
@@ -104,10 +125,10 @@ def _search_alg(cfg: PipelineConfig):
     return tune.search.BasicVariantGenerator(random_state=seed, max_concurrent=cfg.tune.max_concurrent_trials)
 
 
-def _tuner(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path) -> tune.Tuner:
+def _tuner(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, tracking: SweepTracking) -> tune.Tuner:
     metric, mode = cfg.tune.metric, cfg.tune.mode
     return tune.Tuner(
-        _trainable(base_raw, sweep_dir),
+        _trainable(base_raw, sweep_dir, tracking),
         param_space=param_space(cfg.tune),
         tune_config=tune.TuneConfig(
             metric=metric, mode=mode, scheduler=_scheduler(cfg), search_alg=_search_alg(cfg),
@@ -121,21 +142,25 @@ def _tuner(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path) -> tune.Tuner:
     )
 
 
-def _fit(tuner: tune.Tuner, cfg: PipelineConfig, sweep_dir: Path):
+def _fit(tuner: tune.Tuner, cfg: PipelineConfig, sweep_dir: Path, tracking: SweepTracking):
     """The sweep's results; Interrupted after Ctrl-C (Tune saves its state on the first one and
     returns with trials unfinished; a second one raises KeyboardInterrupt)."""
     slots = create_slots(cfg.tune.max_concurrent_trials)
     resume = f"continue with: finetune tune --resume {sweep_dir}"
     try:
         results = tuner.fit()
-    except KeyboardInterrupt:
-        raise Interrupted(f"the sweep stopped; {resume}") from None
+    except BaseException as error:
+        tracking.fail(interrupted=isinstance(error, KeyboardInterrupt))
+        if isinstance(error, KeyboardInterrupt):
+            raise Interrupted(f"the sweep stopped; {resume}") from None
+        raise
     finally:
         ray.kill(slots)
     # The saved state, as --resume reads it: after Ctrl-C Tune saves it, then stops the running
     # trials, and the results it returns call those TERMINATED like the finished ones.
     saved = tune.ExperimentAnalysis(str(sweep_dir / EXPERIMENT)).trials
     if unfinished := sum(trial.status not in ("TERMINATED", "ERROR") for trial in saved):
+        tracking.fail(interrupted=True)
         raise Interrupted(f"the sweep stopped with {unfinished} trial(s) unfinished; {resume}")
     return results
 
@@ -153,8 +178,9 @@ def sweep(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, console: Console
     files.write_text(sweep_dir / "pipeline.yaml", yaml.safe_dump(base_raw, sort_keys=False))
     console.print(f"sweep directory: {sweep_dir}\n{trial_count(cfg.tune)} trials, {cfg.tune.max_concurrent_trials} at a time")
     started = time.time()
-    results = _fit(_tuner(cfg, base_raw, sweep_dir), cfg, sweep_dir)
-    return _report(cfg, base_raw, sweep_dir, results, time.time() - started, console)
+    tracking = SweepTracking(cfg, sweep_dir, resume=False)
+    results = _fit(_tuner(cfg, base_raw, sweep_dir, tracking), cfg, sweep_dir, tracking)
+    return _report(cfg, base_raw, sweep_dir, results, time.time() - started, console, tracking)
 
 
 def resume(sweep_dir: Path, retry_errored: bool = False, console: Console | None = None) -> dict:
@@ -171,13 +197,14 @@ def resume(sweep_dir: Path, retry_errored: bool = False, console: Console | None
     base_raw = yaml.safe_load(pipeline.read_text())
     ensure_ray()
     started = time.time()
+    tracking = SweepTracking(cfg, sweep_dir, resume=True)
     tuner = tune.Tuner.restore(
-        str(sweep_dir / EXPERIMENT), _trainable(base_raw, sweep_dir),
+        str(sweep_dir / EXPERIMENT), _trainable(base_raw, sweep_dir, tracking),
         resume_unfinished=True, resume_errored=retry_errored,
     )  # fmt: skip
     console.print(f"resuming sweep {sweep_dir}")
-    results = _fit(tuner, cfg, sweep_dir)
-    return _report(cfg, base_raw, sweep_dir, results, time.time() - started, console)
+    results = _fit(tuner, cfg, sweep_dir, tracking)
+    return _report(cfg, base_raw, sweep_dir, results, time.time() - started, console, tracking)
 
 
 def trial_rows(results, base_raw: dict, metric: str, mode: str, keys: list[str]) -> pd.DataFrame:
@@ -210,7 +237,8 @@ def trial_rows(results, base_raw: dict, metric: str, mode: str, keys: list[str])
     return pd.DataFrame(rows)
 
 
-def _report(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, results, wall_s: float, console: Console) -> dict:
+def _report(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, results, wall_s: float, console: Console,
+            tracking: SweepTracking) -> dict:  # fmt: skip
     metric, mode = cfg.tune.metric, cfg.tune.mode
     rows = trial_rows(results, base_raw, metric, mode, list(cfg.tune.search_space))
     rows.to_csv(sweep_dir / "results.csv", index=False)
@@ -244,4 +272,6 @@ def _report(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, results, wall_
         )
         console.print(f"best model: {summary['best'].get('checkpoint')}\nretrain with: finetune train {sweep_dir / 'best.yaml'}")
     files.write_text(sweep_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    tracking.finish(json.loads(json.dumps(summary, default=str)), sweep_dir / "best",
+                    dict(zip(rows["trial"], rows["stopped_early"].astype(bool))))  # fmt: skip
     return summary
