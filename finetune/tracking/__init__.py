@@ -18,13 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from finetune import files
-from finetune.train.events import (
-    Baseline,
-    EpochEnded,
-    FinalTest,
-    RunEvent,
-    StepProgress,
-)
+from finetune.train.events import Baseline, EpochEnded, FinalTest, RunEvent, StepProgress
 
 if TYPE_CHECKING:
     from finetune.config import PipelineConfig, TrackingConfig
@@ -120,9 +114,9 @@ def start_tracking(cfg: PipelineConfig, run_dir: Path, resume: bool, sweep: dict
 
 
 class SweepTracking:
-    """A sweep's side: the MLflow run its trials nest under (the searched keys and the base
-    pipeline as its parameters, the best trial's metrics and model at the end) and the W&B
-    group of its trials. SWEEP_DIR/tracking.json keeps the parent's id for --resume."""
+    """A sweep's side: the MLflow run its trials nest under (the base pipeline and the search
+    space as its parameters, the best trial's metrics and model at the end) and the W&B group
+    of its trials. SWEEP_DIR/tracking.json keeps the parent's id for --resume."""
 
     def __init__(self, cfg: PipelineConfig, sweep_dir: Path, resume: bool) -> None:
         self.state_path = sweep_dir / STATE_FILE
@@ -132,6 +126,8 @@ class SweepTracking:
             from finetune.tracking.mlflow import MlflowTracker
 
             self.mlflow = MlflowTracker(cfg.tracking.mlflow, cfg, sweep_dir, self.state)
+            space = json.dumps(cfg.tune.model_dump(mode="json")["search_space"])
+            self.mlflow.client.log_param(self.mlflow.run_id, "tune.search_space", space)
         self.wandb_group = sweep_dir.name if cfg.tracking.wandb is not None else None
         files.write_text(self.state_path, json.dumps(self.state))
 

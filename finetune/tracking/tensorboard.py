@@ -17,7 +17,7 @@ class TensorBoardTracker:
     def __init__(self, logdir: Path, cfg: PipelineConfig) -> None:
         from finetune.tracking import flat_params
 
-        self.logdir, self.params = logdir, flat_params(cfg)
+        self.params = flat_params(cfg)
         self.writer = SummaryWriter(str(logdir))  # a resumed run adds an event file beside the first
 
     def log(self, metrics: dict[str, float], step: int) -> None:

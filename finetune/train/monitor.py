@@ -14,7 +14,7 @@ from finetune.train.events import RunEvent, StepProgress
 @ray.remote(num_cpus=0)
 class RunMonitor:
     def __init__(self) -> None:
-        self.items: list[RunEvent | StepProgress] = []  # in the order they came (one caller: rank 0's)
+        self.items: list[RunEvent | StepProgress] = []  # rank 0 sends all but WorkerStarted: in its order
 
     def progress(self, progress: StepProgress) -> None:
         self.items.append(progress)
