@@ -12,7 +12,7 @@ from finetune.config import ConfigError
 from finetune.config import TrackingConfig
 from finetune.tracking import check_tracking, start_tracking
 from finetune.train.events import Baseline, EpochEnded, FinalTest, StepProgress
-from helpers import mlflow_history, pipeline_config, tensorboard_scalars, wandb_history
+from helpers import mlflow_history, pipeline_config, tensorboard_scalars, wandb_history, wandb_offline_records
 
 STEPS = 4  # optimizer steps per epoch
 
@@ -95,3 +95,38 @@ def test_a_tracker_not_installed_is_a_config_error_naming_its_extra(monkeypatch)
     ]
     with pytest.raises(ConfigError, match=r"tracking\.wandb\.mode"):
         pipeline_config(tracking={"wandb": {"mode": "sometimes"}})
+
+
+def test_a_sweep_is_one_mlflow_run_with_a_nested_run_per_trial_and_one_wandb_group(tmp_path):
+    from mlflow import MlflowClient
+
+    from finetune.tracking import SweepTracking
+
+    cfg = pipeline_config(name="swept", tracking={"mlflow": {}, "wandb": {"mode": "offline"}},
+                          tune={"search_space": {"optim.lr": {"grid": [1e-3, 1e-4]}}})  # fmt: skip
+    sweep_dir = tmp_path / "runs" / "swept-sweep"
+    sweep_dir.mkdir(parents=True)
+    sweep = SweepTracking(cfg, sweep_dir, resume=False)
+    for trial in ("t1", "t2"):  # as each trial's Tune actor does
+        trial_dir = sweep_dir / "trials" / trial
+        trial_dir.mkdir(parents=True)
+        tracking = start_tracking(cfg, trial_dir, resume=True, sweep=sweep.for_trials())
+        _feed(tracking, range(1 if trial == "t2" else 2))
+        if trial == "t1":
+            tracking.finish({"test_accuracy": 0.8}, best_dir=None)
+        # t2: the scheduler stopped it after its first epoch; Tune ended its process, nothing closed its runs
+    sweep.finish({"best": {"trial": "t1", "val/accuracy": 0.8, "test/accuracy": 0.8}}, None, {"t1": False, "t2": True})
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("swept").experiment_id])}
+    assert set(runs) == {"swept-sweep", "t1", "t2"}
+    parent = runs["swept-sweep"]
+    assert json.loads(parent.data.params["tune.search_space"]) == {"optim.lr": {"grid": [1e-3, 1e-4]}}
+    assert parent.info.status == "FINISHED" and parent.data.metrics["test/accuracy"] == 0.8
+    assert {runs[t].data.tags["mlflow.parentRunId"] for t in ("t1", "t2")} == {parent.info.run_id}
+    assert runs["t1"].info.status == "FINISHED" and "finetune.stopped_early" not in runs["t1"].data.tags
+    assert runs["t2"].info.status == "KILLED" and runs["t2"].data.tags["finetune.stopped_early"] == "true"
+    assert mlflow_history(client.tracking_uri, runs["t2"].info.run_id)["val/accuracy"] == {4: pytest.approx(0.7)}
+    groups = {r.run.run_group for t in ("t1", "t2") for r in wandb_offline_records(sweep_dir / "trials" / t)
+              if r.WhichOneof("record_type") == "run"}  # fmt: skip
+    assert groups == {"swept-sweep"}

@@ -126,7 +126,7 @@ class SweepTracking:
             from finetune.tracking.mlflow import MlflowTracker
 
             self.mlflow = MlflowTracker(cfg.tracking.mlflow, cfg, sweep_dir, self.state)
-            space = json.dumps(cfg.tune.model_dump(mode="json")["search_space"])
+            space = json.dumps(cfg.tune.model_dump(mode="json", exclude_none=True)["search_space"])
             self.mlflow.client.log_param(self.mlflow.run_id, "tune.search_space", space)
         self.wandb_group = sweep_dir.name if cfg.tracking.wandb is not None else None
         files.write_text(self.state_path, json.dumps(self.state))
