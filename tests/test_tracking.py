@@ -115,7 +115,8 @@ def test_a_sweep_is_one_mlflow_run_with_a_nested_run_per_trial_and_one_wandb_gro
         if trial == "t1":
             tracking.finish({"test_accuracy": 0.8}, best_dir=None)
         # t2: the scheduler stopped it after its first epoch; Tune ended its process, nothing closed its runs
-    sweep.finish({"best": {"trial": "t1", "val/accuracy": 0.8, "test/accuracy": 0.8}}, None, {"t1": False, "t2": True})
+    sweep.finish({"best": {"trial": "t1", "val/accuracy": 0.8, "test/accuracy": 0.8}}, None,
+                 {"t1": "finished", "t2": "stopped_early"})  # fmt: skip
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("swept").experiment_id])}
@@ -124,7 +125,7 @@ def test_a_sweep_is_one_mlflow_run_with_a_nested_run_per_trial_and_one_wandb_gro
     assert json.loads(parent.data.params["tune.search_space"]) == {"optim.lr": {"grid": [1e-3, 1e-4]}}
     assert parent.info.status == "FINISHED" and parent.data.metrics["test/accuracy"] == 0.8
     assert {runs[t].data.tags["mlflow.parentRunId"] for t in ("t1", "t2")} == {parent.info.run_id}
-    assert runs["t1"].info.status == "FINISHED" and "finetune.stopped_early" not in runs["t1"].data.tags
+    assert runs["t1"].info.status == "FINISHED" and runs["t1"].data.tags["finetune.stopped_early"] == "false"
     assert runs["t2"].info.status == "KILLED" and runs["t2"].data.tags["finetune.stopped_early"] == "true"
     assert mlflow_history(client.tracking_uri, runs["t2"].info.run_id)["val/accuracy"] == {4: pytest.approx(0.7)}
     groups = {r.run.run_group for t in ("t1", "t2") for r in wandb_offline_records(sweep_dir / "trials" / t)

@@ -136,13 +136,13 @@ class SweepTracking:
         parent = {"run_id": self.mlflow.run_id, "tracking_uri": self.mlflow.tracking_uri} if self.mlflow else None
         return {"mlflow": parent, "wandb_group": self.wandb_group}
 
-    def finish(self, summary: dict, best_dir: Path | None, stopped_early: dict[str, bool]) -> None:
-        """`stopped_early`: trial id -> whether the scheduler stopped it before its last epoch."""
+    def finish(self, summary: dict, best_dir: Path | None, outcomes: dict[str, str]) -> None:
+        """`outcomes`: trial id -> finished, stopped_early (by the scheduler) or errored."""
         if self.mlflow is None:
             return
         best = summary.get("best") or {}
         self.mlflow.log({k: v for k, v in best.items() if _is_number(v) and "/" in k}, 0)
-        self.mlflow.close_children(stopped_early)
+        self.mlflow.close_children(outcomes)
         self.mlflow.finish(summary, best_dir)
 
     def fail(self, interrupted: bool) -> None:

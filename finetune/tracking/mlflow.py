@@ -81,20 +81,20 @@ class MlflowTracker:
         for start in range(0, len(batch), MAX_BATCH):
             self.client.log_batch(self.run_id, metrics=batch[start : start + MAX_BATCH])
 
-    def close_children(self, stopped_early: dict[str, bool]) -> None:
-        """Nested runs still open when their sweep ends: trials the scheduler ended (Tune ends
-        their process without a word), at max_t (FINISHED) or early (`stopped_early[trial]`:
-        KILLED, tagged finetune.stopped_early)."""
+    def close_children(self, outcomes: dict[str, str]) -> None:
+        """Each nested run's status from its trial's outcome in the sweep (`outcomes[trial]`:
+        finished, stopped_early or errored): Tune ends trials' processes itself (ASHA at max_t
+        too), before or while a trial closes its own runs, so the sweep says the last word."""
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         experiment_id = self.client.get_run(self.run_id).info.experiment_id
-        running = self.client.search_runs(
-            [experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.run_id}' and attributes.status = 'RUNNING'"
-        )  # fmt: skip
-        for child in running:
-            early = stopped_early.get(child.info.run_name, False)
-            self.client.set_tag(child.info.run_id, "finetune.stopped_early", str(early).lower())
-            self.client.set_terminated(child.info.run_id, "KILLED" if early else "FINISHED")
+        status = {"finished": "FINISHED", "stopped_early": "KILLED", "errored": "FAILED"}
+        for child in self.client.search_runs([experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.run_id}'"):
+            outcome = outcomes.get(child.info.run_name)
+            if outcome is None:  # not a trial of this run of the sweep
+                continue
+            self.client.set_tag(child.info.run_id, "finetune.stopped_early", str(outcome == "stopped_early").lower())
+            self.client.set_terminated(child.info.run_id, status[outcome])
 
     def finish(self, summary: dict, best_dir: Path | None) -> None:
         self.client.log_dict(self.run_id, summary, "summary.json")

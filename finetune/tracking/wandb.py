@@ -22,6 +22,9 @@ class WandbTracker:
         self.run = wandb.init(
             project=cfg.project or pipeline.name, entity=cfg.entity, name=cfg.run_name or run_dir.name,
             id=run_id, resume="allow", mode=cfg.mode, dir=str(run_dir), config=pipeline.model_dump(mode="json"),
+            # a run of its own even where another is still open in this process (a Tune actor
+            # reused after a stopped trial, several runs from one notebook): W&B would hand back that one
+            reinit="create_new",
             group=group, job_type="trial" if group else None,
             settings=wandb.Settings(console="off", save_code=False),
         )  # fmt: skip

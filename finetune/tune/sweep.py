@@ -272,6 +272,7 @@ def _report(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, results, wall_
         )
         console.print(f"best model: {summary['best'].get('checkpoint')}\nretrain with: finetune train {sweep_dir / 'best.yaml'}")
     files.write_text(sweep_dir / "summary.json", json.dumps(summary, indent=2, default=str))
-    tracking.finish(json.loads(json.dumps(summary, default=str)), sweep_dir / "best",
-                    dict(zip(rows["trial"], rows["stopped_early"].astype(bool))))  # fmt: skip
+    outcomes = {row.trial: "errored" if row.status == "ERROR" else "stopped_early" if row.stopped_early else "finished"
+                for row in rows.itertuples()}  # fmt: skip
+    tracking.finish(json.loads(json.dumps(summary, default=str)), sweep_dir / "best", outcomes)
     return summary
