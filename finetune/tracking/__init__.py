@@ -84,6 +84,11 @@ class Tracking:
             files.write_text(self.state_path, json.dumps(self.state))
 
 
+def _read_state(path: Path, resume: bool) -> dict:
+    """The tracker runs (ids, last step and epoch logged) a resumed run continues; {} for a new one."""
+    return json.loads(path.read_text()) if resume and path.is_file() else {}
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -93,7 +98,7 @@ def start_tracking(cfg: PipelineConfig, run_dir: Path, resume: bool, sweep: dict
     this run folder logged to before. `sweep`: the trial of a sweep (`SweepTracking.for_trials`):
     its MLflow run nested under the sweep's, its W&B run in the sweep's group."""
     state_path = run_dir / STATE_FILE
-    state = json.loads(state_path.read_text()) if resume and state_path.is_file() else {}
+    state = _read_state(state_path, resume)
     sweep = sweep or {}
     trackers = []
     tracking = cfg.tracking
@@ -120,7 +125,7 @@ class SweepTracking:
 
     def __init__(self, cfg: PipelineConfig, sweep_dir: Path, resume: bool) -> None:
         self.state_path = sweep_dir / STATE_FILE
-        self.state = json.loads(self.state_path.read_text()) if resume and self.state_path.is_file() else {}
+        self.state = _read_state(self.state_path, resume)
         self.mlflow = None
         if cfg.tracking.mlflow is not None:
             from finetune.tracking.mlflow import MlflowTracker

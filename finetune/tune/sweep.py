@@ -271,8 +271,9 @@ def _report(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, results, wall_
             + (f", {tested_metric} {summary['best'][tested_metric]:.4f}" if tested_metric in summary["best"] else "")
         )
         console.print(f"best model: {summary['best'].get('checkpoint')}\nretrain with: finetune train {sweep_dir / 'best.yaml'}")
-    files.write_text(sweep_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    summary_text = json.dumps(summary, indent=2, default=str)
+    files.write_text(sweep_dir / "summary.json", summary_text)
     outcomes = {row.trial: "errored" if row.status == "ERROR" else "stopped_early" if row.stopped_early else "finished"
                 for row in rows.itertuples()}  # fmt: skip
-    tracking.finish(json.loads(json.dumps(summary, default=str)), sweep_dir / "best", outcomes)
+    tracking.finish(json.loads(summary_text), sweep_dir / "best", outcomes)  # as summary.json holds it
     return summary
