@@ -13,9 +13,10 @@ FOLDER := data/fashion-folder/train
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
-	@# Fashion-MNIST (idx files) from Debian; skipped where apt is unavailable (torchvision downloads it online).
-	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || echo "warning: dataset-fashion-mnist not installed"; \
+	@# Fashion-MNIST (idx files) and chromium (the report tests open report.html in it) from Debian;
+	@# skipped where apt is unavailable (torchvision downloads Fashion-MNIST online; the browser tests skip).
+	@if { [ ! -d /usr/share/datasets/fashion-mnist ] || ! command -v chromium >/dev/null; } && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist chromium) || echo "warning: dataset-fashion-mnist or chromium not installed"; \
 	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e ".[test]"

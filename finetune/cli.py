@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
 
+    report = commands.add_parser("report", help="(re)draw report.html of a run or a sweep directory")
+    report.add_argument("folder", metavar="RUN_DIR|SWEEP_DIR")
     predict = commands.add_parser("predict", help="labels for texts or image files")
     predict.add_argument("run_dir")
     predict.add_argument("inputs", nargs="+", help="texts (text models) or image paths (image models)")
@@ -173,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             from finetune.inference import evaluate_run
 
             console.print_json(json.dumps(evaluate_run(args.run_dir, args.split)))
+        elif args.command == "report":
+            from finetune.report import write_report
+
+            console.print(f"report: {write_report(args.folder)}", soft_wrap=True)
         elif args.command == "predict":
             from finetune.inference import predict
 

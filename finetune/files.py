@@ -15,11 +15,16 @@ from pathlib import Path
 
 def write_text(path: str | Path, text: str) -> None:
     """`path` holds `text`, or (after a failure at any point) what it held before."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """`path` holds `data`, or (after a failure at any point) what it held before."""
     path = Path(path)
     partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
-        with open(partial, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with open(partial, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(partial, path)

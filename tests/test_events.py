@@ -112,3 +112,17 @@ def test_rank_zero_sends_the_run_events_and_every_rank_its_start(ray_session):
         assert items == ([start(rank, 0), StepProgress(0, 1, 4, 0.5, 10.0, 0.5, {"head": 1e-3}), epoch(0, 0.7)] if rank == 0 else [start(rank, 0)])
         assert ray_session.get(monitor.poll.remote(len(items))) == []
         ray_session.kill(monitor)
+
+
+def test_a_report_waits_until_the_driver_has_handled_the_events_before_it(ray_session):
+    """What keeps a sweep trial's record whole when Tune stops the trial at the report it sees."""
+    from finetune.train.monitor import RunMonitor
+
+    monitor = RunMonitor.remote()
+    EventSink(monitor, 0).emit(epoch(0, 0.7))  # returns once the monitor holds it
+    assert ray_session.get(monitor.wait_handled.remote(0.2)) is False  # the driver has not polled yet
+    waiting = monitor.wait_handled.remote(30.0)
+    (items,) = [ray_session.get(monitor.poll.remote(0))]
+    monitor.mark_handled.remote(len(items))
+    assert ray_session.get(waiting) is True
+    ray_session.kill(monitor)

@@ -8,6 +8,7 @@ once per process.
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 from dataclasses import dataclass, field
@@ -74,6 +75,13 @@ class TextPreprocessor:
 
         batch = {k: torch.from_numpy(v) for k, v in self({"text": np.array(texts, dtype=object)}).items()}
         return trim_padding(batch)
+
+    def preview(self, inputs: dict[str, torch.Tensor]) -> dict[str, str]:
+        """One row's model inputs as the report shows them: the text the model read (its tokens
+        decoded: after truncation, in the tokenizer's casing)."""
+        ids = inputs["input_ids"][inputs["attention_mask"].bool()].tolist()
+        tokenizer = load_tokenizer(self.tokenizer, self.trust_remote_code)
+        return {"text": tokenizer.decode(ids, skip_special_tokens=True)}
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,19 @@ class ImagePreprocessor:
 
         batch = self({"image": images})
         return {"pixel_values": torch.from_numpy(batch["pixel_values"])}
+
+    def preview(self, inputs: dict[str, torch.Tensor], size: int = 128) -> dict[str, str]:
+        """One row's model inputs as the report shows them: the picture the model saw (resized,
+        normalisation undone), as an inline PNG at most `size` pixels wide."""
+        from PIL import Image
+
+        pixels = inputs["pixel_values"].float().numpy().transpose(1, 2, 0)  # CHW -> HWC
+        pixels = pixels * np.asarray(self.std, dtype=np.float32) + np.asarray(self.mean, dtype=np.float32)
+        picture = Image.fromarray((pixels.clip(0, 1) * 255).round().astype(np.uint8))
+        picture.thumbnail((size, size))
+        encoded = io.BytesIO()
+        picture.save(encoded, format="PNG")
+        return {"image": "data:image/png;base64," + base64.b64encode(encoded.getvalue()).decode()}
 
 
 Preprocessor = TextPreprocessor | ImagePreprocessor

@@ -139,6 +139,19 @@ class Task:
         """One prediction as a terminal column (`finetune predict`)."""
         raise NotImplementedError
 
+    # ---- the report -------------------------------------------------------------------------------
+
+    mistakes_title: ClassVar[str] = "The most confident mistakes"
+
+    def mistake_order(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+        """How bad each row's mistake is, worst highest; NaN for a row the model got right. The
+        report shows the worst test rows with the inputs the model saw."""
+        raise NotImplementedError
+
+    def row_in_words(self, row: dict[str, np.ndarray]) -> dict[str, str]:
+        """One evaluated row as the report prints it: {"true", "predicted", "score"}."""
+        raise NotImplementedError
+
     def metrics(self, rows: dict[str, torch.Tensor], prefix: str) -> dict[str, float]:
         """`{prefix}/<metric>` for every metric of the task, plus the row count."""
         count = len(rows["loss"])

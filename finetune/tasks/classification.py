@@ -57,8 +57,9 @@ class Classification(Task):
         return losses.build_loss(cfg, self.label_names, counts)
 
     def eval_rows(self, outputs, targets):
+        confidence, prediction = torch.softmax(outputs, dim=-1).max(dim=-1)
         return {"loss": F.cross_entropy(outputs, targets, reduction="none").cpu(),
-                "target": targets.cpu(), "prediction": outputs.argmax(dim=-1).cpu()}  # fmt: skip
+                "target": targets.cpu(), "prediction": prediction.cpu(), "confidence": confidence.cpu()}  # fmt: skip
 
     def scores(self, rows):
         from sklearn.metrics import f1_score
@@ -71,6 +72,13 @@ class Classification(Task):
     def constant_rows(self, rows):
         """Every row predicted as the split's most common class."""
         return {**rows, "prediction": np.full_like(rows["prediction"], np.bincount(rows["target"]).argmax())}
+
+    def mistake_order(self, rows):
+        return np.where(rows["prediction"] != rows["target"], rows["confidence"], np.nan)
+
+    def row_in_words(self, row):
+        return {"true": self.label_names[int(row["target"])], "predicted": self.label_names[int(row["prediction"])],
+                "score": f"confidence {float(row['confidence']):.2f}"}  # fmt: skip
 
     def predict(self, outputs):
         results = []

@@ -102,7 +102,7 @@ class MultiLabel(Task):
         from sklearn import metrics as skm
 
         target, probability = rows["target"], rows["probability"]
-        predicted = (probability >= np.asarray(self.thresholds, dtype=np.float32)).astype(np.uint8)
+        predicted = self.predicted(probability)
         # macro-F1 over the labels present in targets or predictions, as for classification
         macro = skm.f1_score(target, predicted, average="macro", zero_division=np.nan)
         present = target.sum(axis=0) > 0  # average precision is undefined for a label with no positive row
@@ -116,6 +116,29 @@ class MultiLabel(Task):
     def constant_rows(self, rows):
         """Every label predicted for every row, with one score (micro-F1 of all-on; mAP = prevalence)."""
         return {**rows, "probability": np.ones_like(rows["probability"])}
+
+    def predicted(self, probability: np.ndarray) -> np.ndarray:
+        """0/1 per label: at or above its threshold."""
+        return (probability >= np.asarray(self.thresholds, dtype=np.float32)).astype(np.uint8)
+
+    mistakes_title = "The most confident mistakes (a label missed or given)"
+
+    def mistake_order(self, rows):
+        target, probability = rows["target"].astype(np.float32), rows["probability"]
+        wrong = self.predicted(probability) != target
+        # how far the worst wrong label's probability is from its truth (1 for a sure miss)
+        badness = np.where(wrong, np.abs(probability - target), 0.0).max(axis=-1, initial=0.0)
+        return np.where(wrong.any(axis=-1), badness, np.nan)
+
+    def row_in_words(self, row):
+        probability = row["probability"]
+        given = self.predicted(probability)
+        return {"true": ", ".join(n for n, t in zip(self.label_names, row["target"]) if t) or "(no label)",
+                "predicted": ", ".join(f"{n} {p:.2f}" for n, p, g in zip(self.label_names, probability, given) if g)
+                or "(no label)",
+                "score": "missed: " + (", ".join(f"{n} {p:.2f}" for n, p, g, t in
+                                                 zip(self.label_names, probability, given, row["target"]) if t and not g)
+                                       or "none")}  # fmt: skip
 
     def predict(self, outputs):
         results = []

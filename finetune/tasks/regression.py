@@ -103,6 +103,15 @@ class Regression(Task):
         """The split's mean target for every row (R^2 = 0)."""
         return {**rows, "prediction": np.full_like(rows["prediction"], rows["target"].astype(np.float64).mean())}
 
+    mistakes_title = "The largest errors"
+
+    def mistake_order(self, rows):
+        return np.abs(rows["prediction"].astype(np.float64) - rows["target"])
+
+    def row_in_words(self, row):
+        target, prediction = float(row["target"]), float(row["prediction"])
+        return {"true": f"{target:.4g}", "predicted": f"{prediction:.4g}", "score": f"error {prediction - target:+.3g}"}
+
     def predict(self, outputs):
         return [{"value": float(v)} for v in self.value(outputs.float())]
 

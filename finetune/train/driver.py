@@ -19,7 +19,7 @@ from finetune import config as config_module
 from finetune import files
 from finetune.config import ConfigError, PipelineConfig
 from finetune.ray_env import check_shared_storage, cluster_nodes, ensure_ray, on_driver_node, quiet_ray_data, warn_if_data_starved
-from finetune.report import verdict
+from finetune.report import report_or_warn, verdict
 from finetune.report.progress import TrainingProgress, phases_line, summary_table
 from finetune.tracking import start_tracking
 from finetune.train import Interrupted, TrainingDiverged
@@ -77,7 +77,6 @@ def fit_and_record(trainer, monitor, record: RunRecord, subscribers: list[Subscr
     while True:
         finished = not thread.is_alive()
         items = ray.get(monitor.poll.remote(seen))
-        seen += len(items)
         for item in items:
             if isinstance(item, StepProgress):
                 for subscriber in subscribers:
@@ -85,6 +84,9 @@ def fit_and_record(trainer, monitor, record: RunRecord, subscribers: list[Subscr
             elif record.fold(item):  # a resumed run resends the epochs before its checkpoint
                 for subscriber in subscribers:
                     subscriber.on_event(item)
+        if items:
+            seen += len(items)
+            monitor.mark_handled.remote(seen)  # a report waiting on these may go on (monitor.EventsHandled)
         if finished:
             break
         thread.join(timeout=0.5)
@@ -175,6 +177,7 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
     if len(nodes) > 1:
         console.print(f"{len(summary['workers'])} workers on {len(nodes)} nodes")
     console.print(f"best model: {summary['best_checkpoint']}\nrun directory: {run_dir}")
+    report_or_warn(run_dir, console)
     return summary
 
 

@@ -13,7 +13,7 @@ fires, in the order a run sees them:
                  worker group sends the epochs before its checkpoint again (the driver drops
                  the ones it has)
   Diverged       rank 0: the training loss became NaN or infinite; the run stops
-  FinalTest      rank 0: the best epoch's weights on test
+  FinalTest      rank 0: the best epoch's weights on test: metrics, per-row results, worst mistakes
   WorkerPhases   rank 0, the run's last event: where this worker group's time went
 
 StepProgress is apart: rank 0 sends one every train.log_every_steps optimizer steps (the
@@ -23,7 +23,7 @@ be tested on events built by hand.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar, Protocol
 
@@ -96,6 +96,10 @@ class FinalTest:
     kind: ClassVar[Event] = Event.FINAL_TEST
     every_rank: ClassVar[bool] = False
     metrics: dict[str, float]  # test/*, constant_test/*, baseline_test/*, and the checkpoint metric's best value
+    rows: dict = field(default_factory=dict)  # the task's per-row results on test (Task.eval_rows), as arrays
+    # the worst mistakes on test, worst first: the row in words (Task.row_in_words) and the input
+    # the model saw ({"text"} or {"image": a data URL})
+    mistakes: list[dict] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -144,8 +148,12 @@ class EventSink:
         self.monitor, self.rank = monitor, rank
 
     def emit(self, event: RunEvent) -> None:
+        """Returns once the monitor holds `event` (a few per epoch): a report that follows it reaches
+        the driver after it (`train.monitor.EventsHandled`)."""
         if self.monitor is not None and (event.every_rank or self.rank == 0):
-            self.monitor.record.remote(event)
+            import ray
+
+            ray.get(self.monitor.record.remote(event))
 
     def step(self, progress: StepProgress) -> None:
         if self.monitor is not None and self.rank == 0:

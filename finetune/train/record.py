@@ -3,14 +3,20 @@ metrics.jsonl (one line per epoch, as it ends) and what summary.json says at the
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
+
+import numpy as np
 
 from finetune import files
 from finetune.config import PipelineConfig
 from finetune.train.events import (
     Baseline, BatchNormPlan, Diverged, EpochEnded, FinalTest, LayerGroups, RunEvent, WorkerPhases, WorkerStarted,
 )  # fmt: skip
+
+
+TEST_RESULTS = "test_results"  # RUN_DIR/test_results/: rows.npz (Task.eval_rows on test), mistakes.json
 
 
 class RunRecord:
@@ -43,7 +49,18 @@ class RunRecord:
             attribute = {LayerGroups: "groups", BatchNormPlan: "batchnorm", Baseline: "baseline",
                          Diverged: "diverged", FinalTest: "final", WorkerPhases: "phases"}[type(event)]  # fmt: skip
             setattr(self, attribute, event)
+            if isinstance(event, FinalTest) and event.rows:
+                self._save_test_results(event)
         return True
+
+    def _save_test_results(self, final: FinalTest) -> None:
+        """The final test's per-row results and worst mistakes, which the report draws."""
+        folder = self.metrics_path.parent / TEST_RESULTS
+        folder.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **final.rows)
+        files.write_bytes(folder / "rows.npz", buffer.getvalue())
+        files.write_text(folder / "mistakes.json", json.dumps(final.mistakes))
 
     def close(self) -> None:
         """metrics.jsonl rewritten in epoch order, one line per epoch (a retrained epoch's last)."""
@@ -89,6 +106,8 @@ class RunRecord:
             "run_dir": str(run_dir),
             "best_checkpoint": str(run_dir / "best") if has_best else None,
             "skipped_rows": skipped.get("counts", {}),
+            "skipped_row_examples": skipped.get("examples", []),
+            "layer_groups": self.groups.rows if self.groups else [],  # input -> output: lr (None: frozen), sizes
             # worker-group restarts after a failure (scaling.max_failures), each from the latest checkpoint
             "restarts": max(len(group_starts) - 1, 0),
             "resumed_from_epoch": group_starts[0].start_epoch if group_starts else None,

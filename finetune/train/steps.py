@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -211,10 +212,12 @@ def evaluate_rows(
     device: torch.device,
     precision: str,
     max_rows: int | None = None,
+    worst: WorstRows | None = None,
 ) -> dict[str, torch.Tensor]:
     """The task's per-row results (plain loss, targets, predictions or scores) over `batches`,
     on the CPU; DDP ranks gather them before `task.metrics`. After `max_rows` rows the remaining
-    batches are drained unused (the data iterator still ends its epoch cleanly)."""
+    batches are drained unused (the data iterator still ends its epoch cleanly). `worst`: keeps
+    the worst mistakes' inputs."""
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {}
     rows = 0
@@ -227,11 +230,42 @@ def evaluate_rows(
         rows += len(labels)
         with autocast(precision, device):
             outputs = model(**inputs)
-        for name, values in task.eval_rows(outputs.float(), labels).items():
+        results = task.eval_rows(outputs.float(), labels)
+        for name, values in results.items():
             parts.setdefault(name, []).append(values)
+        if worst is not None:
+            worst.offer(inputs, results)
     if not parts:  # an empty split
         return {"loss": torch.zeros(0)}
     return {name: torch.cat(values) for name, values in parts.items()}
+
+
+class WorstRows:
+    """The `limit` worst mistakes seen (`Task.mistake_order`), each with the inputs the model saw
+    and its evaluated row: what the report shows as examples."""
+
+    def __init__(self, task: Task, limit: int) -> None:
+        self.task, self.limit = task, limit
+        self.kept: list[tuple[float, dict[str, torch.Tensor], dict[str, np.ndarray]]] = []
+
+    def offer(self, inputs: dict[str, torch.Tensor], results: dict[str, torch.Tensor]) -> None:
+        rows = {name: values.numpy() for name, values in results.items()}
+        badness = self.task.mistake_order(rows)
+        for i in np.argsort(-np.nan_to_num(badness, nan=-np.inf))[: self.limit]:
+            if np.isnan(badness[i]):
+                break
+            self.kept.append((float(badness[i]), {name: values[i].cpu() for name, values in inputs.items()},
+                              {name: values[i] for name, values in rows.items()}))  # fmt: skip
+        self.kept = sorted(self.kept, key=lambda kept: -kept[0])[: self.limit]
+
+    def gathered(self) -> list[tuple[float, dict[str, torch.Tensor], dict[str, np.ndarray]]]:
+        """The worst of every DDP rank's worst (this rank's outside DDP)."""
+        kept = self.kept
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(parts, kept)
+            kept = [item for part in parts for item in part]
+        return sorted(kept, key=lambda item: -item[0])[: self.limit]
 
 
 def all_gather_rows(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -33,6 +33,9 @@ from finetune.train.state import TrainState
 from finetune.tasks import Task
 
 
+MISTAKES_SHOWN = 12  # the worst test mistakes the report shows, with their inputs
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     """What the driver hands every worker (Ray Train's `train_loop_config={"spec": spec}`)."""
@@ -280,29 +283,40 @@ def checkpoint_and_report(worker: Worker, state: TrainState, metrics: dict) -> N
 
 
 def final_test(worker: Worker, state: TrainState) -> None:
-    """The best epoch's weights on test, with what a constant predictor scores on the same rows."""
+    """The best epoch's weights on test, with what a constant predictor scores on the same rows; the
+    per-row results and the worst mistakes go to the driver's report."""
     if state.best.weights is not None:
         worker.evaluated.load_state_dict(state.best.weights)
-    final = _evaluate(worker, worker.evaluated, "test", constant=True)
-    final.update(state.baseline)
+    task, worst = worker.spec.task, steps.WorstRows(worker.spec.task, MISTAKES_SHOWN)
+    rows = _evaluated_rows(worker, worker.evaluated, "test", worst=worst)
+    final = {**task.metrics(rows, "test"), **task.constant_metrics(rows, "test"), **state.baseline}
     final[worker.cfg.checkpoint.metric] = state.best.metric  # the tested weights' score; a sweep ranks every report by it
-    worker.events.emit(FinalTest(final))
+    mistakes = worst.gathered()
+    if worker.rank == 0:
+        described = [{**task.row_in_words(row), **worker.preprocessor.preview(inputs)} for _, inputs, row in mistakes]
+        worker.events.emit(FinalTest(final, {name: values.numpy() for name, values in rows.items()}, described))
     ray.train.report(final, checkpoint=None)
 
 
 # ---- helpers --------------------------------------------------------------------------------
 
 
-def _evaluate(worker: Worker, module, split: str, constant: bool = False, max_rows: int | None = None) -> dict[str, float]:
-    """`module` unwrapped from DDP: ranks may differ in batch count, so evaluation runs without DDP's
-    collectives; the rows are gathered from every rank once, at the end. `constant`: also what a
-    predictor that ignores its input scores on these rows. `max_rows`: per rank."""
-    cfg, task = worker.cfg, worker.spec.task
+def _evaluate(worker: Worker, module, split: str, max_rows: int | None = None) -> dict[str, float]:
+    """`module`'s metrics on `split`; `max_rows`: per rank."""
+    return worker.spec.task.metrics(_evaluated_rows(worker, module, split, max_rows), split)
+
+
+def _evaluated_rows(worker: Worker, module, split: str, max_rows: int | None = None,
+                    worst: steps.WorstRows | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Every rank's per-row results on `split`. `module` unwrapped from DDP: ranks may differ in batch
+    count, so evaluation runs without DDP's collectives; the rows are gathered from every rank once,
+    at the end. `worst`: keeps this rank's worst mistakes."""
+    cfg = worker.cfg
     shard = ray.train.get_dataset_shard(split)
     batches = shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, prefetch_batches=cfg.data.prefetch_batches)
-    rows = steps.evaluate_rows(module, batches, task, device=worker.device, precision=worker.precision, max_rows=max_rows)
-    rows = steps.all_gather_rows(rows)
-    return {**task.metrics(rows, split), **(task.constant_metrics(rows, split) if constant else {})}
+    rows = steps.evaluate_rows(module, batches, worker.spec.task, device=worker.device, precision=worker.precision,
+                               max_rows=max_rows, worst=worst)  # fmt: skip
+    return steps.all_gather_rows(rows)
 
 
 def _group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -11,7 +11,8 @@ SWEEP_DIR/
   sweep/          Ray Tune's experiment (trial results, searcher and scheduler state)
   train/<trial>/  each trial's Ray Train run and checkpoints
   trials/<trial>/ each trial's metrics.jsonl, TensorBoard files and tracker state (tracking section)
-  results.csv     one row per trial; curves.png: every trial's validation curve
+  results.csv     one row per trial
+  report.html     the winner, every trial's curve, the searched values against the metric, ASHA's stops
   best/           the best trial's best checkpoint (a saved model: evaluate/predict/export)
   best.yaml       the pipeline with the best values, for `finetune train` as is
   config.yaml     best.yaml resolved: with best/, `finetune evaluate|predict SWEEP_DIR` work
@@ -35,14 +36,15 @@ from finetune import config as config_module
 from finetune import files
 from finetune.config import AshaConfig, PipelineConfig
 from finetune.inference import evaluate_run
-from finetune.report.sweep import history, plot_curves, results_table, trial_id
+from finetune.report import report_or_warn
+from finetune.report.sweep import history, results_table, trial_id
 from finetune.ray_env import (
     check_shared_storage, cluster_nodes, ensure_ray, on_driver_node, quiet_ray_data, warn_if_data_starved,
 )  # fmt: skip
 from finetune.train import Interrupted
 from finetune.tracking import SweepTracking, start_tracking
 from finetune.train.driver import fit_and_record
-from finetune.train.monitor import RunMonitor
+from finetune.train.monitor import EventsHandled, RunMonitor
 from finetune.train.record import RunRecord
 from finetune.train.trainer import build_trainer, export_checkpoint, pipeline_datasets, plan_epoch
 from finetune.tune.slots import ReleaseTrialSlot, create_slots, wait_for_slot
@@ -74,7 +76,8 @@ def run_trial(params: dict, base_raw: dict, sweep_dir: str, tracking: dict) -> N
     monitor = RunMonitor.options(scheduling_strategy=on_driver_node()).remote()  # owned by this actor: ends with it
     trainer = build_trainer(
         cfg, datasets, batches_per_epoch, name=trial_id, monitor=monitor,
-        storage_path=str(Path(sweep_dir) / "train"), callbacks=(TuneReportCallback(),),
+        # Tune may stop this actor once it sees a report: the events before each report are handled first
+        storage_path=str(Path(sweep_dir) / "train"), callbacks=(EventsHandled(monitor), TuneReportCallback()),
     )  # fmt: skip
     trial_dir = Path(sweep_dir) / "trials" / trial_id  # a resumed trial continues its tracker runs
     trial_dir.mkdir(parents=True, exist_ok=True)
@@ -242,7 +245,6 @@ def _report(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, results, wall_
     metric, mode = cfg.tune.metric, cfg.tune.mode
     rows = trial_rows(results, base_raw, metric, mode, list(cfg.tune.search_space))
     rows.to_csv(sweep_dir / "results.csv", index=False)
-    plot_curves(results, metric, sweep_dir / "curves.png")
     console.print(results_table(rows, metric))
 
     summary = {"sweep_dir": str(sweep_dir), "metric": metric, "mode": mode, "trials": len(rows),
@@ -276,4 +278,5 @@ def _report(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, results, wall_
     outcomes = {row.trial: "errored" if row.status == "ERROR" else "stopped_early" if row.stopped_early else "finished"
                 for row in rows.itertuples()}  # fmt: skip
     tracking.finish(json.loads(summary_text), sweep_dir / "best", outcomes)  # as summary.json holds it
+    report_or_warn(sweep_dir, console)
     return summary
