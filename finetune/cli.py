@@ -174,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "evaluate":
             from finetune.inference import evaluate_run
 
-            console.print_json(json.dumps(evaluate_run(args.run_dir, args.split)))
+            from finetune.report.progress import working
+
+            with working(Console(stderr=True), f"evaluating the best model on {args.split}"):  # stdout: the JSON alone
+                metrics = evaluate_run(args.run_dir, args.split)
+            console.print_json(json.dumps(metrics))
         elif args.command == "report":
             from finetune.report import write_report
 

@@ -33,6 +33,10 @@ def ensure_ray() -> None:
     if not os.environ.get("RAY_ADDRESS"):
         # read by the controller's process, a child of the raylet this process starts
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_TRAIN_POLL_S)
+        # A new local Ray turns token auth on and logs a WARNING saying so: nothing for the user
+        # to act on (RAY_AUTH_MODE=disabled still opts out). Ray reads RAY_AUTH_MODE when imported,
+        # so it cannot be set here instead.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Workers' own logs (model loading, Ray Train internals) stay in Ray's session folder;
     # the driver shows progress and errors. Worker exceptions still reach the driver.
     ray.init(log_to_driver=False, logging_level="WARNING", configure_logging=True)

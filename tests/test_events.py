@@ -12,6 +12,7 @@ from rich.console import Console
 from finetune.report.progress import TrainingProgress, phases_line
 from finetune.train.events import (
     Baseline, BatchNormPlan, EpochEnded, EventSink, FinalTest, LayerGroups, StepProgress, WorkerPhases, WorkerStarted,
+    WorkProgress,
 )  # fmt: skip
 from finetune.train.phases import PHASES, PhaseClock, run_phases
 from finetune.train.record import RunRecord
@@ -97,6 +98,19 @@ def test_the_progress_display_draws_what_the_events_say():
     assert "encoder" in text and "frozen" in text and "1,000" in text
     assert "baseline (new head only): test accuracy 0.5000" in text and "samples" not in text.split("baseline")[1].split("\n")[0]
     assert "epoch 1/2: train loss 0.5000, train-eval accuracy 0.8000, val accuracy 0.7500, 50.0 samples/s" in text
+
+
+def test_the_progress_bar_says_what_the_run_does_between_steps():
+    """Evaluation, recalibration and start-up move no step: the bar names them, with rows so far."""
+    console = Console(record=True, width=200, force_terminal=True)
+    with TrainingProgress(console, epochs=1, steps_per_epoch=4) as progress:
+        shown = []
+        for update in (lambda: None, lambda: progress.on_event(start(0, 0)), lambda: progress.on_work(WorkProgress("baseline on test", 0)),
+                       lambda: progress.on_work(WorkProgress("validating", 640)),
+                       lambda: progress.on_step(StepProgress(0, 1, 4, 0.6, 10.0, 0.6, {}))):  # fmt: skip
+            update()
+            shown.append(progress.progress.tasks[0].fields["doing"])
+    assert shown == ["starting the workers", "setting up the model", "baseline on test", "validating: 640 rows", "training"]
 
 
 def test_rank_zero_sends_the_run_events_and_every_rank_its_start(ray_session):

@@ -1,6 +1,7 @@
 """Task types: each loss against its formula, each metric against a hand computation, the
 task's settings checked against the config, and predictions as `finetune predict` prints them."""
 
+import base64
 import io
 import json
 import math
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
+from browser import check_report
 from helpers import FILLER, NEGATIVE, POSITIVE, write_csv
 from finetune.cli import main
 from finetune.config import ConfigError, LossConfig, TaskConfig, parse
@@ -262,6 +264,15 @@ def test_regression_image_run_beats_the_mean_and_predicts_in_target_units(ray_se
     assert summary["test_mae"] <= summary["test_rmse"] and summary["baseline_test_r2"] < summary["test_r2"]
     task = json.loads((run_dir / "best" / "task.json").read_text())
     assert task["type"] == "regression" and task["mean"] == pytest.approx(statistics.mean(targets), rel=0.1)
+    # the report: predicted against true, and the largest errors with the pictures the model saw
+    opened = check_report(run_dir / "report.html", {"learning curves", "predicted vs true"})
+    assert "The largest errors on test" in opened.text
+    mistakes = json.loads((run_dir / "test_results" / "mistakes.json").read_text())
+    errors = [abs(float(m["predicted"]) - float(m["true"])) for m in mistakes]
+    assert len(mistakes) == 12 and errors == sorted(errors, reverse=True)
+    for mistake in mistakes:  # each thumbnail is the grey square whose brightness the row's target is
+        picture = Image.open(io.BytesIO(base64.b64decode(mistake["image"].split(",", 1)[1])))
+        assert picture.size == (16, 16) and abs(picture.getpixel((8, 8))[0] / 25.5 - float(mistake["true"])) < 0.05
 
     capsys.readouterr()
     assert main(["evaluate", str(run_dir)]) == 0

@@ -6,6 +6,7 @@ import torch
 import yaml
 from torch import nn
 
+from browser import check_report
 from helpers import image_parquet, mlflow_history, tensorboard_scalars, two_worker_pipeline, wandb_history, write_csv
 from finetune.cli import main
 from finetune.config import OptimConfig, ScheduleConfig
@@ -110,6 +111,13 @@ def test_two_worker_run_learns_and_its_checkpoint_reloads(ray_session, tmp_path,
     out = capsys.readouterr().out
     assert "finetune summary" in out and str(run_dir) in out and "\ntime: " in out
     _check_trackers(run_dir, epochs, summary)
+    # report.html, as a person opens it: the figures draw, the table says what summary.json says
+    opened = check_report(run_dir / "report.html", {"learning curves", "confusion matrix", "reliability diagram"})
+    accuracy_row = next(line for line in opened.text.splitlines() if line.startswith("accuracy\t"))
+    assert accuracy_row.split("\t")[1:4] == [f"{summary[k]:.4g}" for k in ("test_accuracy", "baseline_test_accuracy",
+                                                                          "constant_test_accuracy")]  # fmt: skip
+    for mistake in json.loads((run_dir / "test_results" / "mistakes.json").read_text()):
+        assert mistake["text"].strip() and mistake["true"] != mistake["predicted"] and mistake["text"] in opened.text
 
     # The exported best model predicts exactly as the worker's copy did: same test metrics.
     capsys.readouterr()

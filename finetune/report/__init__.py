@@ -32,8 +32,12 @@ def report_or_warn(folder: Path, console) -> None:
     cannot be drawn is a warning naming the command that retries it, not a failed run."""
     from rich.markup import escape
 
+    from finetune.report.progress import working
+
     try:
-        console.print(f"report: {write_report(folder)}", soft_wrap=True)
+        with working(console, "writing the report"):
+            path = write_report(folder)
+        console.print(f"report: {path}", soft_wrap=True)
     except Exception as error:  # noqa: BLE001 - any drawing failure; the run itself succeeded
         console.print(f"[bold yellow]warning:[/] report.html not written ({type(error).__name__}: {escape(str(error))}); "
                       f"retry with: finetune report {folder}", highlight=False, soft_wrap=True)  # fmt: skip

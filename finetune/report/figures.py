@@ -162,50 +162,54 @@ def trial_curves(curves: dict[str, tuple[list[int], list[float]]], metric: str, 
 
 def parallel_coordinates(rows: list[dict], keys: list[str], metric: str, lower_is_better: bool) -> bytes:
     """One line per trial across the searched keys (numbers on a log axis where they span a factor
-    of 10 or more, choices in order) and the metric, coloured by the metric."""
+    of 10 or more, choices in order; a key a trial did not use sits below its axis) and the metric,
+    coloured by the metric, the best darkest."""
     import matplotlib
 
     axes_names = [*keys, metric]
-    positions = []
-    ticks: list[tuple[list[float], list[str]]] = []
+    unused = -0.1  # where a key the trial's pipeline does not have (a strategy's own setting) sits
+    positions, ticks = [], []
     for name in axes_names:
         values = [row.get(name) for row in rows]
-        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v]
-        if len(numbers) == len([v for v in values if v is not None]) and numbers:
+        present = [v for v in values if v is not None and v == v]
+        numbers = [v for v in present if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if numbers and len(numbers) == len(present):
             low, high = min(numbers), max(numbers)
             log = low > 0 and high / low >= 10
-            scale = (lambda v: np.log10(v)) if log else (lambda v: v)  # noqa: E731
+            scale = np.log10 if log else (lambda v: v)
             a, b = scale(low), scale(high)
-            span = (b - a) or 1.0
-            positions.append([None if v is None or v != v else (scale(v) - a) / span for v in values])
+            place = (lambda v: (scale(v) - a) / (b - a)) if b != a else (lambda v: 0.5)
             shown = sorted(set(numbers))
             shown = shown if len(shown) <= 6 else [low, high]
-            ticks.append(([(scale(v) - a) / span if b != a else 0.0 for v in shown], [f"{v:.3g}" for v in shown]))
+            labels = [f"{v:.3g}" for v in shown]
         else:
-            choices = list(dict.fromkeys(str(v) for v in values if v is not None))
+            choices = list(dict.fromkeys(str(v) for v in present))
             step = 1.0 / max(len(choices) - 1, 1)
-            positions.append([None if v is None else choices.index(str(v)) * step for v in values])
-            ticks.append(([i * step for i in range(len(choices))], choices))
+            place = (lambda v, choices=choices, step=step: choices.index(str(v)) * step) if len(choices) > 1 else (lambda v: 0.5)
+            shown, labels = choices, choices
+        positions.append([unused if v is None or v != v else float(place(v)) for v in values])
+        at = [float(place(v)) for v in shown]
+        if len(present) < len(values):
+            at, labels = [*at, unused], [*labels, "(not used)"]
+        ticks.append((at, labels))
     scores = np.array([np.nan if row.get(metric) is None else row[metric] for row in rows], dtype=float)
     finite = scores[np.isfinite(scores)]
     norm = matplotlib.colors.Normalize(finite.min() if len(finite) else 0, finite.max() if len(finite) else 1)
-    colormap = matplotlib.colormaps["viridis_r" if lower_is_better else "viridis"]
-    with _figure(size=(max(6, 2.2 * len(axes_names)), 4.5)) as (figure, (axis,), out):
-        for i in range(len(rows)):
-            ys = [column[i] for column in positions]
-            if any(y is None for y in ys):
-                continue
+    colormap = matplotlib.colormaps["viridis" if lower_is_better else "viridis_r"]  # the best dark on white
+    with _figure(size=(max(6, 2.2 * len(axes_names)), 4.8)) as (figure, (axis,), out):
+        order = np.argsort(np.nan_to_num(-scores if lower_is_better else scores, nan=-np.inf))  # the best drawn last
+        for i in order:
             colour = colormap(norm(scores[i])) if np.isfinite(scores[i]) else "lightgrey"
-            axis.plot(range(len(axes_names)), ys, color=colour, linewidth=1.8, alpha=0.85, marker="o", markersize=3)
+            axis.plot(range(len(axes_names)), [column[i] for column in positions], color=colour, linewidth=1.8,
+                      alpha=0.9, marker="o", markersize=3)  # fmt: skip
         for x, (at, labels) in enumerate(ticks):
             axis.axvline(x, color="black", linewidth=0.8)
             for y, label in zip(at, labels):
                 axis.text(x + 0.03, y, label, fontsize=7, va="center")
         axis.set_xticks(range(len(axes_names)), [name.replace(".", ".\n") for name in axes_names], fontsize=8)
         axis.set_yticks([])
-        axis.set_ylim(-0.08, 1.08)
-        axis.set_title(f"searched values against {metric} (colour: {metric}, better is "
-                       f"{'darker' if lower_is_better else 'brighter'})")  # fmt: skip
+        axis.set_ylim(unused - 0.08, 1.08)
+        axis.set_title(f"searched values against {metric} (the best trial darkest)")
         figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=colormap), ax=axis, label=metric)
     return out["png"]
 

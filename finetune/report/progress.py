@@ -3,11 +3,15 @@ a subscriber to the run's events (`train.events.Subscriber`)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from finetune.train.events import Baseline, BatchNormPlan, EpochEnded, LayerGroups, RunEvent, StepProgress
+from finetune.train.events import (
+    Baseline, BatchNormPlan, EpochEnded, LayerGroups, RunEvent, StepProgress, WorkerStarted, WorkProgress,
+)  # fmt: skip
 
 
 class TrainingProgress:
@@ -25,18 +29,21 @@ class TrainingProgress:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             TextColumn("left"),
+            TextColumn("[dim]{task.fields[doing]}"),
             console=console,
             transient=False,
         )
         self.task = self.progress.add_task(
-            "train", total=epochs * steps_per_epoch, epoch=1, epochs=epochs, loss="-", speed="-"
-        )
+            "train", total=epochs * steps_per_epoch, epoch=1, epochs=epochs, loss="-", speed="-",
+            doing="starting the workers",
+        )  # fmt: skip
 
     def __enter__(self) -> "TrainingProgress":
         self.progress.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.progress.update(self.task, doing="")
         self.progress.stop()
 
     def on_step(self, progress: StepProgress) -> None:
@@ -47,9 +54,18 @@ class TrainingProgress:
             epoch=progress.epoch + 1,
             loss=f"{progress.loss:.4f}",
             speed=f"{progress.samples_per_s:.1f}",
+            doing="training",
         )
 
+    def on_work(self, progress: WorkProgress) -> None:
+        rows = f": {progress.done:,} rows" if progress.done else ""
+        self.progress.update(self.task, doing=f"{progress.what}{rows}")
+
     def on_event(self, event: RunEvent) -> None:
+        if isinstance(event, WorkerStarted):
+            self.progress.update(self.task, doing="setting up the model")
+        elif isinstance(event, EpochEnded):
+            self.progress.update(self.task, doing="saving the checkpoint")
         if isinstance(event, LayerGroups):
             self.console.print(groups_table(event.rows))
         elif isinstance(event, BatchNormPlan):
@@ -65,6 +81,17 @@ class TrainingProgress:
                 f"epoch {metrics['epoch'] + 1}/{self.epochs}: train loss {metrics['train/loss']:.4f}, {train_eval}"
                 f"{_scores(metrics, 'val/', 'val ')}, {metrics['train/samples_per_s']:.1f} samples/s"
             )
+
+
+@contextmanager
+def working(console: Console, what: str):
+    """A step that takes a while, named as it starts: a spinner on a terminal, a line in a log."""
+    if console.is_terminal:
+        with console.status(f"{what} ..."):
+            yield
+    else:
+        console.print(f"{what} ...", highlight=False)
+        yield
 
 
 def _scores(metrics: dict, prefix: str, label: str) -> str:

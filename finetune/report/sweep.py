@@ -109,7 +109,8 @@ def _scheduler_text(cfg) -> str:
     scheduler = cfg.tune.scheduler
     if scheduler.name != "asha":
         return "scheduler fifo: every trial runs all its epochs; a shorter bar is a trial that failed"
-    unit = "epochs" if scheduler.time_attr == "epochs" else "optimizer steps"
+    unit = "epoch" if scheduler.time_attr == "epochs" else "optimizer step"
+    unit += "" if scheduler.grace_period == 1 else "s"
     return (f"ASHA: every trial runs {scheduler.grace_period} {unit} before it can be stopped; at each rung "
             f"(grace period times {scheduler.reduction_factor:g}^k) only the best 1/{scheduler.reduction_factor:g} "
             "go on, so a short orange bar is a trial ASHA stopped there")

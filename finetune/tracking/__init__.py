@@ -50,6 +50,9 @@ class Tracking:
         self.trackers, self.state_path, self.state = trackers, state_path, state
         self.step = state.get("last_step", 0)  # where the test metrics go: the run's last step
 
+    def on_work(self, progress) -> None:
+        """What rank 0 is doing between steps: for the terminal only."""
+
     def on_step(self, progress: StepProgress) -> None:
         if progress.global_step <= self.state.get("last_step", -1):
             return

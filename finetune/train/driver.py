@@ -20,10 +20,10 @@ from finetune import files
 from finetune.config import ConfigError, PipelineConfig
 from finetune.ray_env import check_shared_storage, cluster_nodes, ensure_ray, on_driver_node, quiet_ray_data, warn_if_data_starved
 from finetune.report import report_or_warn, verdict
-from finetune.report.progress import TrainingProgress, phases_line, summary_table
+from finetune.report.progress import TrainingProgress, phases_line, summary_table, working
 from finetune.tracking import start_tracking
 from finetune.train import Interrupted, TrainingDiverged
-from finetune.train.events import StepProgress, Subscriber
+from finetune.train.events import StepProgress, Subscriber, WorkProgress
 from finetune.train.monitor import RunMonitor
 from finetune.train.record import RunRecord
 from finetune.train.phases import PhaseClock, run_phases
@@ -81,6 +81,9 @@ def fit_and_record(trainer, monitor, record: RunRecord, subscribers: list[Subscr
             if isinstance(item, StepProgress):
                 for subscriber in subscribers:
                     subscriber.on_step(item)
+            elif isinstance(item, WorkProgress):
+                for subscriber in subscribers:
+                    subscriber.on_work(item)
             elif record.fold(item):  # a resumed run resends the epochs before its checkpoint
                 for subscriber in subscribers:
                     subscriber.on_event(item)
@@ -105,14 +108,14 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
     run_dir = Path(run_dir).resolve()
     if not resume and (run_dir / "config.yaml").exists():
         raise ConfigError([f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another --run-dir"])
-    with clock("ray_start"):
+    with clock("ray_start"), working(console, "starting Ray"):
         ensure_ray()
     warn_if_data_starved(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, console)
     ray_name, storage_path = _ray_run(run_dir, cfg.checkpoint.storage_path or str(run_dir / "ray"), resume)
     check_shared_storage(storage_path, cfg.checkpoint.storage_is_shared, cluster_nodes())
     console.print(f"run directory: {run_dir}")
     quiet_ray_data()
-    with clock("read_data"):
+    with clock("read_data"), working(console, "reading the data (labels, splits, row counts)"):
         datasets = pipeline_datasets(cfg)
     train_rows = datasets.train_rows
     batches_per_epoch, steps_per_epoch = plan_epoch(cfg, train_rows)
@@ -154,7 +157,7 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
 
     best = best_checkpoint(result, record.best_epoch)
     if best is not None:
-        with clock("export"):
+        with clock("export"), working(console, "saving the best model"):
             export_checkpoint(best, run_dir / "best")
     wall_s = time.time() - clock.started_at
     phases_s = run_phases(clock, fit_started, fit_ended, record.phases, wall_s)

@@ -17,7 +17,8 @@ fires, in the order a run sees them:
   WorkerPhases   rank 0, the run's last event: where this worker group's time went
 
 StepProgress is apart: rank 0 sends one every train.log_every_steps optimizer steps (the
-progress bar shows the latest; trackers log each). Plain dataclasses, no Ray: a subscriber can
+progress bar shows the latest; trackers log each). So is WorkProgress: what rank 0 is doing
+between steps (evaluating, recalibrating), for the progress display. Plain dataclasses, no Ray: a subscriber can
 be tested on events built by hand.
 """
 
@@ -112,6 +113,15 @@ class WorkerPhases:
 
 
 @dataclass(frozen=True)
+class WorkProgress:
+    """Rank 0, while it works between optimizer steps (the step bar stands still then): what it is
+    doing and how far it got; about once a second."""
+
+    what: str  # "baseline on test", "validating", "train-eval", "recalibrating BatchNorm", "testing"
+    done: int  # rows so far (0: just started)
+
+
+@dataclass(frozen=True)
 class StepProgress:
     epoch: int
     step: int  # optimizer steps done in this epoch
@@ -138,6 +148,8 @@ class Subscriber(Protocol):
 
     def on_step(self, progress: StepProgress) -> None: ...
 
+    def on_work(self, progress: WorkProgress) -> None: ...
+
 
 class EventSink:
     """A worker's side: sends its events to the run's monitor actor (that of `finetune train`'s
@@ -155,6 +167,7 @@ class EventSink:
 
             ray.get(self.monitor.record.remote(event))
 
-    def step(self, progress: StepProgress) -> None:
+    def step(self, progress: StepProgress | WorkProgress) -> None:
+        """Fire and forget (many per epoch): the driver shows the latest."""
         if self.monitor is not None and self.rank == 0:
             self.monitor.progress.remote(progress)

@@ -15,7 +15,7 @@ import asyncio
 import ray
 import ray.train
 
-from finetune.train.events import RunEvent, StepProgress
+from finetune.train.events import RunEvent, StepProgress, WorkProgress
 
 WAIT_S = 60.0  # the longest a report waits for the driver (one that stopped polling never answers)
 
@@ -23,7 +23,7 @@ WAIT_S = 60.0  # the longest a report waits for the driver (one that stopped pol
 @ray.remote(num_cpus=0)
 class RunMonitor:
     def __init__(self) -> None:
-        self.items: list[RunEvent | StepProgress] = []  # rank 0 sends all but WorkerStarted: in its order
+        self.items: list[RunEvent | StepProgress | WorkProgress] = []  # rank 0 sends all but WorkerStarted: in its order
         self.handled = 0  # items the driver has handled
         self.changed: asyncio.Condition | None = None  # made in the actor's event loop
 
@@ -31,13 +31,13 @@ class RunMonitor:
         self.changed = self.changed or asyncio.Condition()
         return self.changed
 
-    async def progress(self, progress: StepProgress) -> None:
+    async def progress(self, progress: StepProgress | WorkProgress) -> None:
         self.items.append(progress)
 
     async def record(self, event: RunEvent) -> None:
         self.items.append(event)
 
-    async def poll(self, seen: int) -> list[RunEvent | StepProgress]:
+    async def poll(self, seen: int) -> list[RunEvent | StepProgress | WorkProgress]:
         """The events and step progress after the first `seen`."""
         return self.items[seen:]
 

@@ -213,11 +213,12 @@ def evaluate_rows(
     precision: str,
     max_rows: int | None = None,
     worst: WorstRows | None = None,
+    on_rows: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The task's per-row results (plain loss, targets, predictions or scores) over `batches`,
     on the CPU; DDP ranks gather them before `task.metrics`. After `max_rows` rows the remaining
     batches are drained unused (the data iterator still ends its epoch cleanly). `worst`: keeps
-    the worst mistakes' inputs."""
+    the worst mistakes' inputs. `on_rows(rows)`: after each batch, the rows evaluated so far."""
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {}
     rows = 0
@@ -235,6 +236,8 @@ def evaluate_rows(
             parts.setdefault(name, []).append(values)
         if worst is not None:
             worst.offer(inputs, results)
+        if on_rows is not None:
+            on_rows(rows)
     if not parts:  # an empty split
         return {"loss": torch.zeros(0)}
     return {name: torch.cat(values) for name, values in parts.items()}

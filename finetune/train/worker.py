@@ -26,6 +26,7 @@ from finetune.models import batchnorm
 from finetune.train import TrainingDiverged, controls, steps
 from finetune.train.events import (
     Baseline, BatchNormPlan, Diverged, EpochEnded, EventSink, FinalTest, LayerGroups, StepProgress, WorkerStarted,
+    WorkProgress,
 )  # fmt: skip
 from finetune.train.phases import PhaseClock
 from finetune.train.setup import Training, build_training
@@ -160,7 +161,7 @@ def announce(worker: Worker, state: TrainState) -> None:
 
 def evaluate_baseline(worker: Worker) -> dict[str, float]:
     """The pretrained backbone with its untrained head, on test."""
-    baseline = {f"baseline_{k}": v for k, v in _evaluate(worker, worker.training.module, "test").items()}
+    baseline = {f"baseline_{k}": v for k, v in _evaluate(worker, worker.training.module, "test", what="baseline on test").items()}
     worker.events.emit(Baseline(baseline))
     return baseline
 
@@ -229,6 +230,7 @@ def recalibrate_batchnorm(worker: Worker, metrics: dict) -> None:
     if not worker.recalibrating:
         return
     started = time.perf_counter()
+    worker.events.step(WorkProgress("recalibrating BatchNorm", 0))
     module, evaluated, cfg = worker.training.module, worker.evaluated, worker.cfg
     tracked = set(batchnorm.batchnorm_layers(module)) - batchnorm.frozen_layers(module)
     # full batches only, as in training: batch statistics of a last batch of one row are undefined
@@ -301,22 +303,40 @@ def final_test(worker: Worker, state: TrainState) -> None:
 # ---- helpers --------------------------------------------------------------------------------
 
 
-def _evaluate(worker: Worker, module, split: str, max_rows: int | None = None) -> dict[str, float]:
+SPLIT_WORK = {"test": "testing", "val": "validating", "train_eval": "scoring the train-eval sample"}
+
+
+def _evaluate(worker: Worker, module, split: str, max_rows: int | None = None, what: str | None = None) -> dict[str, float]:
     """`module`'s metrics on `split`; `max_rows`: per rank."""
-    return worker.spec.task.metrics(_evaluated_rows(worker, module, split, max_rows), split)
+    return worker.spec.task.metrics(_evaluated_rows(worker, module, split, max_rows, what=what), split)
 
 
 def _evaluated_rows(worker: Worker, module, split: str, max_rows: int | None = None,
-                    worst: steps.WorstRows | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+                    worst: steps.WorstRows | None = None, what: str | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """Every rank's per-row results on `split`. `module` unwrapped from DDP: ranks may differ in batch
     count, so evaluation runs without DDP's collectives; the rows are gathered from every rank once,
-    at the end. `worst`: keeps this rank's worst mistakes."""
+    at the end. `worst`: keeps this rank's worst mistakes. `what`: the progress display's words."""
     cfg = worker.cfg
     shard = ray.train.get_dataset_shard(split)
     batches = shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, prefetch_batches=cfg.data.prefetch_batches)
     rows = steps.evaluate_rows(module, batches, worker.spec.task, device=worker.device, precision=worker.precision,
-                               max_rows=max_rows, worst=worst)  # fmt: skip
+                               max_rows=max_rows, worst=worst,
+                               on_rows=_work_progress(worker, what or SPLIT_WORK[split]))  # fmt: skip
     return steps.all_gather_rows(rows)
+
+
+def _work_progress(worker: Worker, what: str):
+    """Tells the driver what rank 0 is doing now, then its rows so far about once a second (rank 0's
+    own rows: the others evaluate their shares at the same pace)."""
+    worker.events.step(WorkProgress(what, 0))
+    last = [time.monotonic()]
+
+    def on_rows(rows: int) -> None:
+        if time.monotonic() - last[0] >= 1.0:
+            last[0] = time.monotonic()
+            worker.events.step(WorkProgress(what, rows * worker.world_size))
+
+    return on_rows
 
 
 def _group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:

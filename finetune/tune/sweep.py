@@ -37,6 +37,7 @@ from finetune import files
 from finetune.config import AshaConfig, PipelineConfig
 from finetune.inference import evaluate_run
 from finetune.report import report_or_warn
+from finetune.report.progress import working
 from finetune.report.sweep import history, results_table, trial_id
 from finetune.ray_env import (
     check_shared_storage, cluster_nodes, ensure_ray, on_driver_node, quiet_ray_data, warn_if_data_starved,
@@ -265,7 +266,8 @@ def _report(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, results, wall_
         if isinstance(best["checkpoint"], str):
             export_checkpoint(ray.train.Checkpoint(best["checkpoint"]), sweep_dir / "best")
             # Tested here, once: ASHA ends a trial at max_t before its own test report.
-            tested = evaluate_run(sweep_dir, "test")
+            with working(console, "testing the best trial's model"):
+                tested = evaluate_run(sweep_dir, "test")
             summary["best"].update(checkpoint=str(sweep_dir / "best"), **tested)
         tested_metric = "test/" + metric.split("/", 1)[1]
         console.print(
