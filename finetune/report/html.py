@@ -67,6 +67,8 @@ def format_value(value) -> str:
         return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, int) and abs(value) >= 10_000:
+        return f"{value:,}"  # parameter counts
     return str(value)
 
 
