@@ -1,4 +1,4 @@
-"""The GPU path, without Ray: the project's step code (`finetune.train.steps.train_epoch`,
+"""The GPU path, without Ray: the project's step code (`finetune.training.steps.train_epoch`,
 the same function a Ray Train worker calls) on one CUDA device, fp32 vs bf16 autocast, bare
 and wrapped in DistributedDataParallel over nccl; samples/s, achieved TFLOP/s and model FLOPs
 utilisation (MFU) for MiniLM-L6 (text) and EfficientNet-Lite0 (images).
@@ -16,7 +16,7 @@ dense one, 40x too high for EfficientNet); MFU = FLOPs per step x steps/s / the 
 bf16 tensor-core peak (fp32 runs are reported against the same peak, so the rows compare).
 DDP runs in one process (world size 1: a single GPU cannot hold two nccl ranks), so its
 figure is the cost DDP's bucketing and nccl all-reduce add to the same step. A `plain` row
-runs the step without the GPU defaults of `finetune.train.steps` (channels-last convolutions,
+runs the step without the GPU defaults of `finetune.training.steps` (channels-last convolutions,
 fused optimizer, the loss read only when reported), to show what each default buys.
 
     python bench/gpu.py                                   # both models, fp32/bf16, bare/DDP
@@ -39,8 +39,8 @@ import torch
 
 from finetune import models
 from finetune.config import ModelConfig, parse
-from finetune.train import steps
-from finetune.train.setup import build_training
+from finetune.training import steps
+from finetune.training.setup import build_training
 from finetune.tasks.classification import Classification
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, in TFLOP/s; the first

@@ -27,9 +27,9 @@ import torch
 from finetune import models
 from finetune.config import DataConfig, ModelConfig, parse
 from finetune.data.catalog import rotten_tomatoes_rows
-from finetune.train import steps
-from finetune.train.trainer import ShardingConfig
-from finetune.train.setup import build_training
+from finetune.training import steps
+from finetune.training.trainer import ShardingConfig
+from finetune.training.setup import build_training
 
 
 def _parts(model_name: str, max_length: int, total_steps: int):

@@ -8,7 +8,7 @@ Tasks: MiniLM-L6 on Rotten Tomatoes; EfficientNet-Lite0 on Fashion-MNIST (64 px)
 trains `--epochs` epochs on N labelled samples (same samples, order and head init for every
 strategy at a given seed) and reports accuracy on the same 1,000 test samples, the number of
 parameters the optimizer updates, and wall time. Runs happen in this process with the step
-code a Ray Train worker uses (`finetune.train.steps`): strategies are the variable here, Ray's
+code a Ray Train worker uses (`finetune.training.steps`): strategies are the variable here, Ray's
 own cost is bench/overhead.py's subject.
 
 Each finished run is appended to --results as one JSON line; runs already there (same
@@ -38,8 +38,8 @@ from finetune.config import DataConfig, ModelConfig, parse
 from finetune.data.sources import load_source
 from finetune.models import batchnorm
 from finetune.models.groups import layer_groups
-from finetune.train import steps
-from finetune.train.setup import build_training
+from finetune.training import steps
+from finetune.training.setup import build_training
 from finetune.tasks.classification import Classification
 
 TASKS = {

@@ -63,8 +63,8 @@ def run_sweep(raw: dict, sweep_dir: Path, console: Console) -> dict:
     """The sweep in `sweep_dir`: run, continued where an earlier attempt stopped (`--keep DIR`
     again after an interruption), or read back when it finished. Wall time adds up the attempts."""
     from finetune import config as config_module
-    from finetune.tune.space import check_search_space
-    from finetune.tune.sweep import EXPERIMENT, resume, sweep
+    from finetune.tuning.space import check_search_space
+    from finetune.tuning.sweep import EXPERIMENT, resume, sweep
 
     cfg = config_module.parse(raw)
     assert not check_search_space(raw, cfg.tune)

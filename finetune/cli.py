@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from finetune.train import Interrupted, TrainingDiverged
+from finetune.training import Interrupted, TrainingDiverged
 
 EXIT_CONFIG = 2
 EXIT_DATA = 1
@@ -69,28 +69,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _tune(args, console: Console) -> int:
+    from finetune import api
     from finetune.config import ConfigError
 
-    if args.resume:
-        if args.pipeline or args.sweep_dir:
-            raise ConfigError(["finetune tune --resume SWEEP_DIR takes no pipeline or --sweep-dir: it reruns the sweep's own"])
-        from finetune.tune.sweep import resume
-
-        summary = resume(Path(args.resume), retry_errored=args.retry_errored, console=console)
-        return 0 if summary["best"] else EXIT_DATA
-    if not args.pipeline:
+    if args.resume and (args.pipeline or args.sweep_dir):
+        raise ConfigError(["finetune tune --resume SWEEP_DIR takes no pipeline or --sweep-dir: it reruns the sweep's own"])
+    if not args.resume and not args.pipeline:
         raise ConfigError(["finetune tune: give a pipeline file (or --resume SWEEP_DIR)"])
-    from finetune import config as config_module
-    from finetune.validate import load_pipeline
-
-    cfg = load_pipeline(args.pipeline, args.overrides)
-    if cfg.tune is None:
-        raise ConfigError([f"{args.pipeline} has no tune section: add tune.search_space to sweep"])
-    from finetune.tune.sweep import default_sweep_dir, sweep
-
-    base_raw = config_module.read_raw(args.pipeline, args.overrides)
-    summary = sweep(cfg, base_raw, Path(args.sweep_dir) if args.sweep_dir else default_sweep_dir(cfg), console)
-    return 0 if summary["best"] else EXIT_DATA  # no trial finished an epoch: their errors are above
+    if args.resume:
+        result = api.tune(resume=args.resume, retry_errored=args.retry_errored, console=console)
+    else:
+        result = api.tune(args.pipeline, args.overrides, args.sweep_dir, console=console)
+    return 0 if result.summary["best"] else EXIT_DATA  # no trial finished an epoch: their errors are above
 
 
 def _jobs(args, console: Console) -> int:
@@ -98,7 +88,7 @@ def _jobs(args, console: Console) -> int:
 
     if args.command == "submit":
         from finetune.config import ConfigError
-        from finetune.validate import load_pipeline
+        from finetune.checks import load_pipeline
 
         cfg = load_pipeline(args.pipeline, args.overrides)  # mistakes stop here, not on the cluster
         if args.tune and cfg.tune is None:
@@ -150,43 +140,31 @@ def main(argv: list[str] | None = None) -> int:
             return _tune(args, console)
         if args.command in ("submit", "jobs"):
             return _jobs(args, console)
+        from finetune import api
+
         if args.command == "train" and (args.resume or not args.pipeline):
             if not args.resume or args.pipeline or args.run_dir:
                 raise config_module.ConfigError(["finetune train: give a pipeline file, or --resume RUN_DIR alone"])
-            from finetune.train.driver import resume
+            api.train(resume=args.resume, console=console)
+        elif args.command == "train":
+            api.train(args.pipeline, args.overrides, args.run_dir, console=console)
+        elif args.command == "validate":
+            cfg = api.validate(args.pipeline, args.overrides)
+            console.print(f"{args.pipeline}: valid")
+            from finetune.checks import describe_batchnorm
 
-            resume(Path(args.resume), console)
-            return 0
-        if args.command in ("train", "validate"):
-            from finetune.validate import load_pipeline
-
-            cfg = load_pipeline(args.pipeline, args.overrides)
-            if args.command == "validate":
-                console.print(f"{args.pipeline}: valid")
-                from finetune.validate import describe_batchnorm
-
-                if note := describe_batchnorm(cfg):
-                    console.print(note, highlight=False, soft_wrap=True)
-                return 0
-            from finetune.train.driver import default_run_dir, run
-
-            run(cfg, Path(args.run_dir) if args.run_dir else default_run_dir(cfg), console)
+            if note := describe_batchnorm(cfg):
+                console.print(note, highlight=False, soft_wrap=True)
         elif args.command == "evaluate":
-            from finetune.inference import evaluate_run
-
             from finetune.report.progress import working
 
             with working(Console(stderr=True), f"evaluating the best model on {args.split}"):  # stdout: the JSON alone
-                metrics = evaluate_run(args.run_dir, args.split)
+                metrics = api.evaluate(args.run_dir, args.split)
             console.print_json(json.dumps(metrics))
         elif args.command == "report":
-            from finetune.report import write_report
-
-            console.print(f"report: {write_report(args.folder)}", soft_wrap=True)
+            console.print(f"report: {api.report(args.folder)}", soft_wrap=True)
         elif args.command == "predict":
-            from finetune.inference import predict
-
-            for row in predict(args.run_dir, args.inputs):
+            for row in api.load(args.run_dir).predict(args.inputs):
                 console.print(f"{row['text']}\t{row['input']}", highlight=False, markup=False)
     except config_module.ConfigError as error:
         console.print("[bold red]invalid pipeline:[/]", highlight=False)

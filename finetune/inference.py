@@ -14,7 +14,7 @@ from finetune.data import DataError
 from finetune.data.datasets import build_datasets
 from finetune.data.rows import BadRows
 from finetune.models import SavedModel, load_model
-from finetune.train import steps
+from finetune.training import steps
 
 
 def load_run(run_dir: str | Path) -> tuple[config_module.PipelineConfig, SavedModel]:
@@ -50,7 +50,12 @@ def predict(run_dir: str | Path, inputs: list[str]) -> list[dict]:
     """For each text (text models) or image path (image models): the label and class probabilities
     (classification), the labels at or above their thresholds and every label's probability
     (multi_label), or the value (regression); and `text`, all of it in one line."""
-    _, saved = load_run(run_dir)
+    return predict_with(load_run(run_dir)[1], inputs)
+
+
+@torch.no_grad()
+def predict_with(saved: SavedModel, inputs: list[str]) -> list[dict]:
+    """`predict` with a model already loaded (`load_run`)."""
     if saved.preprocessor.kind == "image":
         missing = [p for p in inputs if not Path(p).is_file()]
         if missing:

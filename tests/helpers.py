@@ -25,7 +25,7 @@ from finetune import config
 from finetune.config import PipelineConfig
 from finetune.data.rows import DataError, find_data_error
 from finetune.models.vision import ImageClassifier
-from finetune.train import steps
+from finetune.training import steps
 
 # Ray keeps idle worker processes (it keeps num_cpus of them, for 1 s): a test's Ray Train
 # workers, split coordinators and Ray Data tasks then start in processes that have already
@@ -54,7 +54,7 @@ def registered_checkpoint(run_dir: Path) -> bool:
     """Whether Ray Train's controller has taken a reported checkpoint of `finetune train
     --run-dir RUN_DIR` as the latest, what a restart or --resume continues from (the
     checkpoint's folder appears before that)."""
-    from finetune.train.driver import checkpoint_folder
+    from finetune.training.driver import checkpoint_folder
 
     folder = checkpoint_folder(run_dir)
     if folder is None:
@@ -149,7 +149,7 @@ def pipeline_config(**sections) -> PipelineConfig:
 
 def run_epochs(training, batches: list[dict], epochs: int = 1, grad_accum_steps: int = 1, first_epoch: int = 0,
                **options) -> list[set[str]]:  # fmt: skip
-    """Real optimizer steps through `train.setup.Training` as the worker loop takes them, on the
+    """Real optimizer steps through `training.setup.Training` as the worker loop takes them, on the
     CPU in fp32 (the strategy's hooks, its penalty, BatchNorm train modes), from `first_epoch`
     (as a resumed run); returns the trainable parameter names before each optimizer step."""
     module, strategy = training.module, training.strategy

@@ -11,7 +11,7 @@ from finetune.config import DataConfig
 from finetune.data import ImagePreprocessor, TextPreprocessor
 from finetune.data.datasets import build_datasets
 from finetune.data.augment import batch_mixer
-from finetune.train.trainer import ingest_options
+from finetune.training.trainer import ingest_options
 
 EVERY_AUGMENTATION = [
     {"name": "random_resized_crop", "scale": [0.3, 1.0]}, {"name": "horizontal_flip"}, {"name": "rotation"},
@@ -160,7 +160,7 @@ def test_worker_shards_are_disjoint_and_cover_the_data(ray_session, tmp_path, ti
     import threading
     from collections import Counter
 
-    from finetune.train.trainer import ShardingConfig
+    from finetune.training.trainer import ShardingConfig
 
     path = write_csv(tmp_path / "r.csv", sentiment_rows(301))
     cfg = DataConfig(source=str(path), text_column="review", label_column="sentiment", shuffle="full")

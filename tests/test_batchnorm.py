@@ -14,7 +14,7 @@ from finetune.models import batchnorm
 from finetune.models.groups import layer_groups
 from finetune.models.vision import ImageClassifier
 from finetune.strategies import build_strategy
-from finetune.train.setup import build_training
+from finetune.training.setup import build_training
 from helpers import TinyCNN, pipeline_config, run_epochs
 
 

@@ -12,7 +12,7 @@ PIPELINES = sorted(Path(__file__).parent.parent.joinpath("pipelines").glob("*.ya
 
 
 def load(path, overrides=None):
-    """The schema's part of `finetune.validate.load_pipeline`: YAML, overrides, pydantic."""
+    """The schema's part of `finetune.checks.load_pipeline`: YAML, overrides, pydantic."""
     return config.parse(config.read_raw(path, overrides))
 
 

@@ -13,8 +13,8 @@ from torch import nn
 from helpers import tiny_sentiment_pipeline
 from finetune.cli import main
 from finetune.config import EarlyStoppingConfig, EmaConfig, OptimConfig, ScheduleConfig
-from finetune.train import TrainingDiverged, controls, optim, steps
-from finetune.train.driver import checkpoint_folder
+from finetune.training import TrainingDiverged, controls, optim, steps
+from finetune.training.driver import checkpoint_folder
 
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement():

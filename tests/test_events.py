@@ -10,12 +10,12 @@ import pytest
 from rich.console import Console
 
 from finetune.report.progress import TrainingProgress, phases_line
-from finetune.train.events import (
+from finetune.training.events import (
     Baseline, BatchNormPlan, EpochEnded, EventSink, FinalTest, LayerGroups, StepProgress, WorkerPhases, WorkerStarted,
     WorkProgress,
 )  # fmt: skip
-from finetune.train.phases import PHASES, PhaseClock, run_phases
-from finetune.train.record import RunRecord
+from finetune.training.phases import PHASES, PhaseClock, run_phases
+from finetune.training.record import RunRecord
 from helpers import pipeline_config
 
 
@@ -114,7 +114,7 @@ def test_the_progress_bar_says_what_the_run_does_between_steps():
 
 
 def test_rank_zero_sends_the_run_events_and_every_rank_its_start(ray_session):
-    from finetune.train.monitor import RunMonitor
+    from finetune.training.monitor import RunMonitor
 
     for rank in (0, 1):
         monitor = RunMonitor.remote()
@@ -130,7 +130,7 @@ def test_rank_zero_sends_the_run_events_and_every_rank_its_start(ray_session):
 
 def test_a_report_waits_until_the_driver_has_handled_the_events_before_it(ray_session):
     """What keeps a sweep trial's record whole when Tune stops the trial at the report it sees."""
-    from finetune.train.monitor import RunMonitor
+    from finetune.training.monitor import RunMonitor
 
     monitor = RunMonitor.remote()
     EventSink(monitor, 0).emit(epoch(0, 0.7))  # returns once the monitor holds it

@@ -17,7 +17,7 @@ import yaml
 
 from helpers import ctrl_c, process_group, WARM_WORKERS, tiny_sentiment_pipeline
 from finetune.cli import main
-from finetune.train.driver import checkpoint_folder
+from finetune.training.driver import checkpoint_folder
 
 
 def _free_ports(count: int) -> list[int]:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from finetune.config import OptimConfig, ScheduleConfig
-from finetune.train import optim
+from finetune.training import optim
 
 PEAK = 0.1
 

@@ -15,8 +15,8 @@ from finetune.cli import main
 from finetune.report import write_report
 from finetune.report.figures import expected_calibration_error
 from finetune.tasks import task_class
-from finetune.train.events import EpochEnded, FinalTest, LayerGroups
-from finetune.train.record import RunRecord
+from finetune.training.events import EpochEnded, FinalTest, LayerGroups
+from finetune.training.record import RunRecord
 from helpers import pipeline_config
 
 LABELS = ["cat", "dog", "outdoor"]

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from finetune import files
-from finetune.train.driver import _ray_run
+from finetune.training.driver import _ray_run
 
 
 def _python(code: str, **kwargs) -> subprocess.Popen:

@@ -8,9 +8,9 @@ import pickle
 import pytest
 import torch
 from finetune.config import EarlyStoppingConfig, EmaConfig
-from finetune.train import controls
-from finetune.train.setup import build_training
-from finetune.train.state import TrainState
+from finetune.training import controls
+from finetune.training.setup import build_training
+from finetune.training.state import TrainState
 from helpers import TinyCNN, pipeline_config, run_epochs
 
 EPOCHS = 3

@@ -14,7 +14,7 @@ from finetune.config import DataConfig, ModelConfig
 from finetune.data import TextPreprocessor
 from finetune.models.groups import layer_groups
 from finetune.strategies import build_strategy
-from finetune.train.setup import build_training
+from finetune.training.setup import build_training
 from finetune.tasks.classification import Classification
 
 LR = 1e-2
@@ -41,7 +41,7 @@ def tiny(tiny_bert_dir):
 
 
 def train(model, batches, strategy: dict, epochs=1, grad_accum_steps=1):
-    """Real optimizer steps through the run's own setup chain (train.setup.build_training);
+    """Real optimizer steps through the run's own setup chain (training.setup.build_training);
     returns the Training (groups, strategy, optimizer), the parameters that moved and the
     trainable set before each optimizer step."""
     cfg = pipeline_config(strategy=strategy, optim={"lr": LR}, schedule={"name": "constant", "warmup_ratio": 0.0},

@@ -285,7 +285,7 @@ def test_regression_image_run_beats_the_mean_and_predicts_in_target_units(ray_se
 
 
 def test_task_settings_are_searchable_and_checked_per_value():
-    from finetune.tune.space import check_search_space
+    from finetune.tuning.space import check_search_space
 
     raw = {"data": {"source": "x.csv"}, "model": {"name": "x"}, "task": {"type": "multi_label"},
            "tune": {"search_space": {"loss.name": {"choice": ["bce", "focal", "mse"]},
@@ -302,7 +302,7 @@ def test_evaluation_rows_gather_across_ranks_when_one_shard_is_empty(tmp_path):
 
 
 def _gather_on_rank(rank: int, world: int, store: str) -> None:
-    from finetune.train import steps
+    from finetune.training import steps
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     task = Classification(LABELS)

@@ -11,7 +11,7 @@ import pytest
 from finetune.config import ConfigError
 from finetune.config import TrackingConfig
 from finetune.tracking import check_tracking, start_tracking
-from finetune.train.events import Baseline, EpochEnded, FinalTest, StepProgress
+from finetune.training.events import Baseline, EpochEnded, FinalTest, StepProgress
 from helpers import mlflow_history, pipeline_config, tensorboard_scalars, wandb_history, wandb_offline_records
 
 STEPS = 4  # optimizer steps per epoch

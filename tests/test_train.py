@@ -10,8 +10,8 @@ from browser import check_report
 from helpers import image_parquet, mlflow_history, tensorboard_scalars, two_worker_pipeline, wandb_history, write_csv
 from finetune.cli import main
 from finetune.config import OptimConfig, ScheduleConfig
-from finetune.train import optim, steps
-from finetune.train.phases import PHASES
+from finetune.training import optim, steps
+from finetune.training.phases import PHASES
 from finetune.tasks.classification import Classification
 
 
@@ -80,7 +80,7 @@ def test_step_code_and_models_import_without_ray():
 
     code = (
         "import sys; sys.modules['ray'] = None\n"  # every `import ray...` now fails
-        "from finetune.train import steps\nfrom finetune import models\n"
+        "from finetune.training import steps\nfrom finetune import models\n"
         "from finetune.strategies import build_strategy\nfrom finetune.data import TextPreprocessor\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -18,7 +18,7 @@ from browser import check_report
 from helpers import ctrl_c, mlflow_history, process_group, sentiment_rows, tiny_sentiment_pipeline, write_csv
 from finetune.cli import main
 from finetune.config import ConfigError, parse
-from finetune.tune.space import check_search_space, param_space, trial_config, trial_count, used_params
+from finetune.tuning.space import check_search_space, param_space, trial_config, trial_count, used_params
 
 BASE = {"data": {"source": "reviews.csv"}, "model": {"name": "minilm-l6"}}
 
@@ -94,8 +94,8 @@ def test_search_algorithms_and_schedulers():
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from finetune.tune.space import check_search_alg
-    from finetune.tune.sweep import _scheduler, _search_alg
+    from finetune.tuning.space import check_search_alg
+    from finetune.tuning.sweep import _scheduler, _search_alg
 
     cfg = parse(_tune({"optim.lr": {"loguniform": [1e-5, 1e-3]}}, search_alg="optuna",
                       scheduler={"name": "asha", "time_attr": "steps", "max_t": 300, "grace_period": 20}))  # fmt: skip
@@ -341,7 +341,7 @@ def test_trial_slots_hold_trials_back_until_tune_ends_one(ray_session):
     import ray
     from types import SimpleNamespace
 
-    from finetune.tune.slots import ReleaseTrialSlot, create_slots
+    from finetune.tuning.slots import ReleaseTrialSlot, create_slots
 
     slots = create_slots(1)
     try:

@@ -42,7 +42,7 @@ def parse(raw: dict[str, Any]) -> PipelineConfig:
 def load_saved(path: str | Path) -> PipelineConfig:
     """A config this tool wrote (a run's config.yaml, a sweep's): checked when its run started,
     read back against the schema alone, without touching data or models (`finetune predict`
-    needs neither). A user's pipeline file goes through `finetune.validate.load_pipeline`, the
+    needs neither). A user's pipeline file goes through `finetune.checks.load_pipeline`, the
     one loader for those."""
     return parse(read_raw(path))
 

@@ -1,5 +1,5 @@
 """Live training progress in the terminal (rich): one bar over all steps, a line per epoch;
-a subscriber to the run's events (`train.events.Subscriber`)."""
+a subscriber to the run's events (`training.events.Subscriber`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from finetune.train.events import (
+from finetune.training.events import (
     Baseline, BatchNormPlan, EpochEnded, LayerGroups, RunEvent, StepProgress, WorkerStarted, WorkProgress,
 )  # fmt: skip
 

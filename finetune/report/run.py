@@ -14,7 +14,7 @@ from finetune import files
 from finetune.report import figures
 from finetune.report.html import figure, notes, page, paragraph, preformatted, section, table
 from finetune.tasks import Task, task_from_json
-from finetune.train.record import TEST_RESULTS
+from finetune.training.record import TEST_RESULTS
 
 def run_report(run_dir: Path) -> str:
     run_dir = Path(run_dir)

@@ -1,4 +1,4 @@
-"""Experiment trackers: the run's events (train/events.py) logged to TensorBoard, MLflow and
+"""Experiment trackers: the run's events (training/events.py) logged to TensorBoard, MLflow and
 Weights & Biases by the driver, the one process that sees the whole run. Rank 0 alone sends
 events, so one run is one tracker run whatever the number of workers. A restarted worker group
 or `--resume` continues it: the run folder's tracking.json keeps the tracker runs' ids and the
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from finetune import files
-from finetune.train.events import Baseline, EpochEnded, FinalTest, RunEvent, StepProgress
+from finetune.training.events import Baseline, EpochEnded, FinalTest, RunEvent, StepProgress
 
 if TYPE_CHECKING:
     from finetune.config import PipelineConfig, TrackingConfig
@@ -44,7 +44,7 @@ def flat_params(cfg: PipelineConfig) -> dict[str, object]:
 
 
 class Tracking:
-    """The run's trackers, as one subscriber of its events (`train.events.Subscriber`)."""
+    """The run's trackers, as one subscriber of its events (`training.events.Subscriber`)."""
 
     def __init__(self, trackers: list, state_path: Path, state: dict) -> None:
         self.trackers, self.state_path, self.state = trackers, state_path, state

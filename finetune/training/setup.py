@@ -20,7 +20,7 @@ from finetune.config import PipelineConfig, metric_mode
 from finetune.models import batchnorm
 from finetune.models.groups import LayerGroup, layer_groups
 from finetune.strategies import Strategy, build_strategy
-from finetune.train import optim, steps
+from finetune.training import optim, steps
 
 
 @dataclass

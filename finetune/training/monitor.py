@@ -1,4 +1,4 @@
-"""A tiny actor the workers push their events to (`train.events`), and the driver polls.
+"""A tiny actor the workers push their events to (`training.events`), and the driver polls.
 
 It lives beside the driver for the whole run, so it survives worker restarts and works
 when workers sit on other nodes (nothing is read from a worker's local disk).
@@ -15,7 +15,7 @@ import asyncio
 import ray
 import ray.train
 
-from finetune.train.events import RunEvent, StepProgress, WorkProgress
+from finetune.training.events import RunEvent, StepProgress, WorkProgress
 
 WAIT_S = 60.0  # the longest a report waits for the driver (one that stopped polling never answers)
 

@@ -1,4 +1,4 @@
-"""The driver's record of a run, folded from its events (`train.events`) in one place:
+"""The driver's record of a run, folded from its events (`training.events`) in one place:
 metrics.jsonl (one line per epoch, as it ends) and what summary.json says at the end."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 
 from finetune import files
 from finetune.config import PipelineConfig
-from finetune.train.events import (
+from finetune.training.events import (
     Baseline, BatchNormPlan, Diverged, EpochEnded, FinalTest, LayerGroups, RunEvent, WorkerPhases, WorkerStarted,
 )  # fmt: skip
 
@@ -102,7 +102,7 @@ class RunRecord:
             "num_workers": cfg.scaling.num_workers,
             "train_samples_per_s": sum(e["train/samples"] for e in epochs) / train_seconds if train_seconds else None,
             "wall_s": wall_s,
-            "phases_s": phases_s,  # where wall_s went (train.phases.PHASES says what each is)
+            "phases_s": phases_s,  # where wall_s went (training.phases.PHASES says what each is)
             "run_dir": str(run_dir),
             "best_checkpoint": str(run_dir / "best") if has_best else None,
             "skipped_rows": skipped.get("counts", {}),

@@ -17,8 +17,8 @@ from finetune.data.catalog import CATALOG
 from finetune.data.sources import check_source
 from finetune.models import check_model
 from finetune.tracking import check_tracking
-from finetune.train.setup import Training, build_training
-from finetune.tune.space import check_search_alg, check_search_space
+from finetune.training.setup import Training, build_training
+from finetune.tuning.space import check_search_alg, check_search_space
 
 SECTION_CHECKS = (("data", DataConfig, check_source), ("model", ModelConfig, check_model))
 
@@ -59,7 +59,7 @@ def check_augmentation(cfg: PipelineConfig) -> list[str]:
 
 
 def meta_training(cfg: PipelineConfig) -> Training | None:
-    """The training setup chain (train.setup.build_training, as the workers run it) over the
+    """The training setup chain (training.setup.build_training, as the workers run it) over the
     model's structure on the meta device: no weights, no memory. None when the architecture is
     out of reach from here (a hub model offline): the workers will say what is wrong."""
     model = models.meta_architecture(cfg.model, models.image_size_for(cfg.data))
@@ -94,10 +94,14 @@ def _registry_problems(raw: dict) -> list[str]:
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """The one loader of a user's pipeline file: YAML, `a.b=c` overrides, the schema, then the
+    """The one loader of a user's pipeline file: YAML, `a.b=c` overrides, then `check_pipeline`."""
+    return check_pipeline(config_module.read_raw(path, overrides))
+
+
+def check_pipeline(raw: dict) -> PipelineConfig:
+    """A pipeline as a mapping (a file's YAML, overrides applied) through the schema, then the
     registries, the files and the strategy on the model's structure. A validated pipeline, or
     one ConfigError listing every problem found."""
-    raw = config_module.read_raw(path, overrides)
     try:
         cfg = config_module.parse(raw)
     except ConfigError as error:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-from finetune.train.events import WorkerPhases
+from finetune.training.events import WorkerPhases
 
 # In the order a run meets them; they add up to wall_s.
 PHASES = {

@@ -1,7 +1,7 @@
 """The run's events: what the workers tell the driver while they train, as typed records.
 
 A worker emits them (`EventSink`, through the run's monitor actor); the driver folds them
-into metrics.jsonl and summary.json (`train.record.RunRecord`) and hands each to its
+into metrics.jsonl and summary.json (`training.record.RunRecord`) and hands each to its
 subscribers (the live progress display; trackers and reports next) as it arrives. When each
 fires, in the order a run sees them:
 
@@ -161,7 +161,7 @@ class EventSink:
 
     def emit(self, event: RunEvent) -> None:
         """Returns once the monitor holds `event` (a few per epoch): a report that follows it reaches
-        the driver after it (`train.monitor.EventsHandled`)."""
+        the driver after it (`training.monitor.EventsHandled`)."""
         if self.monitor is not None and (event.every_rank or self.rank == 0):
             import ray
 

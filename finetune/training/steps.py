@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from finetune.data.preprocess import trim_padding
-from finetune.train import TrainingDiverged
+from finetune.training import TrainingDiverged
 from finetune.tasks import Task
 
 

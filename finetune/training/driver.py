@@ -1,5 +1,5 @@
 """`finetune train` on the driver: data, the Ray Train run, live progress, the run directory,
-the summary. What `finetune tune` and `evaluate` reuse lives in train/trainer.py and ray_env.py."""
+the summary. What `finetune tune` and `evaluate` reuse lives in training/trainer.py and ray_env.py."""
 
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ from finetune.ray_env import check_shared_storage, cluster_nodes, ensure_ray, on
 from finetune.report import report_or_warn, verdict
 from finetune.report.progress import TrainingProgress, phases_line, summary_table, working
 from finetune.tracking import start_tracking
-from finetune.train import Interrupted, TrainingDiverged
-from finetune.train.events import StepProgress, Subscriber, WorkProgress
-from finetune.train.monitor import RunMonitor
-from finetune.train.record import RunRecord
-from finetune.train.phases import PhaseClock, run_phases
-from finetune.train.trainer import best_checkpoint, build_trainer, export_checkpoint, pipeline_datasets, plan_epoch
+from finetune.training import Interrupted, TrainingDiverged
+from finetune.training.events import StepProgress, Subscriber, WorkProgress
+from finetune.training.monitor import RunMonitor
+from finetune.training.record import RunRecord
+from finetune.training.phases import PhaseClock, run_phases
+from finetune.training.trainer import best_checkpoint, build_trainer, export_checkpoint, pipeline_datasets, plan_epoch
 
 
 RUN_FILE = "run.json"  # what ties a run folder to its checkpoints: the Ray Train run's name and storage

@@ -23,14 +23,14 @@ from finetune import models
 from finetune.config import PipelineConfig
 from finetune.data.augment import batch_mixer
 from finetune.models import batchnorm
-from finetune.train import TrainingDiverged, controls, steps
-from finetune.train.events import (
+from finetune.training import TrainingDiverged, controls, steps
+from finetune.training.events import (
     Baseline, BatchNormPlan, Diverged, EpochEnded, EventSink, FinalTest, LayerGroups, StepProgress, WorkerStarted,
     WorkProgress,
 )  # fmt: skip
-from finetune.train.phases import PhaseClock
-from finetune.train.setup import Training, build_training
-from finetune.train.state import TrainState
+from finetune.training.phases import PhaseClock
+from finetune.training.setup import Training, build_training
+from finetune.training.state import TrainState
 from finetune.tasks import Task
 
 

@@ -1,7 +1,7 @@
 """`finetune tune` on the driver: a Ray Tune sweep whose trials are `finetune train` runs.
 
 Each trial is a Tune function trainable that builds the same TorchTrainer as `finetune train`
-(`train.trainer.build_trainer`) and fits it with Ray Train's `TuneReportCallback`, the Train V2 /
+(`training.trainer.build_trainer`) and fits it with Ray Train's `TuneReportCallback`, the Train V2 /
 Tune integration: every epoch's report reaches Tune, and ASHA stops a trailing trial at a
 rung. A trial's Train run is named after the trial and stored under the sweep directory, so a
 resumed sweep continues an interrupted trial from its latest checkpoint.
@@ -42,14 +42,14 @@ from finetune.report.sweep import history, results_table, trial_id
 from finetune.ray_env import (
     check_shared_storage, cluster_nodes, ensure_ray, on_driver_node, quiet_ray_data, warn_if_data_starved,
 )  # fmt: skip
-from finetune.train import Interrupted
+from finetune.training import Interrupted
 from finetune.tracking import SweepTracking, start_tracking
-from finetune.train.driver import fit_and_record
-from finetune.train.monitor import EventsHandled, RunMonitor
-from finetune.train.record import RunRecord
-from finetune.train.trainer import build_trainer, export_checkpoint, pipeline_datasets, plan_epoch
-from finetune.tune.slots import ReleaseTrialSlot, create_slots, wait_for_slot
-from finetune.tune.space import param_space, trial_config, trial_count, trial_raw, used_params
+from finetune.training.driver import fit_and_record
+from finetune.training.monitor import EventsHandled, RunMonitor
+from finetune.training.record import RunRecord
+from finetune.training.trainer import build_trainer, export_checkpoint, pipeline_datasets, plan_epoch
+from finetune.tuning.slots import ReleaseTrialSlot, create_slots, wait_for_slot
+from finetune.tuning.space import param_space, trial_config, trial_count, trial_raw, used_params
 
 EXPERIMENT = "sweep"
 TIME_ATTRS = {"epochs": "epochs_done", "steps": "steps_done"}
@@ -195,7 +195,7 @@ def resume(sweep_dir: Path, retry_errored: bool = False, console: Console | None
     pipeline = sweep_dir / "pipeline.yaml"
     if not (pipeline.is_file() and (sweep_dir / EXPERIMENT).is_dir()):
         raise FileNotFoundError(f"{sweep_dir} is not a sweep directory (pipeline.yaml or {EXPERIMENT}/ missing)")
-    from finetune.validate import load_pipeline
+    from finetune.checks import load_pipeline
 
     cfg = load_pipeline(pipeline)
     base_raw = yaml.safe_load(pipeline.read_text())

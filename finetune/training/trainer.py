@@ -1,6 +1,6 @@
 """The library under `finetune train` and `finetune tune` (driver side): a pipeline's datasets,
 its epoch plan, the Ray Train run of one pipeline (`build_trainer`), and the best checkpoint
-exported as a saved model. The workers run `train.worker.train_loop_per_worker`."""
+exported as a saved model. The workers run `training.worker.train_loop_per_worker`."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from finetune.data import DataError
 from finetune.data.datasets import Datasets, build_datasets
 from finetune.models import batchnorm
 from finetune import tasks
-from finetune.train.state import TRAIN_STATE_FILE
-from finetune.train.worker import WorkerSpec, train_loop_per_worker
+from finetune.training.state import TRAIN_STATE_FILE
+from finetune.training.worker import WorkerSpec, train_loop_per_worker
 
 
 class ShardingConfig(ray.train.DataConfig):
