@@ -60,7 +60,10 @@ def sweep_report(sweep_dir: Path) -> str:
     winner = (summary.get("best") or {}).get("trial")
     curves = {}
     for record in records:
-        epochs = [e for e in files.read_json_lines(sweep_dir / "trials" / str(record["trial"]) / "metrics.jsonl") if metric in e]
+        # Tune's view, as results.csv: an epoch a stopped trial trained while Tune's stop was on its
+        # way is in the trial's metrics.jsonl, but not among the epochs Tune ranked it by
+        epochs = [e for e in files.read_json_lines(sweep_dir / "trials" / str(record["trial"]) / "metrics.jsonl")
+                  if metric in e and e["epochs_done"] <= int(record["epochs_run"] or 0)]  # fmt: skip
         curves[record["trial"]] = ([e["epochs_done"] for e in epochs], [e[metric] for e in epochs])
     planned = max([cfg.train.epochs, *(int(r["epochs_run"] or 0) for r in records)])
     outcomes = ["errored" if r["status"] == "ERROR" else "stopped early" if r["stopped_early"] else "finished" for r in records]
