@@ -170,6 +170,31 @@ def load(run_dir: str | Path) -> FineTuned:
     return FineTuned(run_dir)
 
 
+def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = None, quantize: str | None = None):
+    """A run's best model as onnx, pt2 (torch.export) or a Hugging Face folder, in `out` (default
+    RUN_DIR/export/FORMAT), checked against the trained model on the run's own test rows; returns
+    an `Exported` (folder, file, max_abs_diff, int8 figures). `quantize="int8"` (onnx): an int8 copy too."""
+    from finetune.export import export_run
+
+    return export_run(run_dir, format, out, quantize)
+
+
+def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, max_batch_size: int = 16,
+          batch_wait_s: float = 0.01, cpus_per_replica: float = 1.0, image_root: str | Path | None = None,
+          blocking: bool = True, console: Console | None = None) -> str:  # fmt: skip
+    """An HTTP endpoint (Ray Serve) for a run's best model: POST /predict {"inputs": [...]}, GET
+    /health. `blocking`: serve until Ctrl-C (the CLI); else return its URL at once (stop it with
+    `finetune.serving.stop()`)."""
+    from finetune import serving
+
+    options = serving.ServeOptions(host, port, replicas, max_batch_size, batch_wait_s, cpus_per_replica,
+                                   str(image_root) if image_root else None)  # fmt: skip
+    if not blocking:
+        return serving.start(run_dir, options)
+    serving.serve_until_interrupted(run_dir, options, console or Console())
+    return ""
+
+
 def report(folder: str | Path) -> Path:
     """Draw report.html again for a run or a sweep folder; returns its path."""
     from finetune.report import write_report

@@ -62,6 +62,20 @@ def _parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="(re)draw report.html of a run or a sweep directory")
     report.add_argument("folder", metavar="RUN_DIR|SWEEP_DIR")
+    export = commands.add_parser("export", help="a run's best model as ONNX, torch.export (pt2) or a Hugging Face folder")
+    export.add_argument("run_dir")
+    export.add_argument("--format", default="onnx", help="onnx | pt2 | hf (default: onnx)")
+    export.add_argument("--out", help="the folder to write (default: RUN_DIR/export/FORMAT)")
+    export.add_argument("--quantize", help="int8: an int8 copy too (onnx), with its accuracy and latency change")
+    serve = commands.add_parser("serve", help="an HTTP endpoint for a run's best model (Ray Serve)")
+    serve.add_argument("run_dir")
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only); 0.0.0.0 exposes it")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--replicas", type=int, default=1, help="copies of the model answering requests")
+    serve.add_argument("--max-batch-size", type=int, default=16, help="inputs run together (1: no batching)")
+    serve.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a replica waits to fill a batch")
+    serve.add_argument("--cpus-per-replica", type=float, default=1.0)
+    serve.add_argument("--image-root", help="image models: the folder whose files requests may name by path")
     predict = commands.add_parser("predict", help="labels for texts or image files")
     predict.add_argument("run_dir")
     predict.add_argument("inputs", nargs="+", help="texts (text models) or image paths (image models)")
@@ -124,6 +138,38 @@ def _jobs(args, console: Console) -> int:
     return 0
 
 
+def _export(args, console: Console) -> int:
+    from finetune import api
+    from finetune.export import QUANTIZED, TOLERANCE, ExportCheckFailed, ExportOptionsError, check_options, model_bytes
+    from finetune.report.progress import working
+
+    try:
+        check_options(args.format, args.quantize)  # before the model loads
+        with working(Console(stderr=True), f"exporting to {args.format} and checking it on the run's test rows"):
+            exported = api.export(args.run_dir, args.format, args.out, args.quantize)
+    except ExportOptionsError as error:
+        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        return EXIT_CONFIG
+    except ExportCheckFailed as error:
+        console.print(f"[bold red]export check failed:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        return EXIT_DATA
+    console.print(f"exported: {exported.file} ({model_bytes(exported.file) / 2**20:.1f} MiB)", highlight=False,
+                  soft_wrap=True)  # fmt: skip
+    console.print(f"checked on {exported.rows:,} {exported.split} rows: largest |logit difference| from the trained "
+                  f"model {exported.max_abs_diff:.2g} (tolerance {TOLERANCE:g})", highlight=False)  # fmt: skip
+    if exported.int8:
+        fp32, int8 = exported.int8["fp32"], exported.int8["int8"]
+        metrics = ", ".join(f"{name} {fp32['metrics'][name]:.4f} -> {value:.4f}" for name, value in int8["metrics"].items()
+                            if not name.endswith(("/samples", "/loss")))  # fmt: skip
+        latency = ", ".join(f"{key.replace('_', ' ')} {fp32['latency_ms'][key]:.1f} -> {value:.1f} ms"
+                            for key, value in int8["latency_ms"].items())  # fmt: skip
+        console.print(f"int8: {exported.folder / QUANTIZED} ({int8['bytes'] / 2**20:.1f} MiB, fp32 "
+                      f"{fp32['bytes'] / 2**20:.1f}); {metrics}; latency {latency}", highlight=False, soft_wrap=True)  # fmt: skip
+    console.print(f"how to use it: {exported.folder / 'export.json'}, {exported.folder / 'README.md'}", highlight=False,
+                  soft_wrap=True)  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -163,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
             console.print_json(json.dumps(metrics))
         elif args.command == "report":
             console.print(f"report: {api.report(args.folder)}", soft_wrap=True)
+        elif args.command == "serve":
+            api.serve(args.run_dir, host=args.host, port=args.port, replicas=args.replicas,
+                      max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000,
+                      cpus_per_replica=args.cpus_per_replica, image_root=args.image_root, console=console)  # fmt: skip
+        elif args.command == "export":
+            return _export(args, console)
         elif args.command == "predict":
             for row in api.load(args.run_dir).predict(args.inputs):
                 console.print(f"{row['text']}\t{row['input']}", highlight=False, markup=False)

@@ -24,11 +24,11 @@ def load_run(run_dir: str | Path) -> tuple[config_module.PipelineConfig, SavedMo
     return config_module.load_saved(run_dir / "config.yaml"), load_model(run_dir / "best")
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, float]:
-    """Metrics of the run's best model on `split`, rebuilt from the run's own data config and seed."""
+def split_batches(cfg: config_module.PipelineConfig, saved: SavedModel, split: str, batch_size: int | None = None):
+    """The rows of `split` as the model's input batches (with their labels), rebuilt from the run's
+    own data config and seed: the rows the run itself tested on."""
     from finetune.ray_env import ensure_ray, quiet_ray_data
 
-    cfg, saved = load_run(run_dir)
     ensure_ray()
     quiet_ray_data()
     datasets = build_datasets(cfg.data, saved.preprocessor, cfg.train.seed, label_names=saved.label_names,
@@ -37,11 +37,15 @@ def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, float]:
         raise DataError(
             f"the data now has labels {datasets.label_names}, the model was trained on {saved.label_names}"
         )
+    return datasets.as_dict()[split].iter_torch_batches(batch_size=batch_size or cfg.train.eval_batch_size)
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test") -> dict[str, float]:
+    """Metrics of the run's best model on `split`."""
+    cfg, saved = load_run(run_dir)
     device = torch.device("cpu")
-    batches = datasets.as_dict()[split].iter_torch_batches(batch_size=cfg.train.eval_batch_size)
-    rows = steps.evaluate_rows(
-        saved.model, batches, saved.task, device=device, precision=steps.resolve_precision(cfg.train.precision, device)
-    )
+    rows = steps.evaluate_rows(saved.model, split_batches(cfg, saved, split), saved.task, device=device,
+                               precision=steps.resolve_precision(cfg.train.precision, device))  # fmt: skip
     return saved.task.metrics(rows, split)
 
 
@@ -54,19 +58,24 @@ def predict(run_dir: str | Path, inputs: list[str]) -> list[dict]:
 
 
 @torch.no_grad()
-def predict_with(saved: SavedModel, inputs: list[str]) -> list[dict]:
-    """`predict` with a model already loaded (`load_run`)."""
+def predict_with(saved: SavedModel, inputs: list) -> list[dict]:
+    """`predict` with a model already loaded (`load_run`). An image model also takes an image's
+    encoded bytes in place of its path (what `finetune serve` receives)."""
     if saved.preprocessor.kind == "image":
-        missing = [p for p in inputs if not Path(p).is_file()]
+        missing = [p for p in inputs if not isinstance(p, bytes) and not Path(p).is_file()]
         if missing:
             raise DataError(f"image file(s) not found: {', '.join(missing)}")
         try:
-            encoded = saved.preprocessor.encode([Path(p).read_bytes() for p in inputs])
+            encoded = saved.preprocessor.encode([p if isinstance(p, bytes) else Path(p).read_bytes() for p in inputs])
         except BadRows as bad:
-            raise DataError("; ".join(f"{inputs[i]}: {reason}" for i, reason in bad.rows.items())) from None
+            raise DataError("; ".join(f"{_named(inputs[i])}: {reason}" for i, reason in bad.rows.items())) from None
     else:
         encoded = saved.preprocessor.encode(inputs)
     predictions = saved.task.predict(saved.model(**encoded))
     # text: the prediction as `finetune predict` prints it, the task's own words
-    return [{"input": item, **prediction, "text": saved.task.prediction_text(prediction)}
+    return [{"input": _named(item), **prediction, "text": saved.task.prediction_text(prediction)}
             for item, prediction in zip(inputs, predictions)]  # fmt: skip
+
+
+def _named(item) -> str:
+    return f"({len(item):,} bytes of image)" if isinstance(item, bytes) else item

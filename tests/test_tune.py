@@ -203,6 +203,11 @@ def test_asha_stops_weak_trials_and_best_yaml_is_the_best_trial(ray_session, tmp
     capsys.readouterr()
     assert main(["evaluate", str(sweep_dir)]) == 0
     assert json.loads(capsys.readouterr().out)["test/accuracy"] == pytest.approx(summary["best"]["test/accuracy"])
+    # its model card: the best trial's test figures and the command that retrains it
+    card = (sweep_dir / "best" / "README.md").read_text()
+    tested = yaml.safe_load(card.split("---\n")[1])["model-index"][0]["results"][0]["metrics"]
+    assert {m["type"]: m["value"] for m in tested}["accuracy"] == pytest.approx(summary["best"]["test/accuracy"], abs=1e-4)
+    assert "the best of 2 trials of a sweep" in card and f"finetune train {sweep_dir.name}/best.yaml" in card
 
 
 def _trial_states(sweep_dir: Path) -> dict[str, str]:

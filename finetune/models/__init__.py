@@ -6,10 +6,11 @@ Names:
   hf:<id or path>      any Hugging Face AutoModelForSequenceClassification checkpoint
   torchvision:<arch>   any torchvision classification architecture (`model.weights` picks weights)
 
-A saved model folder (`save_model`) rebuilds without Ray or a hub: model.json names the
-family, model.safetensors holds the weights, labels.json the label names, task.json the
-task (type, thresholds or target scaling), and the preprocessor's files (tokenizer, or
-image size/mean/std) sit beside them.
+A saved model folder (`save_model`) rebuilds without Ray, a hub or the machine it was trained
+on: model.json names the family, model.safetensors holds the weights, labels.json the label
+names, task.json the task (type, thresholds), preprocessing.json the input's size (tokens, or
+image size/mean/std). A text model's folder is a Hugging Face one as well (config.json with
+id2label and problem_type, the tokenizer), which transformers loads without this package.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from finetune.config import DataConfig, ModelConfig
 from finetune.data.preprocess import ImagePreprocessor, Preprocessor, TextPreprocessor
 from finetune.models import text, vision
 from finetune.models.adapters import merge_adapters
-from finetune.models.groups import init_head
+from finetune.models.groups import UnknownArchitecture, init_head, output_layer
 from finetune.tasks import Task, task_from_json
 
 PACKAGED = {
@@ -33,6 +34,8 @@ PACKAGED = {
     "efficientnet-lite0": "EfficientNet-Lite0 ImageNet weights, 4.7M parameters (offline)",
 }
 PREFIXES = ("hf:", "torchvision:")
+# Hub ids of the packaged models (what they are copies of)
+PACKAGED_HUB_IDS = {"minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"}
 DEFAULT_IMAGE_SIZE = 224
 
 
@@ -57,6 +60,18 @@ def resolve(name: str) -> ModelRef:
         f"model.name={name!r} is not a known model: use one of {', '.join(PACKAGED)}, "
         "hf:<hub id or local path>, or torchvision:<architecture>"
     )
+
+
+def base_model(name: str) -> str:
+    """The Hub id (or the torchvision architecture) a model starts from, as a model card names it: a
+    local folder by its name only (its path is the training machine's)."""
+    if name in PACKAGED_HUB_IDS:
+        return PACKAGED_HUB_IDS[name]
+    if name.startswith("hf:"):
+        return name[3:] if not name[3:].startswith((".", "/", "~")) else Path(name[3:]).name
+    if name.startswith("torchvision:"):
+        return f"torchvision {name.split(':', 1)[1]}"
+    return name
 
 
 def check_model(cfg: ModelConfig) -> list[str]:
@@ -142,14 +157,12 @@ def build_model(model_cfg: ModelConfig, num_labels: int, image_size: int = DEFAU
 
 
 def build_architecture(
-    family: str, target: str, num_labels: int, image_size: int = DEFAULT_IMAGE_SIZE, text_config: str | Path | None = None,
-    trust_remote_code: bool = False,
+    family: str, target: str, num_labels: int, image_size: int = DEFAULT_IMAGE_SIZE, trust_remote_code: bool = False,
 ) -> nn.Module:  # fmt: skip
     """The classifier's structure without pretrained weights (random init, or none on the meta
-    device): for loading saved weights, and for checking a pipeline before anything downloads.
-    `text_config`: where an hf model's config.json is (default: `target`)."""
+    device): for checking a pipeline before anything downloads, and for loading saved image models."""
     if family == "hf":
-        return text.rebuild_text_model(text_config or target, num_labels, trust_remote_code)
+        return text.rebuild_text_model(target, num_labels, trust_remote_code)
     if family == "efficientnet_lite":
         return vision.build_efficientnet_lite(num_labels, image_size, pretrained=False)
     return vision.rebuild_torchvision(target, num_labels)
@@ -171,8 +184,11 @@ def meta_architecture(model_cfg: ModelConfig, image_size: int, num_labels: int =
 
 def _architecture(model_cfg: ModelConfig, num_labels: int, image_size: int) -> dict:
     ref = resolve(model_cfg.name)
-    return {"name": model_cfg.name, "family": ref.family, "target": ref.target, "num_labels": num_labels,
-            "image_size": image_size, "trust_remote_code": model_cfg.trust_remote_code}  # fmt: skip
+    architecture = {"base_model": base_model(model_cfg.name), "family": ref.family, "num_labels": num_labels, "image_size": image_size,
+                    "trust_remote_code": model_cfg.trust_remote_code}  # fmt: skip
+    if ref.family != "hf":  # a text model's folder describes itself (config.json); its source may be a local path
+        architecture["target"] = ref.target
+    return architecture
 
 
 def save_model(
@@ -183,29 +199,52 @@ def save_model(
     task: Task,
     image_size: int = DEFAULT_IMAGE_SIZE,
 ) -> Path:
-    """Everything needed to predict later, without Ray or network."""
+    """Everything needed to predict later, without Ray, network or this run's machine; a text
+    model's folder is also a Hugging Face model folder (weights, config with label names, tokenizer).
+    LoRA adapters are merged, and outputs come in the task's units (a regression's scaling folded in)."""
     from safetensors.torch import save_model as save_weights
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = merge_adapters(model)
+    if scaling := task.output_scaling():
+        model, task = _fold_output_scaling(model, *scaling), task.with_outputs_in_units()
     architecture = _architecture(model_cfg, task.num_outputs, image_size)
     (directory / "model.json").write_text(json.dumps(architecture, indent=2))
     (directory / "labels.json").write_text(json.dumps(task.label_names, indent=2))
     (directory / "task.json").write_text(json.dumps(task.to_json(), indent=2))
-    save_weights(model, str(directory / "model.safetensors"))
     if isinstance(model, text.TextClassifier):
-        text.save_text_architecture(model, directory)
+        text.save_text_model(model, directory, task.label_names, task.hf_problem_type)
+    else:
+        save_weights(model, str(directory / "model.safetensors"))
     if isinstance(preprocessor, TextPreprocessor):
         from finetune.data.preprocess import load_tokenizer
 
-        load_tokenizer(preprocessor.tokenizer, preprocessor.trust_remote_code).save_pretrained(directory)
+        tokenizer = load_tokenizer(preprocessor.tokenizer, preprocessor.trust_remote_code)
+        tokenizer.model_max_length = preprocessor.max_length  # so `truncation=True` elsewhere cuts where training did
+        tokenizer.save_pretrained(directory)
         preprocessing = {"kind": "text", "max_length": preprocessor.max_length}
     else:
         preprocessing = {"kind": "image", "size": preprocessor.size,
                          "mean": list(preprocessor.mean), "std": list(preprocessor.std)}  # fmt: skip
     (directory / "preprocessing.json").write_text(json.dumps(preprocessing, indent=2))
     return directory
+
+
+def _fold_output_scaling(model: nn.Module, scale: float, shift: float) -> nn.Module:
+    """A copy of `model` whose last layer outputs `scale * output + shift`."""
+    import copy
+
+    import torch
+
+    folded = copy.deepcopy(model)
+    layer = output_layer(folded)
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+        if layer.bias is None:
+            raise UnknownArchitecture(f"{type(model).__name__}: its output layer has no bias to shift the target's mean by")
+        layer.bias.mul_(scale).add_(shift)
+    return folded
 
 
 @dataclass
@@ -232,11 +271,12 @@ def load_model(directory: str | Path) -> SavedModel:
     task = task_from_json(json.loads(task_file.read_text()) if task_file.is_file() else {"type": "classification"}, label_names)
     preprocessing = json.loads((directory / "preprocessing.json").read_text())
     trusted = architecture.get("trust_remote_code", False)  # the pipeline's say, kept with the model
-    model = build_architecture(
-        architecture["family"], architecture["target"], architecture["num_labels"], architecture["image_size"],
-        text_config=directory, trust_remote_code=trusted,
-    )
-    load_weights(model, str(directory / "model.safetensors"))
+    if architecture["family"] == "hf":
+        model = text.load_text_model(directory, trusted)
+    else:
+        model = build_architecture(architecture["family"], architecture["target"], architecture["num_labels"],
+                                   architecture["image_size"])  # fmt: skip
+        load_weights(model, str(directory / "model.safetensors"))
     model.eval()
     if preprocessing["kind"] == "text":
         preprocessor: Preprocessor = TextPreprocessor(str(directory), preprocessing["max_length"], trusted)

@@ -131,6 +131,15 @@ def _structural_groups(model: nn.Module, head: re.Pattern) -> dict[str, LayerGro
     return groups
 
 
+def output_layer(model: nn.Module) -> nn.Linear:
+    """The head's last linear layer, the one whose outputs are the model's."""
+    head = head_prefix(model)
+    linears = [m for name, m in model.named_modules() if head.match(f"{name}.") and isinstance(m, nn.Linear)]
+    if not linears:
+        raise UnknownArchitecture(f"{type(model).__name__}: its head has no linear layer")
+    return linears[-1]
+
+
 def init_head(model: nn.Module, scheme: str) -> None:
     """Re-initialise the new head's weights by `scheme`; biases to zero. `default` keeps the library's."""
     if scheme == "default":

@@ -37,8 +37,23 @@ def build_text_model(name_or_path: str, num_labels: int, trust_remote_code: bool
     return TextClassifier(hf_model)
 
 
-def save_text_architecture(model: TextClassifier, directory: Path) -> None:
-    model.hf_model.config.save_pretrained(directory)
+def save_text_model(model: TextClassifier, directory: Path, label_names: list[str], problem_type: str) -> None:
+    """A Hugging Face model folder: `AutoModelForSequenceClassification.from_pretrained(directory)`
+    and `pipeline("text-classification", model=directory)` load it with its label names."""
+    config = model.hf_model.config
+    config.id2label = dict(enumerate(label_names))
+    config.label2id = {name: i for i, name in enumerate(label_names)}
+    config.problem_type = problem_type
+    model.hf_model.save_pretrained(directory)
+
+
+def load_text_model(directory: str | Path, trust_remote_code: bool = False) -> TextClassifier:
+    from transformers import AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    return TextClassifier(
+        AutoModelForSequenceClassification.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    )
 
 
 def rebuild_text_model(config_source: str | Path, num_labels: int, trust_remote_code: bool = False) -> TextClassifier:

@@ -113,9 +113,21 @@ class Task:
 
     # ---- the model -----------------------------------------------------------------------------
 
+    # what Hugging Face's config.json calls this task (its pipelines pick softmax, sigmoid or none by it)
+    hf_problem_type: ClassVar[str] = ""
+
     @property
     def num_outputs(self) -> int:
         return len(self.label_names)
+
+    def output_scaling(self) -> tuple[float, float] | None:
+        """(scale, shift) that turn the head's outputs into the task's own units, which a saved
+        model folds into its last layer so other tools read its outputs as they are (None: none)."""
+        return None
+
+    def with_outputs_in_units(self) -> "Task":
+        """This task for a model whose outputs `output_scaling` has already been folded into."""
+        return self
 
     def training_loss(self, cfg: LossConfig, stats: dict | None) -> nn.Module:
         raise NotImplementedError

@@ -16,6 +16,7 @@ from finetune.tasks.registry import register_task
 @register_task
 class Classification(Task):
     type = "classification"
+    hf_problem_type = "single_label_classification"
     metric_names = ("accuracy", "macro_f1", "loss")
     default_metric = "val/accuracy"
     loss_names = ("cross_entropy", "focal")

@@ -25,6 +25,7 @@ def label_set(value, delimiter: str) -> list[str]:
 @register_task
 class MultiLabel(Task):
     type = "multi_label"
+    hf_problem_type = "multi_label_classification"
     metric_names = ("micro_f1", "macro_f1", "map", "loss")
     # F1 at the thresholds, what `predict` delivers. mAP only ranks scores: a barely trained model
     # whose near-0.5 scores happen to rank well has a high mAP and predicts nothing useful.

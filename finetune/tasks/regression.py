@@ -77,9 +77,17 @@ class Regression(Task):
     def label_sums(cls, labels, outputs):
         return np.array([labels.sum(dtype=np.float64)]), float(np.square(labels, dtype=np.float64).sum())
 
+    hf_problem_type = "regression"
+
     @property
     def num_outputs(self) -> int:
         return 1
+
+    def output_scaling(self):
+        return (self.std, self.mean) if (self.std, self.mean) != (1.0, 0.0) else None
+
+    def with_outputs_in_units(self):
+        return Regression(self.label_names)
 
     def value(self, outputs):
         return outputs.squeeze(-1) * self.std + self.mean

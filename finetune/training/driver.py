@@ -20,6 +20,7 @@ from finetune import files
 from finetune.config import ConfigError, PipelineConfig
 from finetune.ray_env import check_shared_storage, cluster_nodes, ensure_ray, on_driver_node, quiet_ray_data, warn_if_data_starved
 from finetune.report import report_or_warn, verdict
+from finetune.report.model_card import write_model_card
 from finetune.report.progress import TrainingProgress, phases_line, summary_table, working
 from finetune.tracking import start_tracking
 from finetune.training import Interrupted, TrainingDiverged
@@ -165,6 +166,8 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
                              has_best=best is not None, skipped=skipped)  # fmt: skip
     summary["warnings"] = verdict.check(summary, cfg.checkpoint.metric)
     files.write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    if best is not None:
+        write_model_card(run_dir)
     tracking.finish(summary, run_dir / "best" if best is not None else None)
     console.print(summary_table(summary))
     console.print(phases_line(summary["phases_s"]), highlight=False, soft_wrap=True)

@@ -37,6 +37,7 @@ from finetune import files
 from finetune.config import AshaConfig, PipelineConfig
 from finetune.inference import evaluate_run
 from finetune.report import report_or_warn
+from finetune.report.model_card import write_model_card
 from finetune.report.progress import working
 from finetune.report.sweep import history, results_table, trial_id
 from finetune.ray_env import (
@@ -277,6 +278,8 @@ def _report(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, results, wall_
         console.print(f"best model: {summary['best'].get('checkpoint')}\nretrain with: finetune train {sweep_dir / 'best.yaml'}")
     summary_text = json.dumps(summary, indent=2, default=str)
     files.write_text(sweep_dir / "summary.json", summary_text)
+    if (sweep_dir / "best").is_dir():
+        write_model_card(sweep_dir, command=f"finetune train {sweep_dir.name}/best.yaml")
     outcomes = {row.trial: "errored" if row.status == "ERROR" else "stopped_early" if row.stopped_early else "finished"
                 for row in rows.itertuples()}  # fmt: skip
     tracking.finish(json.loads(summary_text), sweep_dir / "best", outcomes)  # as summary.json holds it
