@@ -181,10 +181,10 @@ def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = N
 
 def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, max_batch_size: int = 16,
           batch_wait_s: float = 0.01, cpus_per_replica: float = 1.0, image_root: str | Path | None = None,
-          blocking: bool = True, console: Console | None = None) -> str:  # fmt: skip
+          blocking: bool = True, console: Console | None = None) -> str | None:  # fmt: skip
     """An HTTP endpoint (Ray Serve) for a run's best model: POST /predict {"inputs": [...]}, GET
-    /health. `blocking`: serve until Ctrl-C (the CLI); else return its URL at once (stop it with
-    `finetune.serving.stop()`)."""
+    /health. `blocking`: serve until Ctrl-C or SIGTERM (the CLI); else return its URL at once (stop
+    it with `finetune.serving.stop()`)."""
     from finetune import serving
 
     options = serving.ServeOptions(host, port, replicas, max_batch_size, batch_wait_s, cpus_per_replica,
@@ -192,7 +192,7 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, rep
     if not blocking:
         return serving.start(run_dir, options)
     serving.serve_until_interrupted(run_dir, options, console or Console())
-    return ""
+    return None
 
 
 def report(folder: str | Path) -> Path:

@@ -78,6 +78,29 @@ def test_a_saved_model_names_nothing_of_the_machine_it_was_trained_on(tmp_path, 
     assert predict_with(models.load_model(moved / "best"), TEXTS)[0]["probabilities"].keys() == {"neg", "pos"}
 
 
+def test_a_text_model_saved_before_best_was_a_hugging_face_folder_still_loads(tmp_path, tiny_bert_dir):
+    """The earlier layout: the classifier's own weight names (hf_model.*), model.json naming where
+    the model came from."""
+    from safetensors.torch import save_model as save_weights
+    from transformers import AutoTokenizer
+
+    model = models.build_model(ModelConfig(name=f"hf:{tiny_bert_dir}"), num_labels=2).eval()
+    old = tmp_path / "best"
+    old.mkdir()
+    save_weights(model, str(old / "model.safetensors"))
+    model.hf_model.config.save_pretrained(old)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(old)
+    for name, content in {"model.json": {"name": f"hf:{tiny_bert_dir}", "family": "hf", "target": str(tiny_bert_dir),
+                                         "num_labels": 2, "image_size": 224},
+                          "labels.json": ["neg", "pos"], "task.json": {"type": "classification"},
+                          "preprocessing.json": {"kind": "text", "max_length": 16}}.items():  # fmt: skip
+        (old / name).write_text(json.dumps(content))
+    saved = models.load_model(old)
+    inputs = saved.preprocessor.encode(TEXTS)
+    with torch.no_grad():
+        assert torch.equal(saved.model(**inputs), model(**inputs))
+
+
 def test_export_refuses_what_it_cannot_do_in_one_line(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--format", "torchscript"]) == 2
     assert "use --format pt2" in capsys.readouterr().out

@@ -184,8 +184,8 @@ def meta_architecture(model_cfg: ModelConfig, image_size: int, num_labels: int =
 
 def _architecture(model_cfg: ModelConfig, num_labels: int, image_size: int) -> dict:
     ref = resolve(model_cfg.name)
-    architecture = {"base_model": base_model(model_cfg.name), "family": ref.family, "num_labels": num_labels, "image_size": image_size,
-                    "trust_remote_code": model_cfg.trust_remote_code}  # fmt: skip
+    architecture = {"base_model": base_model(model_cfg.name), "family": ref.family, "num_labels": num_labels,
+                    "image_size": image_size, "trust_remote_code": model_cfg.trust_remote_code}  # fmt: skip
     if ref.family != "hf":  # a text model's folder describes itself (config.json); its source may be a local path
         architecture["target"] = ref.target
     return architecture
@@ -239,10 +239,10 @@ def _fold_output_scaling(model: nn.Module, scale: float, shift: float) -> nn.Mod
 
     folded = copy.deepcopy(model)
     layer = output_layer(folded)
+    if layer.bias is None:
+        raise UnknownArchitecture(f"{type(model).__name__}: its output layer has no bias to shift the target's mean by")
     with torch.no_grad():
         layer.weight.mul_(scale)
-        if layer.bias is None:
-            raise UnknownArchitecture(f"{type(model).__name__}: its output layer has no bias to shift the target's mean by")
         layer.bias.mul_(scale).add_(shift)
     return folded
 
@@ -271,11 +271,12 @@ def load_model(directory: str | Path) -> SavedModel:
     task = task_from_json(json.loads(task_file.read_text()) if task_file.is_file() else {"type": "classification"}, label_names)
     preprocessing = json.loads((directory / "preprocessing.json").read_text())
     trusted = architecture.get("trust_remote_code", False)  # the pipeline's say, kept with the model
-    if architecture["family"] == "hf":
+    if architecture["family"] == "hf" and "target" not in architecture:  # a Hugging Face folder
         model = text.load_text_model(directory, trusted)
-    else:
-        model = build_architecture(architecture["family"], architecture["target"], architecture["num_labels"],
-                                   architecture["image_size"])  # fmt: skip
+    else:  # an image model, or a text model saved before best/ was a Hugging Face folder
+        target = str(directory) if architecture["family"] == "hf" else architecture["target"]
+        model = build_architecture(architecture["family"], target, architecture["num_labels"], architecture["image_size"],
+                                   trust_remote_code=trusted)  # fmt: skip
         load_weights(model, str(directory / "model.safetensors"))
     model.eval()
     if preprocessing["kind"] == "text":

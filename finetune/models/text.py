@@ -50,10 +50,14 @@ def save_text_model(model: TextClassifier, directory: Path, label_names: list[st
 def load_text_model(directory: str | Path, trust_remote_code: bool = False) -> TextClassifier:
     from transformers import AutoModelForSequenceClassification
 
-    _quiet_transformers()
-    return TextClassifier(
-        AutoModelForSequenceClassification.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    _quiet_transformers()  # which also hides the loading report: a weight it lacks is an error here instead
+    hf_model, loading = AutoModelForSequenceClassification.from_pretrained(
+        directory, trust_remote_code=trust_remote_code, output_loading_info=True
     )
+    missing = [*loading.get("missing_keys", []), *loading.get("mismatched_keys", [])]
+    if missing:
+        raise ValueError(f"{directory}: the saved weights lack {len(missing)} of the model's, e.g. {missing[0]}")
+    return TextClassifier(hf_model)
 
 
 def rebuild_text_model(config_source: str | Path, num_labels: int, trust_remote_code: bool = False) -> TextClassifier:

@@ -16,6 +16,7 @@ from finetune.tasks.registry import register_task
 @register_task
 class Regression(Task):
     type = "regression"
+    hf_problem_type = "regression"
     metric_names = ("mae", "rmse", "r2", "loss")
     default_metric = "val/rmse"
     loss_names = ("mse", "huber")
@@ -76,8 +77,6 @@ class Regression(Task):
     @classmethod
     def label_sums(cls, labels, outputs):
         return np.array([labels.sum(dtype=np.float64)]), float(np.square(labels, dtype=np.float64).sum())
-
-    hf_problem_type = "regression"
 
     @property
     def num_outputs(self) -> int:
