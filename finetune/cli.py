@@ -210,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             console.print(f"report: {api.report(args.folder)}", soft_wrap=True)
         elif args.command == "serve":
+            from importlib.util import find_spec
+
+            if find_spec("starlette") is None or find_spec("uvicorn") is None:
+                console.print("[bold red]error:[/] finetune serve needs Ray Serve: pip install -e \".[serve]\"", highlight=False)
+                return EXIT_CONFIG
             api.serve(args.run_dir, host=args.host, port=args.port, replicas=args.replicas,
                       max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000,
                       cpus_per_replica=args.cpus_per_replica, image_root=args.image_root, console=console)  # fmt: skip
