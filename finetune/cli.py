@@ -215,9 +215,15 @@ def main(argv: list[str] | None = None) -> int:
             if find_spec("starlette") is None or find_spec("uvicorn") is None:
                 console.print("[bold red]error:[/] finetune serve needs Ray Serve: pip install -e \".[serve]\"", highlight=False)
                 return EXIT_CONFIG
-            api.serve(args.run_dir, host=args.host, port=args.port, replicas=args.replicas,
-                      max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000,
-                      cpus_per_replica=args.cpus_per_replica, image_root=args.image_root, console=console)  # fmt: skip
+            from finetune.serving import PortInUse
+
+            try:
+                api.serve(args.run_dir, host=args.host, port=args.port, replicas=args.replicas,
+                          max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000,
+                          cpus_per_replica=args.cpus_per_replica, image_root=args.image_root, console=console)  # fmt: skip
+            except PortInUse as error:
+                console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+                return EXIT_CONFIG
         elif args.command == "export":
             return _export(args, console)
         elif args.command == "predict":

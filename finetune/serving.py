@@ -46,6 +46,23 @@ class BadRequest(ValueError):
     pass
 
 
+class PortInUse(OSError):
+    """The address `finetune serve` was asked to listen on is taken (exit status 2)."""
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a taken port before Serve starts: Serve's proxy would fail to bind in the background
+    while the application itself comes up, and requests would reach whatever holds the port."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise PortInUse(f"{host}:{port} is not free ({error.strerror}): pick another with --port") from None
+
+
 @serve.deployment
 class Predictor:
     """One replica: the run's model, loaded once; requests' inputs batched across requests."""
@@ -149,6 +166,7 @@ def start(run_dir: str | Path, options: ServeOptions = ServeOptions()) -> str:
     load_run(run_dir)  # a missing or unfinished run fails here, in one line, before Serve starts
     if options.image_root and not Path(options.image_root).is_dir():
         raise FileNotFoundError(f"--image-root {options.image_root} is not a folder")
+    check_port(options.host, options.port)
     ensure_ray()
     # Serve's INFO lines (started, connecting, ready) would repeat what `finetune serve` says
     logging.getLogger("ray.serve").setLevel(logging.WARNING)

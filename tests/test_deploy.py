@@ -112,6 +112,28 @@ def test_export_refuses_what_it_cannot_do_in_one_line(tmp_path, capsys):
     assert "not a finished run directory" in capsys.readouterr().out
 
 
+def test_serve_refuses_a_taken_port_and_a_missing_run_in_one_line(tmp_path, tiny_bert_dir, capsys):
+    """Before Ray or Serve start: exit 2 and the line that says what to change."""
+    import socket
+
+    from finetune import config as config_module
+
+    cfg = config_module.parse({"name": "tiny", "data": {"source": "rotten_tomatoes", "max_length": 16},
+                               "model": {"name": f"hf:{tiny_bert_dir}"}})  # fmt: skip
+    run_dir = tmp_path / "run"
+    models.save_model(models.build_model(cfg.model, num_labels=2), run_dir / "best", cfg.model,
+                      TextPreprocessor(str(tiny_bert_dir), 16), Classification(["neg", "pos"]))  # fmt: skip
+    config_module.save(cfg, run_dir / "config.yaml")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(run_dir), "--port", str(port)]) == 2
+    assert f"127.0.0.1:{port} is not free" in capsys.readouterr().out
+    assert main(["serve", str(tmp_path / "no-run"), "--port", str(port)]) == 2
+    assert "not a finished run directory" in capsys.readouterr().out
+
+
 def _front_matter(card: str) -> dict:
     assert card.startswith("---\n")
     return yaml.safe_load(card.split("---\n")[1])
