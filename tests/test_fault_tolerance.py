@@ -20,7 +20,7 @@ import pytest
 from helpers import ctrl_c, mlflow_history, process_group, registered_checkpoint, tiny_sentiment_pipeline
 from finetune.cli import main
 from finetune.config import ConfigError
-from finetune.ray_env import check_shared_storage, mount_type
+from finetune.ray_env import LOCAL_TRAIN_POLL_S, check_shared_storage, mount_type
 
 MOUNTS = """\
 /dev/sda1 / ext4 rw,relatime 0 0
@@ -149,14 +149,14 @@ def test_ctrl_c_stops_a_run_with_where_to_continue_and_leaves_no_ray_process(tmp
     """SIGINT to the driver's process group, as a terminal sends Ctrl-C, once an epoch's checkpoint
     is registered: one line saying where to continue, exit 130, no traceback, and nothing of the
     run's own Ray (a local one, started by the driver) left running. That Ray's Train controller
-    polls its workers every 0.5 s, as the driver set it (the test session's own setting removed)."""
+    polls its workers every LOCAL_TRAIN_POLL_S, as the driver set it (the test session's own setting removed)."""
     pipeline, run_dir = _pipeline(tmp_path, tiny_bert_dir, epochs=40), tmp_path / "run"
     ray_tmp = tempfile.mkdtemp(prefix="rayint-", dir="/tmp")  # names every process of this Ray
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
     env["RAY_TMPDIR"] = ray_tmp
     driver = _driver_until_checkpoint(pipeline, run_dir, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     with process_group(driver):
-        assert _train_controllers_poll(ray_tmp) == ["0.5"]
+        assert _train_controllers_poll(ray_tmp) == [LOCAL_TRAIN_POLL_S]
         out = ctrl_c(driver, timeout=120)
     assert driver.returncode == 130, out[-3000:]
     assert "interrupted: the last checkpoint is " in out and f"continue with: finetune train --resume {run_dir}" in out
