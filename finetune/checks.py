@@ -6,6 +6,7 @@ its own, registry mistakes (an unknown model, a missing data file).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -56,6 +57,15 @@ def check_augmentation(cfg: PipelineConfig) -> list[str]:
         return []
     used = [key for key in ("augment", "mixup_alpha", "cutmix_alpha") if getattr(cfg.data, key)]
     return [f"data.{key} augments images; model.name={cfg.model.name} takes text" for key in used]
+
+
+def check_compile(cfg: PipelineConfig) -> list[str]:
+    """torch.compile builds its kernels with a C++ compiler (Triton's launchers too): without one the
+    run would fail at its first step, inside a worker."""
+    if cfg.train.compile and not any(shutil.which(name) for name in ("g++", "c++", "clang++")):
+        return ["train.compile=true needs a C++ compiler where the workers run (none found here): install one "
+                "(apt-get install g++) or set train.compile=false"]  # fmt: skip
+    return []
 
 
 def meta_training(cfg: PipelineConfig) -> Training | None:
@@ -109,7 +119,7 @@ def check_pipeline(raw: dict) -> PipelineConfig:
     problems = _registry_problems(raw)
     if not problems:
         problems = check_task(cfg) + check_splits(cfg) + check_text_length(cfg) + check_augmentation(cfg)
-        problems += check_strategy(cfg)
+        problems += check_compile(cfg) + check_strategy(cfg)
     problems += check_tracking(cfg.tracking)
     if cfg.tune is not None:
         problems += check_search_space(raw, cfg.tune) + check_search_alg(cfg.tune)

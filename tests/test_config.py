@@ -173,6 +173,12 @@ def test_settings_that_would_fail_mid_run_fail_validate(tmp_path, tiny_bert_dir,
     assert ("data.augment.0.scale: [0.1, 1.5]: a range of shares of the image, [low, high] with 0 < low <= high <= 1"
             in capsys.readouterr().out)  # fmt: skip
 
+    with pytest.MonkeyPatch.context() as patch:  # torch.compile's kernels need a C++ compiler
+        patch.setenv("PATH", str(tmp_path / "empty"))
+        assert main(["validate", str(write(tmp_path, {**MINIMAL, "data": data})), "train.compile=true"]) == 2
+    assert ("train.compile=true needs a C++ compiler where the workers run (none found here): install one "
+            "(apt-get install g++) or set train.compile=false") in capsys.readouterr().out
+
     not_a_model = tmp_path / "downloads"
     not_a_model.mkdir()
     assert main(["validate", str(write(tmp_path, {**MINIMAL, "model": {"name": f"hf:{not_a_model}"}}))]) == 2

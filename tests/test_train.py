@@ -209,3 +209,35 @@ def test_image_run_with_augmentation_mixup_and_skipped_rows(ray_session, tmp_pat
     # every good row in one split, each bad one skipped once: 40 rows in all
     assert summary["train_rows"] + epochs[-1]["val/samples"] + summary["test_samples"] + 2 == 40
     assert summary["test_accuracy"] > summary["constant_test_accuracy"]  # red or blue: learnable in four epochs
+
+
+def test_train_compile_trains_as_eager_does_and_saves_the_plain_model(monkeypatch):
+    """train.compile: the model's forward runs compiled on the worker, its steps end in eager's
+    weights, and what is saved or copied (state_dict keys, the EMA copy) is the plain model."""
+    import torch._inductor.config
+
+    from finetune.config import EmaConfig
+    from finetune.training import controls
+    from finetune.training.setup import build_training
+    from helpers import TinyCNN, pipeline_config, run_epochs
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # compiled dropout draws eager's masks
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"pixel_values": torch.rand(8, 3, 6, 6, generator=generator),
+                "label": torch.randint(0, 3, (8,), generator=generator)} for _ in range(4)]  # fmt: skip
+    weights = {}
+    for compiled in (False, True):
+        # SGD: Adam would turn the float noise in the gradient of a bias before BatchNorm (zero in exact
+        # arithmetic) into steps of the full learning rate, differently in each run
+        cfg = pipeline_config(model={"name": "m", "layer_groups": [r"^net\.stem\.", r"^net\.block\."]},
+                              optim={"name": "sgd", "lr": 0.1}, train={"compile": compiled})  # fmt: skip
+        torch.manual_seed(0)
+        training = build_training(cfg, TinyCNN(), steps_per_epoch=len(batches))
+        assert (training.module._compiled_call_impl is not None) == compiled
+        torch.manual_seed(1)
+        run_epochs(training, batches, epochs=2)
+        weights[compiled] = training.module.state_dict()
+    assert list(weights[True]) == list(weights[False])  # no `_orig_mod.` prefix: checkpoints load either way
+    for name, value in weights[False].items():
+        torch.testing.assert_close(weights[True][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    assert controls.ema_model(training.module, EmaConfig()).module._compiled_call_impl is None

@@ -433,6 +433,12 @@ class TrainConfig(Section):
     torch_threads: int | None = Field(
         None, ge=1, description="Intra-op threads per worker; unset = the machine's cores / workers on it."
     )
+    compile: bool = Field(
+        False, description="torch.compile the model on each worker (dynamic shapes; the state_dict and the "
+        "saved model stay the plain model's). Its first training and evaluation steps compile (about a minute "
+        "each on a CPU). For long runs on GPUs; on a 2-core CPU it made MiniLM's steps slower "
+        "(docs/BENCHMARKS.md). Needs a C++ compiler."
+    )
     log_every_steps: int = Field(10, ge=1, description="Progress update interval in optimizer steps.")
     train_eval_rows: int = Field(
         500, ge=0, description="A fixed sample of training rows (no augmentation) evaluated in eval mode each "

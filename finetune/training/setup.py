@@ -3,7 +3,7 @@
 drift:
 
   BatchNorm momentum/sync -> strategy.adapt -> layer_groups -> strategy.setup
-  -> (device, DDP on workers) -> weight-decay split -> optimizer -> scheduler -> BatchNorm train modes
+  -> (device, train.compile, DDP on workers) -> weight-decay split -> optimizer -> scheduler -> BatchNorm train modes
 
 Plain PyTorch: DDP comes in as the worker's `wrap` callable.
 """
@@ -73,6 +73,8 @@ def build_training(
     param_groups = strategy.setup(model, groups, cfg.optim.lr)
     if device is not None:
         model = steps.to_device(model, device)
+    if cfg.train.compile:  # compiles at its first call; state_dict keys and copies (EMA) stay the plain model's
+        model.compile(dynamic=True)
     wrapped = wrap(model, param_groups, strategy.freezes) if wrap else model
     optimizer = optim.build_optimizer(optim.split_weight_decay(param_groups, model, cfg.optim), cfg.optim, fused=fused)
     scheduler = optim.build_scheduler(optimizer, cfg.schedule, steps_per_epoch * cfg.train.epochs, steps_per_epoch,
