@@ -1,3 +1,4 @@
+import random
 import shutil
 from pathlib import Path
 
@@ -223,3 +224,64 @@ def test_regression_targets_are_numbers(ray_session, tmp_path):
     assert "gap.csv, row 4: no target (an empty cell or NaN)" in data_error_text(source.splits["train"].take_all)
     with pytest.raises(DataError, match="rotten_tomatoes is a classification dataset"):
         load_source(DataConfig(source="rotten_tomatoes"), seed=0, task="regression")
+
+
+def _token_batches(lengths: list[int], batch_size: int, width: int = 12) -> list[dict[str, torch.Tensor]]:
+    """Right-padded token batches whose rows hold `lengths` tokens, each token the row's number + 1
+    (so a row is known by its ids); labels alternate."""
+    rows = torch.arange(len(lengths))
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+    ids = (rows[:, None] + 1) * mask
+    return [{"input_ids": ids[i : i + batch_size], "attention_mask": mask[i : i + batch_size],
+             "label": rows[i : i + batch_size] % 2} for i in range(0, len(lengths), batch_size)]  # fmt: skip
+
+
+def _row_numbers(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return batch["input_ids"].max(dim=1).values - 1
+
+
+def test_group_by_length_keeps_every_row_and_batch_and_pads_less():
+    from finetune.data.lengths import group_by_length
+
+    lengths = [random.Random(i).randint(1, 12) for i in range(200)]
+    batches = _token_batches(lengths, 8)[:-1]  # full batches only, as training reads them
+    grouped = list(group_by_length(batches, seed=3))
+    assert [len(b["label"]) for b in grouped] == [len(b["label"]) for b in batches]  # DDP ranks keep equal steps
+    assert sorted(torch.cat([_row_numbers(b) for b in grouped]).tolist()) == list(range(len(batches) * 8))
+    for batch in grouped:  # each row keeps its own tokens, mask and label
+        assert torch.equal(batch["attention_mask"].sum(dim=1), torch.tensor([lengths[r] for r in _row_numbers(batch)]))
+        assert torch.equal(batch["label"], _row_numbers(batch) % 2)
+    padded = lambda bs: sum(trim_padding(b)["input_ids"].numel() for b in bs)  # noqa: E731
+    assert padded(grouped) < 0.75 * padded(batches)
+    order = [_row_numbers(b).tolist() for b in grouped]
+    assert [_row_numbers(b).tolist() for b in group_by_length(batches, seed=3)] == order  # seeded
+    assert [_row_numbers(b).tolist() for b in group_by_length(batches, seed=4)] != order
+    images = [{"pixel_values": torch.rand(2, 3, 4, 4), "label": torch.tensor([0, 1])}]
+    assert list(group_by_length(images, seed=0)) == images  # no attention mask: as they came
+
+
+def test_evaluation_sorts_texts_by_length_and_returns_rows_in_their_order():
+    import torch.nn.functional as F
+
+    from finetune.tasks.classification import Classification
+    from finetune.training.steps import evaluate_rows
+
+    widths = []
+
+    class RowModel(torch.nn.Module):  # logits from the row's own tokens, whatever the padding around them
+        def forward(self, input_ids, attention_mask):
+            widths.append(input_ids.shape[1])
+            return torch.stack([(input_ids * attention_mask).sum(dim=1).float() / 50, attention_mask.sum(dim=1).float()], 1)
+
+    lengths = [random.Random(i).randint(1, 12) for i in range(45)]
+    batches = _token_batches(lengths, 4)
+    task, model = Classification(["a", "b"]), RowModel()
+    rows = evaluate_rows(model, batches, task, device=torch.device("cpu"), precision="fp32")
+    expected = torch.cat([model(b["input_ids"], b["attention_mask"]) for b in batches])
+    targets = torch.cat([b["label"] for b in batches])
+    assert rows["target"].tolist() == targets.tolist()  # the order the rows came in
+    torch.testing.assert_close(rows["loss"], F.cross_entropy(expected, targets, reduction="none"))
+    evaluated = widths[: -len(batches)]
+    assert sum(evaluated) < sum(max(lengths[i : i + 4]) for i in range(0, 45, 4))  # sorted batches pad less
+    cut = evaluate_rows(model, batches, task, device=torch.device("cpu"), precision="fp32", max_rows=10)
+    assert cut["target"].tolist() == targets[:10].tolist()

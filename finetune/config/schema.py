@@ -149,6 +149,12 @@ class DataConfig(Section):
         "(moves all rows through the object store), local = a buffer of shuffle_buffer rows per worker, none.",
     )
     shuffle_buffer: int = Field(2048, ge=2, description="Rows in the local shuffle buffer (shuffle=local).")
+    group_by_length: bool = Field(
+        True, description="Texts: each 16 training batches (in their shuffled order) re-cut into batches of "
+        "similar-length texts, then shuffled, so a batch pads less (about half the tokens to compute on short, "
+        "varied texts). false = batches as shuffled. Evaluation always runs texts sorted by length; its "
+        "results are the same either way."
+    )
     prefetch_batches: int = Field(
         2, ge=0, description="Batches prepared ahead of the training step, so data work overlaps compute."
     )

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from finetune.data.lengths import sorted_groups
 from finetune.data.preprocess import trim_padding
 from finetune.training import TrainingDiverged
 from finetune.tasks import Task
@@ -215,32 +216,46 @@ def evaluate_rows(
     worst: WorstRows | None = None,
     on_rows: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The task's per-row results (plain loss, targets, predictions or scores) over `batches`,
-    on the CPU; DDP ranks gather them before `task.metrics`. After `max_rows` rows the remaining
+    """The task's per-row results (plain loss, targets, predictions or scores) over `batches`, in
+    the order the rows came, on the CPU; DDP ranks gather them before `task.metrics`. Texts run in
+    groups sorted by length (half the padding; `data.lengths`). After `max_rows` rows the remaining
     batches are drained unused (the data iterator still ends its epoch cleanly). `worst`: keeps
-    the worst mistakes' inputs. `on_rows(rows)`: after each batch, the rows evaluated so far."""
+    the worst mistakes' inputs. `on_rows(rows)`: after each group, the rows evaluated so far."""
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {}
+    rows = 0
+    for group, restore in sorted_groups(_first_rows(batches, max_rows)):
+        results: dict[str, list[torch.Tensor]] = {}
+        for batch in group:
+            inputs, labels = split_batch(batch, device)
+            with autocast(precision, device):
+                outputs = model(**inputs)
+            batch_results = task.eval_rows(outputs.float(), labels)
+            if worst is not None:
+                worst.offer(inputs, batch_results)
+            for name, values in batch_results.items():
+                results.setdefault(name, []).append(values)
+        for name, values in results.items():
+            merged = torch.cat(values)
+            parts.setdefault(name, []).append(merged if restore is None else merged[restore])
+        rows += sum(len(batch["label"]) for batch in group)
+        if on_rows is not None:
+            on_rows(rows)
+    if not parts:  # an empty split
+        return {"loss": torch.zeros(0)}
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def _first_rows(batches: Iterable[dict[str, torch.Tensor]], max_rows: int | None) -> Iterator[dict[str, torch.Tensor]]:
+    """`batches` cut after `max_rows` rows; the rest drained unused."""
     rows = 0
     for batch in batches:
         if max_rows is not None:
             if rows >= max_rows:
                 continue
             batch = {name: values[: max_rows - rows] for name, values in batch.items()}
-        inputs, labels = split_batch(batch, device)
-        rows += len(labels)
-        with autocast(precision, device):
-            outputs = model(**inputs)
-        results = task.eval_rows(outputs.float(), labels)
-        for name, values in results.items():
-            parts.setdefault(name, []).append(values)
-        if worst is not None:
-            worst.offer(inputs, results)
-        if on_rows is not None:
-            on_rows(rows)
-    if not parts:  # an empty split
-        return {"loss": torch.zeros(0)}
-    return {name: torch.cat(values) for name, values in parts.items()}
+        rows += len(batch["label"])
+        yield batch
 
 
 class WorstRows:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from finetune import models
 from finetune.config import PipelineConfig
 from finetune.data.augment import batch_mixer
+from finetune.data.lengths import group_by_length
 from finetune.models import batchnorm
 from finetune.training import TrainingDiverged, controls, steps
 from finetune.training.events import (
@@ -176,6 +177,8 @@ def train_one_epoch(worker: Worker, epoch: int) -> steps.EpochStats:
         local_shuffle_seed=cfg.train.seed + epoch if local else None,
         prefetch_batches=cfg.data.prefetch_batches,
     )
+    if cfg.data.group_by_length:
+        batches = group_by_length(batches, seed=cfg.train.seed + epoch)
     module, strategy, ema = training.module, training.strategy, worker.ema
     reported = {"steps": 0, "loss_sum": 0.0}  # at the step progress before
 
