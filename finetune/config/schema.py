@@ -150,10 +150,11 @@ class DataConfig(Section):
     )
     shuffle_buffer: int = Field(2048, ge=2, description="Rows in the local shuffle buffer (shuffle=local).")
     group_by_length: bool = Field(
-        True, description="Texts: each 16 training batches (in their shuffled order) re-cut into batches of "
+        False, description="Texts: each 16 training batches (in their shuffled order) re-cut into batches of "
         "similar-length texts, then shuffled, so a batch pads less (about half the tokens to compute on short, "
-        "varied texts). false = batches as shuffled. Evaluation always runs texts sorted by length; its "
-        "results are the same either way."
+        "varied texts). Off by default: where length goes with the label (short texts of one class, long of "
+        "another) the batches become single-class and training suffers. Evaluation always runs texts sorted "
+        "by length; its results are the same either way."
     )
     prefetch_batches: int = Field(
         2, ge=0, description="Batches prepared ahead of the training step, so data work overlaps compute."
