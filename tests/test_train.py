@@ -159,11 +159,13 @@ def _check_trackers(run_dir: Path, epochs: list[dict], summary: dict) -> None:
 
 @pytest.mark.e2e
 def test_same_seed_same_run(ray_session, tmp_path, tiny_bert_dir):
-    """Seeds fix the split, head init, shuffling and dropout: a one-worker rerun retraces the first."""
+    """Seeds fix the split, head init, shuffling (length grouping's included) and dropout: a
+    one-worker rerun retraces the first."""
     pipeline = two_worker_pipeline(tmp_path, tiny_bert_dir)
     losses = []
     for name in ("first", "second"):
-        overrides = ["train.epochs=2", "scaling.num_workers=1", "data.max_train_samples=192", "--run-dir", str(tmp_path / name)]
+        overrides = ["train.epochs=2", "scaling.num_workers=1", "data.max_train_samples=192", "data.group_by_length=true",
+                     "--run-dir", str(tmp_path / name)]  # fmt: skip
         assert main(["train", str(pipeline), *overrides]) == 0
         epochs = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         losses.append([value for e in epochs for value in (e["train/loss"], e["val/loss"])])
