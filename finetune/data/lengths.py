@@ -20,29 +20,18 @@ def group_by_length(batches: Iterable[dict[str, torch.Tensor]], seed: int,
     similar length, in a seeded random order (Hugging Face's group_by_length, with smaller groups).
     The epoch's rows and its batch count stay the same, so DDP ranks still take equal steps."""
     rng = random.Random(seed)
-    group: list[dict[str, torch.Tensor]] = []
-    for batch in batches:
-        if "attention_mask" not in batch:
-            yield batch
+    for group, is_text in _text_groups(batches, group_batches):
+        if not is_text:
+            yield from group
             continue
-        group.append(batch)
-        if len(group) == group_batches:
-            yield from _recut(group, rng)
-            group = []
-    if group:
-        yield from _recut(group, rng)
-
-
-def _recut(group: list[dict[str, torch.Tensor]], rng: random.Random) -> list[dict[str, torch.Tensor]]:
-    merged = _concat(group)
-    order = torch.argsort(merged["attention_mask"].sum(dim=1), stable=True)
-    batches, start = [], 0
-    for size in (len(batch["attention_mask"]) for batch in group):
-        rows = order[start : start + size]
-        batches.append({name: values[rows] for name, values in merged.items()})
-        start += size
-    rng.shuffle(batches)
-    return batches
+        merged, order = _by_length(group)
+        recut, start = [], 0
+        for batch in group:
+            rows = order[start : start + len(batch["attention_mask"])]
+            recut.append({name: values[rows] for name, values in merged.items()})
+            start += len(rows)
+        rng.shuffle(recut)
+        yield from recut
 
 
 def sorted_groups(batches: Iterable[dict[str, torch.Tensor]], group_batches: int = GROUP_BATCHES // 2,
@@ -50,27 +39,35 @@ def sorted_groups(batches: Iterable[dict[str, torch.Tensor]], group_batches: int
     """Evaluation: groups of `group_batches` batches, each group re-cut into batches of rows sorted by
     length, with the index that puts the group's per-row results back in the order the rows came
     (`results[restore]`); None for batches without an attention mask, given one at a time."""
+    for group, is_text in _text_groups(batches, group_batches):
+        if not is_text:
+            yield group, None
+            continue
+        merged, order = _by_length(group)
+        size = max(len(batch["attention_mask"]) for batch in group)
+        ordered = {name: values[order] for name, values in merged.items()}
+        yield ([{name: values[i : i + size] for name, values in ordered.items()} for i in range(0, len(order), size)],
+               torch.argsort(order))  # fmt: skip
+
+
+def _text_groups(batches: Iterable[dict[str, torch.Tensor]], group_batches: int,
+                 ) -> Iterator[tuple[list[dict[str, torch.Tensor]], bool]]:  # fmt: skip
+    """Text batches in lists of `group_batches` (the last may be shorter), True; a batch without an
+    attention mask (images) alone, False."""
     group: list[dict[str, torch.Tensor]] = []
     for batch in batches:
         if "attention_mask" not in batch:
-            yield [batch], None
+            yield [batch], False
             continue
         group.append(batch)
         if len(group) == group_batches:
-            yield _sorted(group)
+            yield group, True
             group = []
     if group:
-        yield _sorted(group)
+        yield group, True
 
 
-def _sorted(group: list[dict[str, torch.Tensor]]) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
-    merged = _concat(group)
-    order = torch.argsort(merged["attention_mask"].sum(dim=1), stable=True)
-    size = max(len(batch["attention_mask"]) for batch in group)
-    ordered = {name: values[order] for name, values in merged.items()}
-    batches = [{name: values[i : i + size] for name, values in ordered.items()} for i in range(0, len(order), size)]
-    return batches, torch.argsort(order)
-
-
-def _concat(group: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {name: torch.cat([batch[name] for batch in group]) for name in group[0]}
+def _by_length(group: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The group's batches as one, and its rows' order from shortest to longest (ties as they came)."""
+    merged = {name: torch.cat([batch[name] for batch in group]) for name in group[0]}
+    return merged, torch.argsort(merged["attention_mask"].sum(dim=1), stable=True)

@@ -218,8 +218,8 @@ def evaluate_rows(
 ) -> dict[str, torch.Tensor]:
     """The task's per-row results (plain loss, targets, predictions or scores) over `batches`, in
     the order the rows came, on the CPU; DDP ranks gather them before `task.metrics`. Texts run in
-    groups sorted by length (half the padding; finetune.data.lengths). After `max_rows` rows the remaining
-    batches are drained unused (the data iterator still ends its epoch cleanly). `worst`: keeps
+    groups sorted by length (half the padding; finetune.data.lengths). After `max_rows` rows the
+    remaining batches are drained unused (the data iterator still ends its epoch cleanly). `worst`: keeps
     the worst mistakes' inputs. `on_rows(rows)`: after each group, the rows evaluated so far."""
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {}
