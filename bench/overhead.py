@@ -6,7 +6,7 @@ both tokenize their batches with the same preprocessor (Ray Data in its own task
 loop inline). Steady-state throughput excludes the first `--warmup-steps` steps; start-up
 (process/actor start, model build, first batch) is reported apart.
 
-    .venv/bin/python bench/overhead.py                  # MiniLM, 80 steps of 32
+    .venv/bin/python bench/overhead.py                  # MiniLM, 80 steps of 32, 3 alternating repetitions
     .venv/bin/python bench/overhead.py --steps 20 --model hf:/path/to/tiny-bert
 
 The last line printed is one JSON object.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -43,15 +44,22 @@ def _parts(model_name: str, max_length: int, total_steps: int):
     return model, preprocessor, training.optimizer, training.scheduler, torch.nn.CrossEntropyLoss()
 
 
-def _timed_run(model, batches, optimizer, scheduler, loss_fn, args, device=torch.device("cpu")) -> list[float]:
-    """Runs `args.steps` steps; returns the time at which each step ended."""
+def _timed_run(model, batches, optimizer, scheduler, loss_fn, args, device=torch.device("cpu")) -> tuple[list[float], float]:
+    """Runs `args.steps` steps; returns the time at which each step ended and the seconds spent
+    waiting for batches after the warm-up steps."""
     step_ends: list[float] = []
+    waited_by_step: list[float] = []
+
+    def on_step(step, loss, stats):
+        step_ends.append(time.perf_counter())
+        waited_by_step.append(stats.data_wait_seconds)
+
     steps.train_epoch(
         model, batches, optimizer, scheduler, loss_fn,
         device=device, precision=steps.resolve_precision(args.precision, device), max_steps=args.steps,
-        max_grad_norm=1.0, on_step=lambda step, loss, stats: step_ends.append(time.perf_counter()),
+        max_grad_norm=1.0, on_step=on_step,
     )  # fmt: skip
-    return step_ends
+    return step_ends, waited_by_step[-1] - waited_by_step[args.warmup_steps]
 
 
 def _steady_samples_per_s(step_ends: list[float], warmup: int, batch_size: int) -> float:
@@ -71,8 +79,8 @@ def bare_torch(rows: list[dict], args) -> dict:
                                     "label": np.array([r["label"] for r in chunk])})  # fmt: skip
             yield {k: torch.from_numpy(v) for k, v in encoded.items()}
 
-    step_ends = _timed_run(model, batches(), optimizer, scheduler, loss_fn, args)
-    return {"startup_s": step_ends[0] - started, "step_ends": step_ends}
+    step_ends, data_wait_s = _timed_run(model, batches(), optimizer, scheduler, loss_fn, args)
+    return {"startup_s": step_ends[0] - started, "step_ends": step_ends, "data_wait_s": data_wait_s}
 
 
 def _ray_worker(config: dict) -> None:
@@ -85,9 +93,10 @@ def _ray_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     shard = ray.train.get_dataset_shard("train")
     batches = shard.iter_torch_batches(batch_size=args.batch_size, drop_last=True, prefetch_batches=args.prefetch_batches)
-    step_ends = _timed_run(model, batches, optimizer, scheduler, loss_fn, args)
+    step_ends, data_wait_s = _timed_run(model, batches, optimizer, scheduler, loss_fn, args)
     Path(config["out"]).write_text(json.dumps({
-        "startup_s": step_ends[0] - started, "step_ends": step_ends, "torch_threads": torch.get_num_threads(),
+        "startup_s": step_ends[0] - started, "step_ends": step_ends, "data_wait_s": data_wait_s,
+        "torch_threads": torch.get_num_threads(),
     }))  # fmt: skip
 
 
@@ -136,6 +145,9 @@ def main() -> None:
     parser.add_argument("--no-dashboard", dest="dashboard", action="store_false", help="ray.init without the dashboard")
     parser.add_argument("--prefetch-batches", type=int, default=2, help="iter_torch_batches prefetch (the loop's: 2)")
     parser.add_argument("--materialize", action="store_true", help="tokenize before training (diagnostic)")
+    parser.add_argument("--reps", type=int, default=3, help="alternating repetitions of each path")
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="also, once: the bare loop as a Ray task, and Ray's streaming_split ingest")
     args = parser.parse_args()
 
     texts, categories = rotten_tomatoes_rows()
@@ -143,51 +155,57 @@ def main() -> None:
     count = args.steps * args.batch_size
     rows = [{"text": t, "label": label_names.index(c)} for t, c in zip(texts[:count], categories[:count])]
 
-    # The bare loop runs before Ray starts and after it stops (Ray's own processes keep a core
-    # busy for a while after ray.init); on a shared, noisy machine the mean of the two is the
-    # fairer baseline, and their spread says how far to trust the ratio.
-    torch_before = bare_torch(rows, args)
+    # Alternating repetitions, medians: this shared machine's speed drifts by more than the
+    # effect measured. The bare loop runs while Ray is down (a user without Ray has none of its
+    # processes); Ray starts afresh each repetition, as each `finetune train` does.
     import ray
 
-    init_started = time.perf_counter()
-    ray.init(log_to_driver=False, logging_level="WARNING", include_dashboard=args.dashboard)
-    ray_init_s = time.perf_counter() - init_started
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    # The same bare loop as a plain Ray task: Ray core's share of the cost, apart from Train and Data.
-    task = ray.remote(num_cpus=args.ray_cpus)(bare_torch)
-    in_task = ray.get(task.remote(rows, args))
-    # finetune's ingest (one worker iterates its datasets itself), then Ray's default (a
-    # streaming_split coordinator actor per dataset, which more than one worker needs)
-    ray_result = ray_train(rows, args, ShardingConfig(execution_options=ShardingConfig.default_ingest_options()))
-    split_result = ray_train(rows, args, ray.train.DataConfig(execution_options=ShardingConfig.default_ingest_options()))
-    ray.shutdown()
-    torch_after = bare_torch(rows, args)
+    bare_runs, ray_runs, init_s = [], [], []
+    diagnostics: dict = {}
+    for rep in range(args.reps):
+        if rep % 2 == 0:
+            bare_runs.append(bare_torch(rows, args))
+        init_started = time.perf_counter()
+        ray.init(log_to_driver=False, logging_level="WARNING", include_dashboard=args.dashboard)
+        init_s.append(time.perf_counter() - init_started)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        if rep == 0 and args.diagnostics:
+            # Ray core alone (the bare loop as a plain task), and Ray's default ingest (a
+            # streaming_split coordinator actor per dataset, which more than one worker needs)
+            task = ray.remote(num_cpus=args.ray_cpus)(bare_torch)
+            diagnostics["bare_loop_in_ray_task"] = ray.get(task.remote(rows, args))
+            diagnostics["ray_split_coordinator"] = ray_train(
+                rows, args, ray.train.DataConfig(execution_options=ShardingConfig.default_ingest_options()))  # fmt: skip
+        # finetune's ingest: one worker iterates its datasets itself
+        ray_runs.append(ray_train(rows, args, ShardingConfig(execution_options=ShardingConfig.default_ingest_options())))
+        ray.shutdown()
+        if rep % 2 == 1:
+            bare_runs.append(bare_torch(rows, args))
 
-    torch_speeds = [
-        _steady_samples_per_s(r["step_ends"], args.warmup_steps, args.batch_size) for r in (torch_before, torch_after)
-    ]
-    torch_speed = sum(torch_speeds) / 2
-    task_speed = _steady_samples_per_s(in_task["step_ends"], args.warmup_steps, args.batch_size)
-    ray_speed = _steady_samples_per_s(ray_result["step_ends"], args.warmup_steps, args.batch_size)
-    split_speed = _steady_samples_per_s(split_result["step_ends"], args.warmup_steps, args.batch_size)
+    def speed(run: dict) -> float:
+        return _steady_samples_per_s(run["step_ends"], args.warmup_steps, args.batch_size)
+
+    bare_speeds, ray_speeds = [speed(r) for r in bare_runs], [speed(r) for r in ray_runs]
+    torch_speed, ray_speed = statistics.median(bare_speeds), statistics.median(ray_speeds)
     print(json.dumps({
         "model": args.model, "steps": args.steps, "batch_size": args.batch_size, "warmup_steps": args.warmup_steps,
         "precision": steps.resolve_precision(args.precision, torch.device("cpu")), "cpus": os.cpu_count(),
-        "ray_worker_cpus": args.ray_cpus, "ray_worker_torch_threads": ray_result["torch_threads"],
-        "samples_per_s_ray": round(ray_speed, 2), "samples_per_s_torch": round(torch_speed, 2),
-        "samples_per_s_torch_before_after": [round(v, 2) for v in torch_speeds], "materialized": args.materialize, "prefetch_batches": args.prefetch_batches, "dashboard": args.dashboard,
+        "reps": args.reps, "ray_worker_cpus": args.ray_cpus, "ray_worker_torch_threads": ray_runs[0]["torch_threads"],
+        "materialized": args.materialize, "prefetch_batches": args.prefetch_batches, "dashboard": args.dashboard,
+        "samples_per_s_torch": round(torch_speed, 2), "samples_per_s_ray": round(ray_speed, 2),
         "ratio": round(ray_speed / torch_speed, 3),
-        "samples_per_s_ray_split_coordinator": round(split_speed, 2),
-        "ratio_split_coordinator": round(split_speed / torch_speed, 3),
-        "samples_per_s_bare_loop_in_ray_task": round(task_speed, 2),
-        "ratio_bare_loop_in_ray_task": round(task_speed / torch_speed, 3),
-        "startup_s_ray_init": round(ray_init_s, 2),
+        "samples_per_s_torch_each": [round(v, 2) for v in bare_speeds],
+        "samples_per_s_ray_each": [round(v, 2) for v in ray_speeds],
+        # steady state: seconds blocked on the next batch (the bare loop: tokenizing it inline)
+        "data_wait_s_torch": round(statistics.median(r["data_wait_s"] for r in bare_runs), 2),
+        "data_wait_s_ray": round(statistics.median(r["data_wait_s"] for r in ray_runs), 2),
+        **{f"ratio_{name}": round(speed(run) / torch_speed, 3) for name, run in diagnostics.items()},
+        "startup_s_ray_init": round(statistics.median(init_s), 2),
         # fit() time outside the training steps: worker group start, model build, first batch, teardown
-        "fit_overhead_s_ray": round(ray_result["fit_s"] - (ray_result["step_ends"][-1] - ray_result["step_ends"][0]), 2),
-        "fit_overhead_s_ray_split_coordinator": round(split_result["fit_s"] - (split_result["step_ends"][-1] - split_result["step_ends"][0]), 2),
-        "startup_s_worker_to_first_step": round(ray_result["startup_s"], 2),
-        "startup_s_worker_to_first_step_split_coordinator": round(split_result["startup_s"], 2),
-        "startup_s_torch_to_first_step": round(torch_before["startup_s"], 2),
+        "fit_overhead_s_ray": round(statistics.median(r["fit_s"] - (r["step_ends"][-1] - r["step_ends"][0])
+                                                      for r in ray_runs), 2),  # fmt: skip
+        "startup_s_worker_to_first_step": round(statistics.median(r["startup_s"] for r in ray_runs), 2),
+        "startup_s_torch_to_first_step": round(statistics.median(r["startup_s"] for r in bare_runs), 2),
     }))  # fmt: skip
 
 
