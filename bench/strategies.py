@@ -51,9 +51,9 @@ TASKS = {
 # (500 samples, seed 0; bench/results/strategy_selection.jsonl); discriminative's lr is the head's.
 LEARNING_RATES = {
     "text": {"full": 1e-4, "partial": 1e-4, "gradual_unfreeze": 3e-4, "discriminative": 3e-4, "l2sp": 1e-4,
-             "linear_probe": 1e-2, "bitfit": 2e-3, "lora": 1e-3},
+             "linear_probe": 1e-2, "bitfit": 2e-3, "lora": 1e-3, "lp_ft": 1e-4, "surgical": 1e-4},
     "image": {"full": 1e-3, "partial": 1e-3, "gradual_unfreeze": 1e-3, "discriminative": 3e-3, "l2sp": 1e-3,
-              "linear_probe": 1e-2, "bitfit": 5e-3, "lora": 2e-3},
+              "linear_probe": 1e-2, "bitfit": 5e-3, "lora": 2e-3, "lp_ft": 1e-3, "surgical": 1e-3},
 }  # fmt: skip
 STRATEGIES = {
     "full": {"name": "full"},
@@ -65,6 +65,9 @@ STRATEGIES = {
     "l2sp": {"name": "l2sp", "alpha": 0.01, "beta": 0.01},
     "bitfit": {"name": "bitfit"},
     "lora": {"name": "lora", "r": 8, "alpha": 16},
+    # the probe (one epoch of three) at linear_probe's rate: probe_lr_scale is set per task below
+    "lp_ft": {"name": "lp_ft", "probe_epochs": 1},
+    "surgical": {"name": "surgical", "last": 2},  # the last block and the neck: new labels, same inputs
 }
 TEST_SAMPLES = 1000
 
@@ -113,6 +116,8 @@ def run_one(task: str, size: int, strategy_name: str, seed: int, args, data) -> 
     resolved = dict(section)
     if strategy_name == "gradual_unfreeze" and "every_epochs" not in section and "every_steps" not in section:
         resolved["every_steps"] = max(1, steps_per_epoch * args.epochs // (2 * len(layer_groups(model))))
+    if strategy_name == "lp_ft" and "probe_lr_scale" not in section:
+        resolved["probe_lr_scale"] = LEARNING_RATES[task]["linear_probe"] / lr
     cfg = parse({"data": {"source": "x"}, "model": {"name": "x"}, "strategy": resolved, "optim": {"lr": lr},
                  "schedule": {"name": "linear", "warmup_ratio": 0.1}, "train": {"epochs": args.epochs}})  # fmt: skip
     training = build_training(cfg, model, steps_per_epoch)  # the run's own chain: weight-decay split included

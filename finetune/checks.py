@@ -78,12 +78,19 @@ def meta_training(cfg: PipelineConfig) -> Training | None:
 
 def check_strategy(cfg: PipelineConfig) -> list[str]:
     """Undeclarable layer groups, freeze_groups beyond the model's groups, a freeze regex or LoRA
-    target that matches nothing all show here instead of inside a Ray worker."""
+    target that matches nothing, surgical groups the model lacks, an LP-FT probe as long as the
+    run all show here instead of inside a Ray worker."""
+    problems = []
+    probe_epochs = getattr(cfg.strategy, "probe_epochs", None)
+    if cfg.strategy.name == "lp_ft" and probe_epochs is not None and probe_epochs >= cfg.train.epochs:
+        problems.append(f"strategy.probe_epochs={probe_epochs} with train.epochs={cfg.train.epochs}: the probe "
+                        "takes the whole run and the body never trains; raise train.epochs, lower "
+                        "strategy.probe_epochs, or use strategy.name=linear_probe")  # fmt: skip
     try:
         meta_training(cfg)
     except ValueError as error:  # UnknownArchitecture included
-        return [str(error)]
-    return []
+        problems.append(str(error))
+    return problems
 
 
 def describe_batchnorm(cfg: PipelineConfig) -> str | None:

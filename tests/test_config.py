@@ -168,6 +168,16 @@ def test_settings_that_would_fail_mid_run_fail_validate(tmp_path, tiny_bert_dir,
     for override, expected in cases.items():
         assert main(["validate", str(write(tmp_path, {**MINIMAL, "data": data})), override]) == 2
         assert expected in capsys.readouterr().out, override
+    strategies = {
+        ("strategy.name=lp_ft", "strategy.probe_epochs=2", "train.epochs=2"):
+            "strategy.probe_epochs=2 with train.epochs=2: the probe takes the whole run and the body never trains",
+        ("strategy.name=surgical", "strategy.groups=[block.0]"):
+            "strategy.groups: 'block.0' is not a layer group of this model; its groups below the head are stem, "
+            "bert.encoder.layer.0, ",
+    }  # fmt: skip
+    for overrides, expected in strategies.items():
+        assert main(["validate", str(write(tmp_path, {**MINIMAL, "data": data})), *overrides]) == 2
+        assert expected in capsys.readouterr().out, overrides
     erasing = {"source": str(tmp_path), "augment": [{"name": "random_erasing", "scale": [0.1, 1.5]}]}
     assert main(["validate", str(write(tmp_path, {"data": erasing, "model": {"name": "efficientnet-lite0"}}))]) == 2
     assert ("data.augment.0.scale: [0.1, 1.5]: a range of shares of the image, [low, high] with 0 < low <= high <= 1"

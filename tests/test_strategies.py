@@ -145,6 +145,116 @@ def test_gradual_takes_one_period(tiny):
         strategy_cfg(name="gradual_unfreeze", every_epochs=1, every_steps=10)
 
 
+def lp_ft_run(model, batches, strategy: dict, epochs: int, grad_accum_steps: int = 1, schedule: dict | None = None,
+              run_epochs_count: int | None = None):  # fmt: skip
+    """lp_ft through the run's setup chain (a run of `epochs`, the first `run_epochs_count` of them
+    taken); the trainable set and each group's rate at every step."""
+    cfg = pipeline_config(strategy=strategy, optim={"lr": LR}, train={"epochs": epochs},
+                          schedule=schedule or {"name": "constant", "warmup_ratio": 0.0})  # fmt: skip
+    training = build_training(cfg, model, steps_per_epoch=len(batches) // grad_accum_steps)
+    rates: list[dict[str, float]] = []
+    hook = training.strategy.before_step
+
+    def before_step(epoch, step, module):
+        hook(epoch, step, module)
+        rates.append({g["name"]: g["lr"] for g in training.optimizer.param_groups})
+
+    training.strategy.before_step = before_step
+    trainable = run_epochs(training, batches, run_epochs_count or epochs, grad_accum_steps)
+    return training, trainable, rates
+
+
+def test_lp_ft_probes_the_head_then_trains_everything_at_the_lower_rate(tiny):
+    model, batches = tiny  # 4 optimizer steps per epoch
+    pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    training, trainable, rates = lp_ft_run(model, batches, {"name": "lp_ft", "probe_lr_scale": 10.0}, epochs=2)
+    head, names = set(training.groups[-1].params), [g.name for g in training.groups]
+    assert trainable == [head] * 4 + [all_names(model)] * 4
+    assert rates == [{**dict.fromkeys(names, LR), "head": LR * 10}] * 4 + [dict.fromkeys(names, LR)] * 4
+    assert {n for n, p in model.named_parameters() if not torch.equal(p, pretrained[n])} == all_names(model)
+
+
+def test_lp_ft_probe_alone_leaves_the_body_pretrained(tiny):
+    model, batches = tiny
+    pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    training, _, _ = lp_ft_run(model, batches, {"name": "lp_ft", "probe_epochs": 1}, epochs=1)
+    assert {n for n, p in model.named_parameters() if not torch.equal(p, pretrained[n])} == set(training.groups[-1].params)
+
+
+def test_lp_ft_counts_probe_steps_in_optimizer_steps(tiny):
+    model, batches = tiny  # 4 batches, 2 per optimizer step: 2 steps per epoch
+    training, trainable, rates = lp_ft_run(model, batches, {"name": "lp_ft", "probe_steps": 3}, epochs=3,
+                                           grad_accum_steps=2)  # fmt: skip
+    head = set(training.groups[-1].params)
+    assert trainable == [head] * 3 + [all_names(model)] * 3
+    assert [r["head"] for r in rates] == [LR * 10] * 3 + [LR] * 3
+
+
+def test_lp_ft_scales_on_top_of_the_schedule_and_resumes_mid_schedule(tiny):
+    model, batches = tiny
+    strategy = {"name": "lp_ft", "probe_steps": 6, "probe_lr_scale": 100.0}
+    schedule = {"name": "linear", "warmup_ratio": 0.25}  # 8 steps: 2 of warmup, then down to 0
+    training, _, rates = lp_ft_run(model, batches, strategy, epochs=2, schedule=schedule)
+    factor = [0.0, 0.5, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]
+    assert [r["head"] for r in rates] == pytest.approx([LR * f * (100 if i < 6 else 1) for i, f in enumerate(factor)])
+    assert [r["stem"] for r in rates] == pytest.approx([LR * f for f in factor])
+    # a run resumed after its first epoch (step 4, inside the probe) from its checkpointed state
+    saved = lp_ft_run(model, batches, strategy, epochs=2, schedule=schedule, run_epochs_count=1)[0]
+    state = {"optimizer": saved.optimizer.state_dict(), "scheduler": saved.scheduler.state_dict()}
+    cfg = pipeline_config(strategy=strategy, optim={"lr": LR}, train={"epochs": 2}, schedule=schedule)
+    again = build_training(cfg, model, steps_per_epoch=4)
+    again.optimizer.load_state_dict(state["optimizer"])
+    again.scheduler.load_state_dict(state["scheduler"])
+    again.strategy.before_step(1, 4, model)
+    lrs = {g["name"]: g["lr"] for g in again.optimizer.param_groups}
+    assert lrs["head"] == pytest.approx(LR * 4 / 6 * 100) and lrs["stem"] == pytest.approx(LR * 4 / 6)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(again.groups[-1].params)
+    again.strategy.before_step(1, 6, model)  # the probe's end
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == all_names(model)
+
+
+def test_lp_ft_multipliers_do_not_compound_with_a_plateau_schedule(tiny):
+    model, batches = tiny
+    cfg = pipeline_config(strategy={"name": "lp_ft"}, optim={"lr": LR}, train={"epochs": 2},
+                          schedule={"name": "plateau", "warmup_ratio": 0.0, "patience": 0, "gamma": 0.5})  # fmt: skip
+    training = build_training(cfg, model, steps_per_epoch=4)
+    rates = lambda: {g["name"]: g["lr"] for g in training.optimizer.param_groups}  # noqa: E731
+    training.scheduler.epoch_end(0.5)
+    training.scheduler.epoch_end(0.4)  # worse, patience 0: the plateau halves its own rate, once
+    assert rates()["stem"] == pytest.approx(LR * 0.5) and rates()["head"] == pytest.approx(LR * 0.5 * 10)
+    for _ in range(4):
+        training.scheduler.step()
+    assert rates()["stem"] == rates()["head"] == pytest.approx(LR * 0.5)  # epoch 1: the probe is over
+
+
+def test_surgical_trains_the_named_groups_and_the_head(tiny):
+    model, batches = tiny
+    training, moved, _ = train(model, batches, {"name": "surgical", "groups": ["bert.encoder.layer.0"]})
+    groups = {g.name: set(g.params) for g in training.groups}
+    assert moved == groups["bert.encoder.layer.0"] | groups["head"]
+
+
+@pytest.mark.parametrize(("rule", "chosen"), [({"first": 2}, ["stem", "bert.encoder.layer.0"]),
+                                              ({"last": 1}, ["neck"])])  # fmt: skip
+def test_surgical_first_or_last_groups(tiny, rule, chosen):
+    model, batches = tiny
+    training, moved, _ = train(model, batches, {"name": "surgical", **rule})
+    groups = {g.name: set(g.params) for g in training.groups}
+    assert moved == set().union(*(groups[name] for name in [*chosen, "head"]))
+
+
+def test_surgical_names_the_groups_it_does_not_know(tiny):
+    model, _ = tiny
+    strategy = build_strategy(strategy_cfg(name="surgical", groups=["block.0"]))
+    with pytest.raises(ValueError, match=r"'block.0' is not a layer group of this model; its groups below the head "
+                                         r"are stem, bert.encoder.layer.0, bert.encoder.layer.1, neck"):
+        strategy.setup(model, layer_groups(model), LR)
+    with pytest.raises(ValueError, match="this model has 4 layer groups below the head"):
+        build_strategy(strategy_cfg(name="surgical", last=5)).setup(model, layer_groups(model), LR)
+    with pytest.raises(config.ConfigError, match="set exactly one of them"):
+        strategy_cfg(name="surgical", first=1, last=1)
+
+
 def test_l2sp_penalty_and_gradient_equal_the_formula(tiny):
     model, _ = tiny
     strategy = build_strategy(strategy_cfg(name="l2sp", alpha=0.3, beta=0.7))
@@ -206,6 +316,25 @@ def test_gradual_unfreeze_under_ddp_with_two_workers(ray_session, tmp_path, tiny
     no_better = summary["test_accuracy"] <= summary["constant_test_accuracy"] + 0.02
     assert no_better == any("no better than always predicting the most common class" in w for w in summary["warnings"])
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["strategy"]["name"] == "gradual_unfreeze"
+
+
+@pytest.mark.e2e
+def test_lp_ft_under_ddp_with_accumulation(ray_session, tmp_path, tiny_bert_dir):
+    """Two workers, two micro-batches per step: the body joins training after the probe epoch, and
+    DDP (which must expect parameters without gradients during the probe) synchronises it."""
+    pipeline = two_worker_pipeline(tmp_path, tiny_bert_dir)
+    run_dir = tmp_path / "run"
+    overrides = ["strategy.name=lp_ft", "strategy.probe_epochs=1", "train.epochs=2", "train.grad_accum_steps=2",
+                 "--run-dir", str(run_dir)]  # fmt: skip
+    assert main(["train", str(pipeline), *overrides]) == 0
+    pretrained = load_file(tiny_bert_dir / "model.safetensors")
+    probed, tuned = (load_file(path) for path in sorted(run_dir.glob("ray/*/checkpoint_*/model.safetensors")))
+    body = [name for name in pretrained if "encoder.layer" in name or "embeddings" in name]
+    assert all(torch.equal(probed[name], pretrained[name]) for name in body)  # epoch 0: the head alone
+    assert not torch.equal(probed["classifier.weight"], tuned["classifier.weight"])
+    assert all(not torch.equal(tuned[name], pretrained[name]) for name in body if name.endswith("weight")
+               and "LayerNorm" not in name)  # epoch 1: everything  # fmt: skip
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["strategy"]["probe_epochs"] == 1
 
 
 def test_lora_trains_only_adapters_and_head(tiny):

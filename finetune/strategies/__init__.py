@@ -5,6 +5,7 @@ Hooks (see `Strategy`):
   setup(model, groups, lr) -> optimizer param groups   what trains, at which learning rate
   before_step(epoch, step, model)                     e.g. gradual unfreezing (step: global optimizer step)
   penalty(model) -> Tensor | None                     e.g. L2-SP toward the pretrained weights
+  lr_scales(epoch, step) -> {group: multiplier}       rates that change by phase, e.g. LP-FT's probe
   state_dict() / load_state_dict(state)               what a checkpoint keeps of it (default: nothing)
 
 A strategy is one module: its config section and its class, registered together with
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 # importing each strategy's module registers it (and its config section), in this order
 from finetune.strategies import full  # noqa: F401, I001
 from finetune.strategies import subsets  # noqa: F401 - linear_probe, partial, bitfit
-from finetune.strategies import discriminative, gradual, l2sp, lora  # noqa: F401
+from finetune.strategies import discriminative, gradual, l2sp, lora, lp_ft, surgical  # noqa: F401
 from finetune.strategies.registry import STRATEGIES
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 class Strategy(Protocol):
     freezes: bool
+    scales_lr: bool
 
     def adapt(self, model: nn.Module) -> None: ...
 
@@ -42,6 +44,8 @@ class Strategy(Protocol):
     def before_step(self, epoch: int, step: int, model: nn.Module) -> None: ...
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None: ...
+
+    def lr_scales(self, epoch: int, step: int) -> dict[str, float]: ...
 
     def state_dict(self) -> dict: ...
 

@@ -40,6 +40,7 @@ class NoHooks:
     """Defaults for the optional hooks."""
 
     freezes = False
+    scales_lr = False  # True: `lr_scales` changes rates by phase, and the run's schedule applies it
 
     def adapt(self, model: nn.Module) -> None:
         """Change the model's structure before its layer groups are read (e.g. add adapters)."""
@@ -49,6 +50,11 @@ class NoHooks:
 
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         return None
+
+    def lr_scales(self, epoch: int, step: int) -> dict[str, float]:
+        """Multipliers on the schedule's rate by layer-group name (a name left out: 1) at global
+        optimizer `step` of `epoch`; read only when `scales_lr`."""
+        return {}
 
     def state_dict(self) -> dict:
         """What a checkpoint must keep for the strategy to continue where it was (none: its

@@ -40,7 +40,9 @@ class BitFitConfig(Section):
     name: Literal["bitfit"] = Field(description="bitfit: only biases (and the new head) train.")
 
 
-class _Subset(NoHooks):
+class Subset(NoHooks):
+    """A fixed set of parameters trains, named by `trainable(groups)`; the rest stay frozen."""
+
     freezes = True
 
     def __init__(self, cfg):
@@ -56,7 +58,7 @@ class _Subset(NoHooks):
 
 
 @register_strategy(LinearProbeConfig)
-class LinearProbeStrategy(_Subset):
+class LinearProbeStrategy(Subset):
     cfg: LinearProbeConfig
 
     def trainable(self, groups: list[LayerGroup]) -> set[str]:
@@ -64,7 +66,7 @@ class LinearProbeStrategy(_Subset):
 
 
 @register_strategy(PartialConfig)
-class PartialStrategy(_Subset):
+class PartialStrategy(Subset):
     cfg: PartialConfig
 
     def trainable(self, groups: list[LayerGroup]) -> set[str]:
@@ -85,7 +87,7 @@ class PartialStrategy(_Subset):
 
 
 @register_strategy(BitFitConfig)
-class BitFitStrategy(_Subset):
+class BitFitStrategy(Subset):
     cfg: BitFitConfig
 
     def trainable(self, groups: list[LayerGroup]) -> set[str]:

@@ -105,6 +105,50 @@ class WarmupThenPlateau:
             self.warming.load_state_dict(state["warming"])
 
 
+class StrategyScaledSchedule:
+    """The run's schedule, then the strategy's multipliers per layer group (`lr_scales`, e.g.
+    LP-FT's probe rate for the head). The schedule itself always sees and sets its own rates
+    (they are put back in the optimizer around each of its calls), so chained schedules such as
+    ReduceLROnPlateau do not compound the multipliers, and a resumed run restores both."""
+
+    def __init__(self, scheduler, optimizer: torch.optim.Optimizer, strategy, steps_per_epoch: int) -> None:
+        self.inner, self.optimizer, self.strategy = scheduler, optimizer, strategy
+        self.steps_per_epoch, self.steps = max(steps_per_epoch, 1), 0
+        self.unscaled = [group["lr"] for group in optimizer.param_groups]
+        self._scale()
+
+    def _scale(self) -> None:
+        scales = self.strategy.lr_scales(self.steps // self.steps_per_epoch, self.steps)
+        for group, lr in zip(self.optimizer.param_groups, self.unscaled):
+            group["lr"] = lr * scales.get(group.get("name"), 1.0)
+
+    def _call(self, method, *args) -> None:
+        for group, lr in zip(self.optimizer.param_groups, self.unscaled):
+            group["lr"] = lr
+        method(*args)
+        self.unscaled = [group["lr"] for group in self.optimizer.param_groups]
+        self._scale()
+
+    def step(self) -> None:
+        self.steps += 1
+        self._call(self.inner.step)
+
+    def epoch_end(self, metric: float) -> None:
+        if hasattr(self.inner, "epoch_end"):  # schedule.name=plateau
+            self._call(self.inner.epoch_end, metric)
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"inner": self.inner.state_dict(), "steps": self.steps, "unscaled": self.unscaled}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self.steps, self.unscaled = state["steps"], state["unscaled"]
+        self._scale()
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int = 1,
     plateau_mode: str = "max",

@@ -3,7 +3,8 @@
 drift:
 
   BatchNorm momentum/sync -> strategy.adapt -> layer_groups -> strategy.setup
-  -> (device, train.compile, DDP on workers) -> weight-decay split -> optimizer -> scheduler -> BatchNorm train modes
+  -> (device, train.compile, DDP on workers) -> weight-decay split -> optimizer -> scheduler
+  (-> the strategy's per-phase rates) -> BatchNorm train modes
 
 Plain PyTorch: DDP comes in as the worker's `wrap` callable.
 """
@@ -79,5 +80,7 @@ def build_training(
     optimizer = optim.build_optimizer(optim.split_weight_decay(param_groups, model, cfg.optim), cfg.optim, fused=fused)
     scheduler = optim.build_scheduler(optimizer, cfg.schedule, steps_per_epoch * cfg.train.epochs, steps_per_epoch,
                                       plateau_mode=metric_mode(cfg.schedule.metric))  # fmt: skip
+    if strategy.scales_lr:
+        scheduler = optim.StrategyScaledSchedule(scheduler, optimizer, strategy, steps_per_epoch)
     return Training(wrapped, model, strategy, groups, param_groups, optimizer, scheduler,
                     batchnorm.TrainModes(model, cfg.model.batchnorm.freeze_statistics))  # fmt: skip
