@@ -171,6 +171,9 @@ def test_lp_ft_probes_the_head_then_trains_everything_at_the_lower_rate(tiny):
     head, names = set(training.groups[-1].params), [g.name for g in training.groups]
     assert trainable == [head] * 4 + [all_names(model)] * 4
     assert rates == [{**dict.fromkeys(names, LR), "head": LR * 10}] * 4 + [dict.fromkeys(names, LR)] * 4
+    training.strategy.before_step(0, 0, training.module)  # as the run starts: what its group table shows
+    assert [(row["group"], row["lr"], row["trainable_now"] > 0) for row in training.describe_groups()] == [
+        *((name, LR, False) for name in names[:-1]), ("head", LR * 10, True)]  # fmt: skip
     assert {n for n, p in model.named_parameters() if not torch.equal(p, pretrained[n])} == all_names(model)
 
 

@@ -38,11 +38,17 @@ class Training:
     train_modes: batchnorm.TrainModes  # BatchNorm layers of frozen groups in eval mode
 
     def describe_groups(self) -> list[dict]:
-        """One row per layer group: its learning rate (None: frozen for good) and size."""
+        """One row per layer group: its size and learning rate (the schedule's peak, times the
+        strategy's first-phase multiplier if it has one; None: frozen for good)."""
         lrs = {id(p): g["lr"] for g in self.param_groups for p in g["params"]}
+        scales = self.strategy.lr_scales(0, 0) if self.strategy.scales_lr else {}
+
+        def start_lr(group: LayerGroup) -> float | None:
+            lr = next((lrs[id(p)] for p in group.params.values() if id(p) in lrs), None)
+            return None if lr is None else lr * scales.get(group.name, 1.0)
+
         return [
-            {"group": group.name, "params": group.size,
-             "lr": next((lrs[id(p)] for p in group.params.values() if id(p) in lrs), None),
+            {"group": group.name, "params": group.size, "lr": start_lr(group),
              "trainable_now": sum(p.numel() for p in group.params.values() if p.requires_grad)}
             for group in self.groups
         ]  # fmt: skip
