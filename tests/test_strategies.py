@@ -140,9 +140,12 @@ def test_gradual_resumes_mid_schedule(tiny):
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for g in groups[-3:] for n in g.params}
 
 
-def test_gradual_takes_one_period(tiny):
+def test_gradual_and_lp_ft_take_one_period(tiny):
     with pytest.raises(config.ConfigError, match="every_epochs and strategy.every_steps"):
         strategy_cfg(name="gradual_unfreeze", every_epochs=1, every_steps=10)
+    with pytest.raises(config.ConfigError, match="probe_epochs and strategy.probe_steps: set at most one"):
+        strategy_cfg(name="lp_ft", probe_epochs=1, probe_steps=10)
+    assert strategy_cfg(name="lp_ft").probe_epochs == 1
 
 
 def lp_ft_run(model, batches, strategy: dict, epochs: int, grad_accum_steps: int = 1, schedule: dict | None = None,
@@ -328,7 +331,7 @@ def test_lp_ft_under_ddp_with_accumulation(ray_session, tmp_path, tiny_bert_dir)
     pipeline = two_worker_pipeline(tmp_path, tiny_bert_dir)
     run_dir = tmp_path / "run"
     overrides = ["strategy.name=lp_ft", "strategy.probe_epochs=1", "train.epochs=2", "train.grad_accum_steps=2",
-                 "--run-dir", str(run_dir)]  # fmt: skip
+                 "checkpoint.num_to_keep=2", "--run-dir", str(run_dir)]  # both epochs' checkpoints  # fmt: skip
     assert main(["train", str(pipeline), *overrides]) == 0
     pretrained = load_file(tiny_bert_dir / "model.safetensors")
     probed, tuned = (load_file(path) for path in sorted(run_dir.glob("ray/*/checkpoint_*/model.safetensors")))

@@ -11,6 +11,16 @@ if TYPE_CHECKING:
     from finetune.models.groups import LayerGroup
 
 
+def one_period(section, epochs: str, steps: str):
+    """A schedule keyed by epochs or by optimizer steps: at most one of the two set; neither
+    means one epoch. For a strategy section's `model_validator(mode="after")`."""
+    if getattr(section, epochs) is not None and getattr(section, steps) is not None:
+        raise ValueError(f"strategy.{epochs} and strategy.{steps}: set at most one of them")
+    if getattr(section, epochs) is None and getattr(section, steps) is None:
+        setattr(section, epochs, 1)
+    return section
+
+
 def set_trainable(model: nn.Module, trainable: set[str]) -> None:
     """requires_grad on exactly the named parameters; every other parameter is frozen."""
     for name, param in model.named_parameters():

@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 
 from finetune.config.base import Section
 from finetune.strategies.registry import register_strategy
-from finetune.strategies.base import NoHooks, group_lr_scales, param_groups, set_trainable
+from finetune.strategies.base import NoHooks, group_lr_scales, one_period, param_groups, set_trainable
 
 if TYPE_CHECKING:
     from torch import nn
@@ -38,11 +38,7 @@ class GradualUnfreezeConfig(Section):
 
     @model_validator(mode="after")
     def _one_period(self) -> "GradualUnfreezeConfig":
-        if self.every_epochs is not None and self.every_steps is not None:
-            raise ValueError("strategy.every_epochs and strategy.every_steps: set at most one of them")
-        if self.every_steps is None and self.every_epochs is None:
-            self.every_epochs = 1
-        return self
+        return one_period(self, "every_epochs", "every_steps")
 
 
 def unfrozen_count(epoch: int, step: int, cfg: GradualUnfreezeConfig, total_groups: int) -> int:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, model_validator
 
 from finetune.config.base import Section
-from finetune.strategies.base import NoHooks, param_groups, set_trainable
+from finetune.strategies.base import NoHooks, one_period, param_groups, set_trainable
 from finetune.strategies.registry import register_strategy
 
 if TYPE_CHECKING:
@@ -42,11 +42,7 @@ class LpFtConfig(Section):
 
     @model_validator(mode="after")
     def _one_period(self) -> "LpFtConfig":
-        if self.probe_epochs is not None and self.probe_steps is not None:
-            raise ValueError("strategy.probe_epochs and strategy.probe_steps: set at most one of them")
-        if self.probe_steps is None and self.probe_epochs is None:
-            self.probe_epochs = 1
-        return self
+        return one_period(self, "probe_epochs", "probe_steps")
 
 
 @register_strategy(LpFtConfig)
