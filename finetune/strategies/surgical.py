@@ -23,7 +23,8 @@ class SurgicalConfig(Section):
         description="surgical: only the named layer groups (or the first/last K) train, plus the head."
     )
     groups: list[str] | None = Field(
-        None, description="Layer groups to train, by name (`finetune validate` lists a model's: stem, block.0, ...)."
+        None, description="Layer groups to train, by name as a run's layer-group table prints them (e.g. stem, "
+        "bert.encoder.layer.0); `finetune validate` refuses a name the model lacks and lists its groups.",
     )
     first: int | None = Field(None, ge=1, description="Train the first K groups from the input side (stem first).")
     last: int | None = Field(None, ge=1, description="Train the last K groups before the head.")
