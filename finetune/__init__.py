@@ -8,7 +8,7 @@
     model.predict(["a gripping, funny film", "two hours I will not get back"])
     finetune.export(result.run_dir, "onnx")  # also pt2, hf; checked against the trained model
 
-train, tune, evaluate, load, validate, export and serve do what the commands of the same name do
+train, tune, advise, evaluate, load, validate, export and serve do what the commands of the same name do
 (`finetune.api`); a pipeline is a YAML file's path, a dict, or a PipelineConfig. Names load on
 first use, so `import finetune` (and the CLI) stay quick.
 """
@@ -18,7 +18,8 @@ from __future__ import annotations
 from importlib import import_module
 
 _WHERE = {
-    **dict.fromkeys(("train", "tune", "evaluate", "load", "validate", "export", "serve", "Result", "SweepResult", "FineTuned"), "finetune.api"),
+    **dict.fromkeys(("train", "tune", "advise", "evaluate", "load", "validate", "export", "serve", "Result", "SweepResult",
+                       "Advice", "FineTuned"), "finetune.api"),
     "PipelineConfig": "finetune.config",
     "ConfigError": "finetune.config",
     "DataError": "finetune.data",

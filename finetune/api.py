@@ -82,9 +82,44 @@ def train(pipeline: Pipeline | None = None, overrides: Sequence[str] = (), run_d
     else:
         if pipeline is None:
             raise ConfigError(["train: give a pipeline (or resume=RUN_DIR)"])
-        cfg = validate(pipeline, overrides)
-        summary = driver.run(cfg, Path(run_dir) if run_dir else driver.default_run_dir(cfg), console)
+        raw = _raw(pipeline, overrides)
+        cfg = validate(raw)
+        folder = Path(run_dir) if run_dir else driver.default_run_dir(cfg)
+        if cfg.strategy.name == "auto":
+            from finetune.tuning import race
+
+            summary = race.train_auto(cfg, raw, folder, console)
+        else:
+            summary = driver.run(cfg, folder, console)
     return Result(Path(summary["run_dir"]), summary)
+
+
+@dataclass(frozen=True)
+class Advice:
+    """A strategy race without the winner's final training (`finetune advise`)."""
+
+    folder: Path
+    race: dict  # race.json: every candidate's scores by rung, cost and outcome; the winner
+
+    @property
+    def best_pipeline(self) -> Path:
+        """best.yaml: the pipeline with the winner's strategy and learning rate, for `train` as is."""
+        return self.folder / "best.yaml"
+
+
+def advise(pipeline: Pipeline, overrides: Sequence[str] = (), folder: str | Path | None = None, *,
+           console: Console | None = None) -> Advice:  # fmt: skip
+    """Race the candidate strategies on the pipeline's data (`finetune advise`) and say which to
+    use, without training the winner to the end. The pipeline's strategy section is used when it
+    is `auto` (its budget and candidates); any other strategy is replaced by `auto`'s defaults."""
+    from finetune.tuning import race
+
+    raw = _raw(pipeline, overrides)
+    if (raw.get("strategy") or {}).get("name") != "auto":
+        raw["strategy"] = {"name": "auto"}
+    cfg = validate(raw)
+    folder = Path(folder) if folder else race.default_advise_dir(cfg)
+    return Advice(folder.resolve(), race.advise(cfg, raw, folder, console))
 
 
 @dataclass(frozen=True)

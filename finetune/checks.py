@@ -13,12 +13,14 @@ from pydantic import ValidationError
 
 from finetune import config as config_module
 from finetune import models
-from finetune.config import ConfigError, DataConfig, ModelConfig, PipelineConfig, task_class
+from finetune.config import STRATEGY_CONFIGS, ConfigError, DataConfig, ModelConfig, PipelineConfig, task_class
 from finetune.data.catalog import CATALOG
 from finetune.data.sources import check_source
 from finetune.models import check_model
+from finetune.models.groups import layer_groups
 from finetune.tracking import check_tracking
 from finetune.training.setup import Training, build_training
+from finetune.strategies.auto import pipeline_lr
 from finetune.tuning.space import check_search_alg, check_search_space
 
 SECTION_CHECKS = (("data", DataConfig, check_source), ("model", ModelConfig, check_model))
@@ -72,14 +74,56 @@ def meta_training(cfg: PipelineConfig) -> Training | None:
     """The training setup chain (training.setup.build_training, as the workers run it) over the
     model's structure on the meta device: no weights, no memory. None when the architecture is
     out of reach from here (a hub model offline): the workers will say what is wrong."""
+    if cfg.strategy.name == "auto":
+        return None  # the race builds each candidate's (check_auto checks them)
     model = models.meta_architecture(cfg.model, models.image_size_for(cfg.data))
     return None if model is None else build_training(cfg, model, steps_per_epoch=1)
 
 
-def check_strategy(cfg: PipelineConfig) -> list[str]:
+def race_plan(cfg: PipelineConfig, full_lr: float | None, steps_per_epoch: int = 1):
+    """strategy.name=auto: the race's plan (strategies.auto.plan_race) for this model and budget,
+    rates relative to `full_lr` (the pipeline file's optim.lr: None when it sets none). The step
+    count only sets gradual unfreezing's and LP-FT's periods; the driver passes the real one."""
+    from finetune.strategies.auto import modality, plan_race
+
+    model = models.meta_architecture(cfg.model, models.image_size_for(cfg.data))
+    groups = len(layer_groups(model, cfg.model.layer_groups)) if model is not None else 8
+    kind = modality(models.resolve(cfg.model.name).family)
+    return plan_race(cfg.strategy, kind, epochs=cfg.train.epochs, steps_per_epoch=steps_per_epoch, groups=groups,
+                     full_lr=full_lr)  # fmt: skip
+
+
+def candidate_config(cfg: PipelineConfig, strategy: dict, lr: float) -> PipelineConfig:
+    """The pipeline with a race candidate's strategy section and learning rate."""
+    section = STRATEGY_CONFIGS[strategy["name"]].model_validate(strategy)
+    return cfg.model_copy(update={"strategy": section, "optim": cfg.optim.model_copy(update={"lr": lr})})
+
+
+def check_auto(cfg: PipelineConfig, full_lr: float | None) -> list[str]:
+    """A race that fits its budget, and candidates that fit the model (checked as check_strategy
+    checks a named strategy)."""
+    if cfg.tune is not None:
+        return ["strategy.name=auto races strategies itself: drop the tune section (finetune train or finetune advise "
+                "run the race), or sweep named strategies with tune.search_space.strategy.name"]  # fmt: skip
+    try:
+        plan = race_plan(cfg, full_lr)
+    except ValueError as error:
+        return [str(error)]
+    problems = []
+    for candidate in plan.candidates:
+        try:
+            meta_training(candidate_config(cfg, candidate.strategy, candidate.lr))
+        except ValueError as error:
+            problems.append(f"strategy.name=auto: candidate {candidate.label}: {error}")
+    return problems
+
+
+def check_strategy(cfg: PipelineConfig, full_lr: float | None = None) -> list[str]:
     """Undeclarable layer groups, freeze_groups beyond the model's groups, a freeze regex or LoRA
     target that matches nothing, surgical groups the model lacks, an LP-FT probe as long as the
     run all show here instead of inside a Ray worker."""
+    if cfg.strategy.name == "auto":
+        return check_auto(cfg, full_lr)
     problems = []
     probe_epochs = getattr(cfg.strategy, "probe_epochs", None)
     if cfg.strategy.name == "lp_ft" and probe_epochs is not None and probe_epochs >= cfg.train.epochs:
@@ -126,7 +170,7 @@ def check_pipeline(raw: dict) -> PipelineConfig:
     problems = _registry_problems(raw)
     if not problems:
         problems = check_task(cfg) + check_splits(cfg) + check_text_length(cfg) + check_augmentation(cfg)
-        problems += check_compile(cfg) + check_strategy(cfg)
+        problems += check_compile(cfg) + check_strategy(cfg, pipeline_lr(raw))
     problems += check_tracking(cfg.tracking)
     if cfg.tune is not None:
         problems += check_search_space(raw, cfg.tune) + check_search_alg(cfg.tune)

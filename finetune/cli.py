@@ -28,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", help="where results go (default: a new folder under runs/)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run whose driver died, from its last checkpoint")
 
+    advise = commands.add_parser("advise", help="race the fine-tuning strategies on your data and say which to use")
+    advise.add_argument("pipeline", help="pipeline YAML file (its strategy section is used when it is auto)")
+    advise.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. strategy.budget=2")
+    advise.add_argument("--dir", dest="folder", help="where the race goes (default: a new folder under runs/)")
+
     sweep = commands.add_parser("tune", help="hyperparameter sweep (Ray Tune, ASHA) over the pipeline's tune section")
     sweep.add_argument("pipeline", nargs="?", help="pipeline YAML file with a tune section")
     sweep.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. tune.num_samples=16")
@@ -194,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
             api.train(resume=args.resume, console=console)
         elif args.command == "train":
             api.train(args.pipeline, args.overrides, args.run_dir, console=console)
+        elif args.command == "advise":
+            api.advise(args.pipeline, args.overrides, args.folder, console=console)
         elif args.command == "validate":
             cfg = api.validate(args.pipeline, args.overrides)
             console.print(f"{args.pipeline}: valid")
@@ -201,6 +208,15 @@ def main(argv: list[str] | None = None) -> int:
 
             if note := describe_batchnorm(cfg):
                 console.print(note, highlight=False, soft_wrap=True)
+            if cfg.strategy.name == "auto":
+                from finetune.checks import race_plan
+                from finetune.strategies.auto import pipeline_lr
+
+                plan = race_plan(cfg, pipeline_lr(config_module.read_raw(args.pipeline, args.overrides)))
+                console.print(f"strategy race: {', '.join(c.label for c in plan.candidates)}; rungs at epoch "
+                              f"{', '.join(map(str, plan.rungs))}; {plan.planned_epochs} candidate-epochs of "
+                              f"{plan.budget_epochs:g}" + (f"; left out by the budget: {', '.join(plan.left_out)}"
+                                                           if plan.left_out else ""), highlight=False, soft_wrap=True)  # fmt: skip
         elif args.command == "evaluate":
             from finetune.report.progress import working
 

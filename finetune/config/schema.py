@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from finetune.config.base import MetricName, Section, UserPath, metric_mode, regex_problem, task_class
+from finetune.strategies.auto import AutoConfig
 
 
 # ---- training-time image augmentation (torchvision.transforms.v2), one entry per transform
@@ -272,7 +273,8 @@ def _strategy_configs() -> dict[str, type[Section]]:
 
 # Every registered strategy's section, told apart by `name` (finetune/strategies/).
 STRATEGY_CONFIGS = _strategy_configs()
-StrategyConfig = Annotated[Union[tuple(STRATEGY_CONFIGS.values())], Field(discriminator="name")]
+# `auto` is a section of its own: the driver races the others and never hands it to a worker.
+StrategyConfig = Annotated[Union[(*STRATEGY_CONFIGS.values(), AutoConfig)], Field(discriminator="name")]
 
 
 class OptimConfig(Section):

@@ -28,6 +28,7 @@ def run_report(run_dir: Path) -> str:
     metric = cfg.checkpoint.metric
     sections = [
         _result(summary, task, metric),
+        *([_strategy_race(summary["strategy_race"])] if summary.get("strategy_race") else []),
         section("Learning curves",
                 figure(figures.learning_curves(epochs, metric, summary.get("best_epoch")),
                        "train loss is measured while training (dropout, augmentation); train-eval scores a fixed "
@@ -44,7 +45,8 @@ def run_report(run_dir: Path) -> str:
                                                         "split, or a run from before reports)")))  # fmt: skip
     sections += [_layer_groups(summary), _data(summary), section("Resolved pipeline", preformatted(
         (run_dir / "config.yaml").read_text()), anchor="config")]  # fmt: skip
-    subtitle = (f"{cfg.task.type} · model {cfg.model.name} · strategy {cfg.strategy.name} · "
+    chosen = " (chosen by strategy.name=auto)" if summary.get("strategy_race") else ""
+    subtitle = (f"{cfg.task.type} · model {cfg.model.name} · strategy {cfg.strategy.name}{chosen} · "
                 f"{summary.get('train_rows')} training rows · {summary.get('epochs_run')} of {summary.get('epochs')} "
                 f"epochs · {summary.get('wall_s', 0):.0f} s · {run_dir}")  # fmt: skip
     return page(f"finetune run: {cfg.name}", subtitle, sections)
@@ -136,6 +138,26 @@ def _mistakes(task: Task, mistakes: list[dict]) -> str:
     what = "the texts as the model read them (tokens decoded)" if "text" in mistakes[0] else "the images as the model saw them"
     return section(f"{task.mistakes_title} on test", paragraph(f"the worst {len(mistakes)}, worst first; {what}"),
                    '<div class="cards">' + "".join(cards) + "</div>", anchor="mistakes")  # fmt: skip
+
+
+def _strategy_race(race: dict) -> str:
+    """strategy.name=auto: every candidate at each rung, what it cost, and why the winner won."""
+    rungs = race["racing_rungs"]
+    rows = []
+    for entry in race["candidates"]:  # best first
+        seconds = entry["epoch_seconds"]
+        rows.append([entry["label"], *(entry["scores"].get(str(r), "") for r in rungs), entry["trainable_params"],
+                     round(sum(seconds) / len(seconds), 1) if seconds else "", round(entry["peak_memory_mb"] or 0),
+                     entry["outcome"]])  # fmt: skip
+    winner = next(i for i, e in enumerate(race["candidates"]) if e["id"] == race["winner"])
+    said = [f"winner: {race['candidates'][winner]['label']}; {race['margin_over_full']}"]
+    if race.get("cheaper_runner_up"):
+        said.append(f"runner-up that costs less: {race['cheaper_runner_up']}")
+    said.append(f"{race['candidate_epochs']} candidate-epochs of a budget of {race['budget_epochs']:g}; the winner then "
+                "trained on from its race checkpoint (the curves above)")  # fmt: skip
+    headers = ["candidate", *(f"{race['metric']} at epoch {r}" for r in rungs), "trainable params", "s/epoch",
+               "peak memory MB", "outcome"]  # fmt: skip
+    return section("How the strategy was chosen", notes(said), table(headers, rows, marked={winner}), anchor="race")
 
 
 def _layer_groups(summary: dict) -> str:

@@ -100,10 +100,12 @@ def fit_and_record(trainer, monitor, record: RunRecord, subscribers: list[Subscr
     return outcome["result"]
 
 
-def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resume: bool = False) -> dict:
+def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resume: bool = False,
+        notes: dict | None = None) -> dict:  # fmt: skip
     """Fine-tune as configured; returns the summary also written to RUN_DIR/summary.json.
     `resume`: continue the run in `run_dir` from its latest checkpoint (Ray Train restores a run
-    of the same name and storage: RUN_DIR/run.json names them)."""
+    of the same name and storage: RUN_DIR/run.json names them). `notes`: added to the summary
+    (e.g. the strategy race that chose this run's strategy)."""
     console = console or Console()
     clock = PhaseClock()
     run_dir = Path(run_dir).resolve()
@@ -165,6 +167,7 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
     summary = record.summary(cfg, train_rows=train_rows, wall_s=wall_s, phases_s=phases_s, run_dir=run_dir,
                              has_best=best is not None, skipped=skipped)  # fmt: skip
     summary["warnings"] = verdict.check(summary, cfg.checkpoint.metric)
+    summary.update(notes or {})
     files.write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     if best is not None:
         write_model_card(run_dir)

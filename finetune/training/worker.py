@@ -8,6 +8,7 @@ resumes from, `ray.train.report`. The rest is plain PyTorch (steps.py, setup.py,
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import tempfile
 import time
@@ -224,7 +225,16 @@ def epoch_metrics(worker: Worker, epoch: int, stats: steps.EpochStats) -> dict:
         "train/seconds": stats.seconds,
         "train/data_wait_fraction": stats.data_wait_seconds / max(stats.seconds, 1e-9),
         "train/lr": worker.training.scheduler.get_last_lr()[0],
+        "train/peak_memory_mb": peak_memory_mb(worker.device),
     }
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The most memory this worker has held: the accelerator's allocations, or on CPU the
+    process's peak resident set (the model, optimizer state and activations, and the runtime)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # kilobytes on Linux
 
 
 def recalibrate_batchnorm(worker: Worker, metrics: dict) -> None:

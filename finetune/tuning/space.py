@@ -90,6 +90,10 @@ def check_search_space(base_raw: dict, cfg: TuneConfig) -> list[str]:
         if key == "tune" or key.startswith("tune."):
             problems.append(f"tune.search_space.{key}: the sweep's own settings cannot be searched")
             continue
+        if key == "strategy.name" and "auto" in _candidates(dimension):
+            problems.append("tune.search_space.strategy.name: auto races strategies itself and cannot be a trial's "
+                            "strategy; list named strategies")  # fmt: skip
+            continue
         for value in _candidates(dimension):
             errors, used = [], False
             for name in strategy_names:

@@ -67,35 +67,44 @@ def run_trial(params: dict, base_raw: dict, sweep_dir: str, tracking: dict) -> N
     """One trial (runs in a Tune actor): the trial's pipeline through the `finetune train` path,
     this actor being its driver: the workers' events come to it, and its trackers log them as a
     run of the sweep's (`tracking`: SweepTracking.for_trials)."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     trial_id = tune.get_context().get_trial_id()
     wait_for_slot(trial_id)
-    cfg = trial_config(base_raw, params)
+    train_trial(trial_config(base_raw, params), trial_id, str(Path(sweep_dir) / "train"),
+                Path(sweep_dir) / "trials" / trial_id, tracking, params=params)  # fmt: skip
+
+
+def train_trial(cfg: PipelineConfig, name: str, storage_path: str, trial_dir: Path, tracking: dict | None,
+                params: dict | None = None) -> None:  # fmt: skip
+    """Fit the Ray Train run `name` under `storage_path` (continuing it from its latest checkpoint
+    if it exists) from inside a Tune trial: every epoch's report reaches Tune; the events go to
+    trial_dir/metrics.jsonl and to the trackers (`tracking`: the sweep's, None for none)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
     quiet_ray_data()
     datasets = pipeline_datasets(cfg)
     batches_per_epoch, _ = plan_epoch(cfg, datasets.train_rows)
     monitor = RunMonitor.options(scheduling_strategy=on_driver_node()).remote()  # owned by this actor: ends with it
     trainer = build_trainer(
-        cfg, datasets, batches_per_epoch, name=trial_id, monitor=monitor,
+        cfg, datasets, batches_per_epoch, name=name, monitor=monitor, storage_path=storage_path,
         # Tune may stop this actor once it sees a report: the events before each report are handled first
-        storage_path=str(Path(sweep_dir) / "train"), callbacks=(EventsHandled(monitor), TuneReportCallback()),
+        callbacks=(EventsHandled(monitor), TuneReportCallback()),
     )  # fmt: skip
-    trial_dir = Path(sweep_dir) / "trials" / trial_id  # a resumed trial continues its tracker runs
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    trackers = start_tracking(cfg, trial_dir, resume=True, sweep=tracking)
+    trial_dir.mkdir(parents=True, exist_ok=True)  # a resumed trial continues its tracker runs
+    trackers = start_tracking(cfg, trial_dir, resume=True, sweep=tracking) if tracking is not None else None
     record = RunRecord(trial_dir / "metrics.jsonl")
     try:
-        fit_and_record(trainer, monitor, record, [trackers])
+        fit_and_record(trainer, monitor, record, [trackers] if trackers else [])
     except BaseException as error:
-        trackers.fail(interrupted=isinstance(error, KeyboardInterrupt))
+        if trackers:
+            trackers.fail(interrupted=isinstance(error, KeyboardInterrupt))
         raise
     finally:
         ray.kill(monitor)
         if datasets.bad_row_log is not None:
             ray.kill(datasets.bad_row_log)
-    tested = record.final.metrics if record.final else {}
-    trackers.finish({"trial": trial_id, "params": params, **{k.replace("/", "_"): v for k, v in tested.items()}}, None)
+    if trackers:
+        tested = record.final.metrics if record.final else {}
+        trackers.finish({"trial": name, "params": params, **{k.replace("/", "_"): v for k, v in tested.items()}}, None)
 
 
 def _trainable(base_raw: dict, sweep_dir: Path, tracking: SweepTracking):

@@ -1,0 +1,235 @@
+"""`strategy.name: auto` measured: its pick against every fixed strategy, and what the race costs.
+
+    .venv/bin/python bench/auto.py                          # every setting of bench/strategies.py, 3 seeds
+    .venv/bin/python bench/auto.py --tasks text --sizes 500 --seeds 0
+    .venv/bin/python bench/auto.py --report                 # the table, from the results file
+    .venv/bin/python bench/auto.py --pipeline pipelines/fashion-folder-small.yaml   # through `finetune train`
+
+Settings mode (the default): bench/strategies.py's settings (MiniLM-L6 on Rotten Tomatoes,
+EfficientNet-Lite0 on Fashion-MNIST at 64 px; 500 or 2,000 labelled rows; 3 epochs, batch 32,
+linear schedule with 10% warmup, the same seeds). The race runs in this process with the step
+code a Ray Train worker runs, and makes its decisions with the code `finetune train` uses
+(finetune.strategies.auto: plan_race, promote); candidates score on the validation split (1,000
+rows), the winner is trained to the end and tested on the same 1,000 test rows as the fixed
+strategies, whose means come from bench/strategies.py's results file. Compute: every
+candidate's training and validation seconds against one full fine-tune (3 epochs, validated
+each epoch) of the same seed, timed in the same process. Each (task, size, seed) is one JSON
+line in --results; lines already there are skipped, so an interrupted run resumes.
+
+Pipeline mode: `finetune train PIPELINE strategy.name=auto` and `finetune train PIPELINE` (its
+own strategy) back to back through Ray, test metric and wall time of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import strategies as fixed
+from finetune import models
+from finetune.config import parse
+from finetune.models import batchnorm
+from finetune.models.groups import layer_groups
+from finetune.strategies.auto import AutoConfig, Candidate, plan_race, promote, SCREEN
+from finetune.tasks.classification import Classification
+from finetune.training import steps
+from finetune.training.setup import build_training
+
+
+def _accuracy(model, data: dict, num_labels: int, precision: str) -> float:
+    evaluation = Classification([str(i) for i in range(num_labels)])
+    rows = steps.evaluate_rows(model, fixed._batches(data, 100, torch.arange(len(next(iter(data.values()))))), evaluation,
+                               device=torch.device("cpu"), precision=precision)  # fmt: skip
+    return evaluation.metrics(rows, "eval")["eval/accuracy"]
+
+
+def candidate_run(task: str, size: int, candidate: Candidate, seed: int, data, args):
+    """Trains one candidate epoch by epoch: yields (epochs done, val accuracy, seconds of training
+    and validation) after each, then ("test", test accuracy of the final weights)."""
+    train, val, test, num_labels, model_cfg = data
+    steps_per_epoch = size // args.batch_size
+    torch.manual_seed(seed)
+    model = models.build_model(model_cfg, num_labels, fixed.TASKS[task].get("image_size", 224))
+    cfg = parse({"data": {"source": "x"}, "model": {"name": "x"}, "strategy": candidate.strategy,
+                 "optim": {"lr": candidate.lr}, "schedule": {"name": "linear", "warmup_ratio": 0.1},
+                 "train": {"epochs": args.epochs}})  # fmt: skip
+    training = build_training(cfg, model, steps_per_epoch)
+    strategy = training.strategy
+    precision = steps.resolve_precision("auto", torch.device("cpu"))
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(args.epochs):
+        started = time.perf_counter()
+        order = torch.randperm(size, generator=generator)
+        steps.train_epoch(
+            model, fixed._batches(train, args.batch_size, order), training.optimizer, training.scheduler,
+            torch.nn.CrossEntropyLoss(), device=torch.device("cpu"), precision=precision, max_steps=steps_per_epoch,
+            max_grad_norm=1.0, penalty=lambda: strategy.penalty(model),
+            before_step=lambda step, epoch=epoch: strategy.before_step(epoch, epoch * steps_per_epoch + step, model),
+            train_modes=training.train_modes.apply,
+        )  # fmt: skip
+        tracked = set(batchnorm.batchnorm_layers(model)) - batchnorm.frozen_layers(model)
+        if tracked:  # the trained BatchNorm layers' statistics, as the worker loop does before each validation
+            batchnorm.recalibrate(model, fixed._batches(train, args.batch_size, torch.randperm(size, generator=generator)),
+                                  tracked, lambda batch: steps.forward(model, batch, torch.device("cpu"), precision),
+                                  max_batches=16)  # fmt: skip
+        score = _accuracy(model, val, num_labels, precision)
+        yield epoch + 1, score, time.perf_counter() - started
+    yield "test", _accuracy(model, test, num_labels, precision), 0.0
+
+
+def race_one(task: str, size: int, seed: int, data, args) -> dict:
+    """auto's race as `finetune train` runs it, in this process; then one full fine-tune, timed."""
+    _, _, _, num_labels, model_cfg = data
+    groups = len(layer_groups(models.build_model(model_cfg, num_labels, fixed.TASKS[task].get("image_size", 224))))
+    plan = plan_race(AutoConfig(name="auto", budget=args.budget), task, epochs=args.epochs,
+                     steps_per_epoch=size // args.batch_size, groups=groups)  # fmt: skip
+    runs = {c.id: candidate_run(task, size, c, seed, data, args) for c in plan.candidates}
+    scores: dict[str, dict[int, float]] = {c.id: {} for c in plan.candidates}
+    seconds = 0.0
+    alive = list(runs)
+    racing = plan.rungs[:-1] if len(plan.rungs) > 1 else plan.rungs
+    for index, rung in enumerate(racing):
+        for cid in alive:
+            while not scores[cid] or max(scores[cid]) < rung:
+                epoch, score, spent = next(runs[cid])
+                scores[cid][epoch] = score
+                seconds += spent
+        at_rung = {cid: scores[cid][rung] for cid in alive}
+        screen = at_rung.get(f"{SCREEN}-1") if index == 0 else None
+        keep = plan.survivors[index + 1] if index + 1 < len(plan.survivors) else 1
+        alive = promote(at_rung, keep, "max", screen)
+    winner = alive[0]
+    for epoch, score, spent in runs[winner]:
+        if epoch == "test":
+            test_accuracy = score
+            break
+        scores[winner][epoch] = score
+        seconds += spent
+    for cid in runs:
+        runs[cid].close()
+    full_seconds = sum(spent for epoch, _, spent in candidate_run(
+        task, size, Candidate("full", {"name": "full"}, fixed.LEARNING_RATES[task]["full"]), seed, data, args)
+        if epoch != "test")  # fmt: skip
+    label = next(c.label for c in plan.candidates if c.id == winner)
+    return {
+        "task": task, "size": size, "seed": seed, "epochs": args.epochs, "budget": args.budget, "winner": winner,
+        "winner_label": label, "test_accuracy": test_accuracy, "scores": {c: {str(e): s for e, s in v.items()} for c, v in scores.items()},
+        "candidates": [c.label for c in plan.candidates], "race_seconds": seconds, "full_seconds": full_seconds,
+        "compute_vs_full": seconds / full_seconds,
+    }  # fmt: skip
+
+
+def fixed_means(path: Path, epochs: int) -> dict[tuple[str, int], dict[str, float]]:
+    """bench/strategies.py's test accuracy means per (task, size): its table's settings, BatchNorm recalibrated."""
+    args = argparse.Namespace(epochs=epochs, lr=None, options=None, eval_split="test", batchnorm="recalibrate")
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    means: dict[tuple[str, int], dict[str, float]] = {}
+    for row in fixed.summarise([r for r in rows if fixed.same_settings(r, args)]):
+        means.setdefault((row["task"], row["size"]), {})[row["strategy"]] = row["test_accuracy_mean"]
+    return means
+
+
+def report(rows: list[dict], means: dict) -> list[dict]:
+    table = []
+    for (task, size), runs in sorted({(r["task"], r["size"]): [] for r in rows}.items()):
+        runs = [r for r in rows if (r["task"], r["size"]) == (task, size)]
+        setting = means.get((task, size), {})
+        best_name = max(setting, key=setting.get) if setting else None
+        auto_mean = statistics.mean(r["test_accuracy"] for r in runs)
+        table.append({
+            "task": task, "size": size, "seeds": len(runs), "auto_test_accuracy": round(auto_mean, 4),
+            "picks": [r["winner_label"] for r in runs],
+            "best_fixed": best_name, "best_fixed_accuracy": setting.get(best_name),
+            "full_accuracy": setting.get("full"),
+            "auto_minus_best_fixed_points": round((auto_mean - setting[best_name]) * 100, 2) if best_name else None,
+            "auto_minus_full_points": round((auto_mean - setting["full"]) * 100, 2) if "full" in setting else None,
+            "compute_vs_full": round(statistics.mean(r["compute_vs_full"] for r in runs), 2),
+        })  # fmt: skip
+    return table
+
+
+def markdown(table: list[dict]) -> str:
+    lines = ["| task | labelled | seeds | auto's picks | auto test acc | best fixed (mean) | auto - best | auto - full | compute x full |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in table:
+        lines.append(f"| {row['task']} | {row['size']} | {row['seeds']} | {'; '.join(row['picks'])} | "
+                     f"{row['auto_test_accuracy']:.3f} | {row['best_fixed']} {row['best_fixed_accuracy']} | "
+                     f"{row['auto_minus_best_fixed_points']:+.1f} | {row['auto_minus_full_points']:+.1f} | "
+                     f"{row['compute_vs_full']:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _run_cli(pipeline: str, overrides: list[str], run_dir: Path) -> dict:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "finetune.cli", "train", pipeline, *overrides, "--run-dir", str(run_dir)],
+                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"wall_s": time.perf_counter() - started, "test_accuracy": summary.get("test_accuracy"),
+            "strategy": summary.get("strategy_race", {}).get("winner"), "best_epoch": summary.get("best_epoch")}  # fmt: skip
+
+
+def pipeline_mode(pipeline: str) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        auto = _run_cli(pipeline, ["strategy.name=auto"], Path(directory) / "auto")
+        own = _run_cli(pipeline, [], Path(directory) / "own")
+    print(json.dumps({"pipeline": pipeline, "auto": auto, "own_strategy": own,
+                      "auto_minus_own_points": round((auto["test_accuracy"] - own["test_accuracy"]) * 100, 2),
+                      "wall_auto_vs_own": round(auto["wall_s"] / own["wall_s"], 2)}))  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=list(fixed.TASKS), choices=list(fixed.TASKS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=[500, 2000])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--budget", type=float, default=3.0)
+    parser.add_argument("--results", default="bench/results/auto.jsonl")
+    parser.add_argument("--fixed-results", default="bench/results/strategies.jsonl")
+    parser.add_argument("--report", action="store_true", help="print the table of --results and stop")
+    parser.add_argument("--pipeline", help="pipeline mode: auto against the pipeline's own strategy, through Ray")
+    args = parser.parse_args()
+    if args.pipeline:
+        return pipeline_mode(args.pipeline)
+    results, means = Path(args.results), fixed_means(Path(args.fixed_results), args.epochs)
+    done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    done = [r for r in done if (r["epochs"], r["budget"]) == (args.epochs, args.budget)]
+    if args.report:
+        print(markdown(report(done, means)))
+        return
+    import ray
+
+    ray.init(log_to_driver=False, logging_level="WARNING", include_dashboard=False)  # the datasets are read with Ray Data
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    results.parent.mkdir(parents=True, exist_ok=True)
+    finished = {(r["task"], r["size"], r["seed"]) for r in done}
+    for task in args.tasks:
+        for size in args.sizes:
+            data = None
+            for seed in args.seeds:
+                if (task, size, seed) in finished:
+                    continue
+                if data is None:
+                    train, val, num_labels, model_cfg = fixed._task_data(task, size, "val")
+                    _, test, _, _ = fixed._task_data(task, size, "test")
+                    data = (train, val, test, num_labels, model_cfg)
+                row = race_one(task, size, seed, data, args)
+                print(json.dumps(row), flush=True)
+                with results.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                done.append(row)
+    ray.shutdown()
+    print(json.dumps(report(done, means)))
+
+
+if __name__ == "__main__":
+    main()
