@@ -78,6 +78,16 @@ def test_the_explanation_names_the_margin_over_full_and_the_cheaper_runner_up():
     assert "trains on from its epoch-1 checkpoint to epoch 3" in text
 
 
+@pytest.mark.parametrize("workers, cpus, total, fitted", [(1, 1.0, 2, 0.99), (2, 0.5, 2, 0.49), (1, 0.5, 2, None), (1, 1.0, 8, None),
+                                                         (2, 1.0, 2, None), (2, 1.0, 3, 0.99)])  # fmt: skip
+def test_candidates_leave_ray_data_a_cpu_beside_their_trial_actor(tmp_path, tiny_bert_dir, workers, cpus, total, fitted):
+    from finetune.checks import load_pipeline
+    from finetune.tuning.race import fitted_reservation
+
+    pipeline = tiny_sentiment_pipeline(tmp_path, tiny_bert_dir, scaling={"num_workers": workers, "cpus_per_worker": cpus})
+    assert fitted_reservation(load_pipeline(pipeline), total) == fitted
+
+
 def test_validate_shows_the_race_and_refuses_what_cannot_run(tmp_path, tiny_bert_dir, capsys):
     pipeline = tiny_sentiment_pipeline(tmp_path, tiny_bert_dir)
     assert main(["validate", str(pipeline), "strategy.name=auto", "strategy.candidates=[full,lora]"]) == 0

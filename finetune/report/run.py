@@ -153,8 +153,8 @@ def _strategy_race(race: dict) -> str:
     said = [f"winner: {race['candidates'][winner]['label']}; {race['margin_over_full']}"]
     if race.get("cheaper_runner_up"):
         said.append(f"runner-up that costs less: {race['cheaper_runner_up']}")
-    said.append(f"{race['candidate_epochs']} candidate-epochs of a budget of {race['budget_epochs']:g}; the winner then "
-                "trained on from its race checkpoint (the curves above)")  # fmt: skip
+    said.append(f"{race['candidate_epochs']} candidate-epochs of a budget of {race['budget_epochs']:g} in "
+                f"{race.get('wall_s', 0):.0f} s; the winner then trained on from its race checkpoint (the curves above)")  # fmt: skip
     headers = ["candidate", *(f"{race['metric']} at epoch {r}" for r in rungs), "trainable params", "s/epoch",
                "peak memory MB", "outcome"]  # fmt: skip
     return section("How the strategy was chosen", notes(said), table(headers, rows, marked={winner}), anchor="race")

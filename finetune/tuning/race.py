@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -40,6 +42,7 @@ from finetune.ray_env import check_shared_storage, cluster_nodes, ensure_ray, qu
 from finetune.report.progress import working
 from finetune.report.sweep import history
 from finetune.strategies.auto import SCREEN, Candidate, RacePlan, pipeline_lr, promote
+from finetune.training import Interrupted
 from finetune.training.trainer import pipeline_datasets, plan_epoch
 from finetune.tuning.slots import ReleaseTrialSlot, create_slots, wait_for_slot
 from finetune.tuning.sweep import TRIAL_ACTOR_CPUS, train_trial
@@ -73,6 +76,7 @@ class Race:
     names: dict[str, str]  # candidate id -> its Ray Train run's name
     storage_path: str
     winner: str | None = None
+    wall_s: float = 0.0  # the race's own seconds, before the winner's run
     margin_over_full: str | None = None
     cheaper_runner_up: str | None = None
 
@@ -84,7 +88,7 @@ class Race:
 
     def to_json(self) -> dict:
         return {
-            "metric": self.metric, "mode": self.mode, "winner": self.winner,
+            "metric": self.metric, "mode": self.mode, "winner": self.winner, "wall_s": round(self.wall_s, 1),
             "winner_strategy": self.entries[self.winner].candidate.strategy if self.winner else None,
             "winner_lr": self.entries[self.winner].candidate.lr if self.winner else None,
             "margin_over_full": self.margin_over_full, "cheaper_runner_up": self.cheaper_runner_up,
@@ -115,6 +119,18 @@ def run_candidate(params: dict, raws: dict[str, dict], names: dict[str, str], st
     train_trial(config_module.parse(raws[cid]), names[cid], storage_path, Path(race_dir) / "trials" / cid, tracking=None)
 
 
+def fitted_reservation(cfg: PipelineConfig, total_cpus: float) -> float | None:
+    """scaling.cpus_per_worker for the candidates where the trial's own actor would leave Ray Data
+    less than the one CPU each of its tasks needs (one worker of 1 CPU on 2 cores: the demo),
+    else None. A reservation only places workers; their torch threads follow the node's cores."""
+    workers = cfg.scaling.num_workers
+    reserved = workers * cfg.scaling.cpus_per_worker
+    if total_cpus >= reserved + TRIAL_ACTOR_CPUS + 1 or total_cpus < reserved + 1:
+        return None  # room enough, or the pipeline alone starves Ray Data (validate-time warning)
+    fitted = math.floor((total_cpus - 1 - TRIAL_ACTOR_CPUS) / workers * 100) / 100
+    return fitted if fitted > 0 else None
+
+
 def _concurrency(cfg: PipelineConfig) -> int:
     """Candidates at a time: what the cluster's CPUs hold beside one CPU for Ray Data per trial."""
     per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1
@@ -129,10 +145,26 @@ def _entry(candidate: Candidate, raw: dict) -> Entry:
     return Entry(candidate, updated, sum(p.numel() for p in training.module.parameters()))
 
 
+class CandidateEpochs(tune.Callback):
+    """Each candidate's epoch as Tune receives it: the race's progress, one line each. Holds plain
+    values only (Tune saves its callbacks with the experiment)."""
+
+    def __init__(self, labels: dict[str, str], metric: str):
+        self.labels, self.metric = labels, metric
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        cid = (trial.config or {}).get("candidate")
+        if cid in self.labels and "epochs_done" in result and self.metric in result:
+            Console().print(f"  {self.labels[cid]}: epoch {int(result['epochs_done'])}, {self.metric} "
+                            f"{result[self.metric]:.4f}, {result.get('train/seconds', 0):.0f} s of training",
+                            highlight=False, soft_wrap=True)  # fmt: skip
+
+
 def _run_rung(race: Race, raws: dict[str, dict], race_dir: Path, rung_index: int, alive: list[str], concurrency: int):
     rung = race.plan.rungs[rung_index]
     trainable = tune.with_parameters(run_candidate, raws=raws, names=race.names, storage_path=race.storage_path,
                                      race_dir=str(race_dir))  # fmt: skip
+    labels = {cid: race.entries[cid].candidate.label for cid in alive}
     slots = create_slots(concurrency)
     try:
         results = tune.Tuner(
@@ -140,10 +172,17 @@ def _run_rung(race: Race, raws: dict[str, dict], race_dir: Path, rung_index: int
             param_space={"candidate": tune.grid_search(alive)},
             tune_config=tune.TuneConfig(search_alg=tune.search.BasicVariantGenerator(max_concurrent=concurrency)),
             run_config=tune.RunConfig(name=f"rung-{rung_index}", storage_path=str(race_dir), verbose=0,
-                                      stop={"epochs_done": rung}, callbacks=[ReleaseTrialSlot()]),  # fmt: skip
+                                      stop={"epochs_done": rung},
+                                      callbacks=[ReleaseTrialSlot(), CandidateEpochs(labels, race.metric)]),  # fmt: skip
         ).fit()
+    except KeyboardInterrupt:
+        raise Interrupted("the strategy race stopped (a race does not resume: run the command again)") from None
     finally:
         ray.kill(slots)
+    # after Ctrl-C Tune saves its state and stops the trials, and calls them TERMINATED like finished ones
+    saved = tune.ExperimentAnalysis(str(race_dir / f"rung-{rung_index}")).trials
+    if any(trial.status not in ("TERMINATED", "ERROR") for trial in saved):
+        raise Interrupted("the strategy race stopped (a race does not resume: run the command again)")
     for result in results:
         cid = (result.config or {}).get("candidate")
         if cid not in race.entries:
@@ -252,6 +291,7 @@ def markdown(race: Race) -> str:
 def run_race(cfg: PipelineConfig, base_raw: dict, run_dir: Path, console: Console, *, to_the_end: bool) -> Race:
     """Race the candidates of `cfg.strategy` (auto). `to_the_end`: leave the last rung (the
     winner's training to train.epochs) to the caller; otherwise stop once one is left."""
+    started = time.time()
     ensure_ray()
     quiet_ray_data()
     metric = cfg.checkpoint.metric
@@ -268,6 +308,12 @@ def run_race(cfg: PipelineConfig, base_raw: dict, run_dir: Path, console: Consol
     check_shared_storage(storage_path, cfg.checkpoint.storage_is_shared, cluster_nodes())
     prefix = f"{run_dir.name}-{uuid.uuid4().hex[:6]}"
     raws = {c.id: candidate_raw(base_raw, c) for c in plan.candidates}
+    if (fitted := fitted_reservation(cfg, ray.cluster_resources().get("CPU", 0.0))) is not None:
+        for raw in raws.values():
+            raw.setdefault("scaling", {})["cpus_per_worker"] = fitted
+        console.print(f"candidates reserve {fitted:g} CPU per worker (scaling.cpus_per_worker="
+                      f"{cfg.scaling.cpus_per_worker:g}): each race trial's own actor would leave Ray Data no CPU",
+                      highlight=False, soft_wrap=True)  # fmt: skip
     race = Race(metric, mode, plan, {c.id: _entry(c, raws[c.id]) for c in plan.candidates},
                 {c.id: f"{prefix}-{c.id}" for c in plan.candidates}, storage_path)  # fmt: skip
     concurrency = _concurrency(cfg)
@@ -299,6 +345,7 @@ def run_race(cfg: PipelineConfig, base_raw: dict, run_dir: Path, console: Consol
         if len(alive) == 1:
             break
     race.winner = alive[0]
+    race.wall_s = time.time() - started
     race.entries[race.winner].outcome = "winner"
     _explain(race)
     _write(race, base_raw, run_dir, console, to_the_end)
@@ -314,7 +361,7 @@ def _write(race: Race, base_raw: dict, run_dir: Path, console: Console, to_the_e
               f"({datetime.now():%Y-%m-%d %H:%M}); the race: {run_dir / 'race.md'}\n")  # fmt: skip
     files.write_text(run_dir / "best.yaml", header + yaml.safe_dump(best_raw, sort_keys=False))
     console.print(table(race))
-    console.print(f"winner: {winner.label}; {race.margin_over_full}", soft_wrap=True)
+    console.print(f"winner: {winner.label}; {race.margin_over_full} (the race took {race.wall_s:.0f} s)", soft_wrap=True)
     if race.cheaper_runner_up:
         console.print(f"runner-up that costs less: {race.cheaper_runner_up}", soft_wrap=True)
     if not to_the_end:
