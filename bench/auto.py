@@ -38,7 +38,7 @@ from finetune import models
 from finetune.config import parse
 from finetune.models import batchnorm
 from finetune.models.groups import layer_groups
-from finetune.strategies.auto import AutoConfig, Candidate, plan_race, promote, SCREEN
+from finetune.strategies.auto import SCREEN, AutoConfig, Candidate, plan_race, promote, rungs_for
 from finetune.tasks.classification import Classification
 from finetune.training import steps
 from finetune.training.setup import build_training
@@ -122,7 +122,7 @@ def race_one(task: str, size: int, seed: int, data, args) -> dict:
     return {
         "task": task, "size": size, "seed": seed, "epochs": args.epochs, "budget": args.budget, "winner": winner,
         "winner_label": label, "test_accuracy": test_accuracy, "scores": {c: {str(e): s for e, s in v.items()} for c, v in scores.items()},
-        "candidates": [c.label for c in plan.candidates], "race_seconds": seconds, "full_seconds": full_seconds,
+        "candidates": [c.label for c in plan.candidates], "rungs": plan.rungs, "race_seconds": seconds, "full_seconds": full_seconds,
         "compute_vs_full": seconds / full_seconds,
     }  # fmt: skip
 
@@ -202,7 +202,9 @@ def main() -> None:
         return pipeline_mode(args.pipeline)
     results, means = Path(args.results), fixed_means(Path(args.fixed_results), args.epochs)
     done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    done = [r for r in done if (r["epochs"], r["budget"]) == (args.epochs, args.budget)]
+    # rows of another plan are history (before rungs at every epoch of a short run: [1, 3])
+    rungs = rungs_for(args.epochs, AutoConfig(name="auto").reduction_factor)
+    done = [r for r in done if (r["epochs"], r["budget"], r.get("rungs", [1, 3])) == (args.epochs, args.budget, rungs)]
     if args.report:
         print(markdown(report(done, means)))
         return

@@ -145,7 +145,11 @@ def modality(model_family: str) -> Literal["text", "image"]:
 
 
 def rungs_for(epochs: int, eta: int) -> list[int]:
-    """Geometric rungs ending at `epochs` (3 epochs, eta 3: [1, 3]; 10: [1, 3, 10]; 2: [1, 2])."""
+    """Geometric rungs ending at `epochs` (10 epochs, eta 3: [1, 3, 10]). A short run (up to eta + 1
+    epochs) has a rung at every epoch: one epoch of a small dataset is a few steps, which leave
+    close candidates apart by noise, so the few that go on are compared again (3 epochs: [1, 2, 3])."""
+    if epochs <= eta + 1:
+        return list(range(1, epochs + 1))
     rungs = {epochs}
     k = 1
     while (rung := round(epochs / eta**k)) >= 1 and k < 8:
