@@ -20,7 +20,7 @@ from finetune.models import check_model
 from finetune.models.groups import layer_groups
 from finetune.tracking import check_tracking
 from finetune.training.setup import Training, build_training
-from finetune.strategies.auto import pipeline_lr
+from finetune.strategies.auto import modality, pipeline_lr, plan_race
 from finetune.tuning.space import check_search_alg, check_search_space
 
 SECTION_CHECKS = (("data", DataConfig, check_source), ("model", ModelConfig, check_model))
@@ -84,8 +84,6 @@ def race_plan(cfg: PipelineConfig, full_lr: float | None, steps_per_epoch: int =
     """strategy.name=auto: the race's plan (strategies.auto.plan_race) for this model and budget,
     rates relative to `full_lr` (the pipeline file's optim.lr: None when it sets none). The step
     count only sets gradual unfreezing's and LP-FT's periods; the driver passes the real one."""
-    from finetune.strategies.auto import modality, plan_race
-
     model = models.meta_architecture(cfg.model, models.image_size_for(cfg.data))
     groups = len(layer_groups(model, cfg.model.layer_groups)) if model is not None else 8
     kind = modality(models.resolve(cfg.model.name).family)

@@ -93,16 +93,16 @@ def train_trial(cfg: PipelineConfig, name: str, storage_path: str, trial_dir: Pa
     trackers = start_tracking(cfg, trial_dir, resume=True, sweep=tracking) if tracking is not None else None
     record = RunRecord(trial_dir / "metrics.jsonl")
     try:
-        fit_and_record(trainer, monitor, record, [trackers] if trackers else [])
+        fit_and_record(trainer, monitor, record, [trackers] if trackers is not None else [])
     except BaseException as error:
-        if trackers:
+        if trackers is not None:
             trackers.fail(interrupted=isinstance(error, KeyboardInterrupt))
         raise
     finally:
         ray.kill(monitor)
         if datasets.bad_row_log is not None:
             ray.kill(datasets.bad_row_log)
-    if trackers:
+    if trackers is not None:
         tested = record.final.metrics if record.final else {}
         trackers.finish({"trial": name, "params": params, **{k.replace("/", "_"): v for k, v in tested.items()}}, None)
 
