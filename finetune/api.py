@@ -107,6 +107,18 @@ class Advice:
         return self.folder / "best.yaml"
 
 
+def as_auto(raw: dict) -> dict:
+    """The pipeline with strategy.name=auto; auto's own keys given for another strategy (an
+    override such as strategy.budget=2) are kept, that strategy's keys are not."""
+    from finetune.strategies.auto import AutoConfig
+
+    section = raw.get("strategy") or {}
+    if section.get("name") != "auto":
+        kept = {key: value for key, value in section.items() if key in AutoConfig.model_fields and key != "name"}
+        raw = {**raw, "strategy": {"name": "auto", **kept}}
+    return raw
+
+
 def advise(pipeline: Pipeline, overrides: Sequence[str] = (), folder: str | Path | None = None, *,
            console: Console | None = None) -> Advice:  # fmt: skip
     """Race the candidate strategies on the pipeline's data (`finetune advise`) and say which to
@@ -114,9 +126,7 @@ def advise(pipeline: Pipeline, overrides: Sequence[str] = (), folder: str | Path
     is `auto` (its budget and candidates); any other strategy is replaced by `auto`'s defaults."""
     from finetune.tuning import race
 
-    raw = _raw(pipeline, overrides)
-    if (raw.get("strategy") or {}).get("name") != "auto":
-        raw["strategy"] = {"name": "auto"}
+    raw = as_auto(_raw(pipeline, overrides))
     cfg = validate(raw)
     folder = Path(folder) if folder else race.default_advise_dir(cfg)
     return Advice(folder.resolve(), race.advise(cfg, raw, folder, console))

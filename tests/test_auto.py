@@ -108,6 +108,15 @@ def test_validate_shows_the_race_and_refuses_what_cannot_run(tmp_path, tiny_bert
     assert "auto races strategies itself and cannot be a trial's strategy" in capsys.readouterr().out
 
 
+def test_advise_races_whatever_strategy_the_pipeline_names_with_the_auto_keys_given():
+    from finetune.api import as_auto
+
+    raw = {"strategy": {"name": "discriminative", "layer_decay": 0.8, "budget": 2, "candidates": ["full"]}}
+    assert as_auto(raw)["strategy"] == {"name": "auto", "budget": 2, "candidates": ["full"]}
+    assert as_auto({"strategy": {"name": "auto", "budget": 4}})["strategy"] == {"name": "auto", "budget": 4}
+    assert as_auto({})["strategy"] == {"name": "auto"}
+
+
 @pytest.mark.e2e
 def test_auto_races_then_continues_the_winner_from_its_checkpoint(ray_session, tmp_path, tiny_bert_dir):
     pipeline = tiny_sentiment_pipeline(tmp_path, tiny_bert_dir)
