@@ -13,7 +13,7 @@ without Ray:
   rung on the pipeline's own schedule, the best 1/eta continue from their checkpoints to the
   next rung, and the last one standing trains to train.epochs. Rungs are counted in epochs;
   the budget counts every candidate's epoch as one epoch of full fine-tuning (a linear probe's
-  epoch costs less, so the real compute stays under it);
+  epoch costs less; evaluation and start-up come on top: bench/auto.py measured 2.3-2.7x for a budget of 3);
 - the screen: a linear probe on the frozen features is the first candidate; a candidate that
   scores below it at a rung is not continued whatever its rank (it did worse than not training
   the body), so when nothing beats the probe the race ends early with the probe.
