@@ -235,21 +235,30 @@ def _explain(race: Race) -> None:
                                   f"with {share:.1f}% of the weights training")  # fmt: skip
 
 
-def table(race: Race) -> Table:
-    rich_table = Table(title=f"strategy race on {race.metric} (validation), best first")
+def _rows(race: Race) -> tuple[list[str], list[list[str]]]:
+    """The race table's headers and cells, best first: what the console and race.md show."""
     rungs = race.racing_rungs
-    for column in ("candidate", *(f"epoch {r}" for r in rungs), "trainable", "s/epoch", "peak MB", "outcome"):
-        rich_table.add_column(column, justify="left" if column in ("candidate", "outcome") else "right")
+    headers = ["candidate", *(f"epoch {r}" for r in rungs), "trainable params", "s/epoch", "peak MB", "outcome"]
+    rows = []
     for entry in ranked_entries(race):
         seconds = sum(entry.epoch_seconds) / len(entry.epoch_seconds) if entry.epoch_seconds else None
         share = entry.trainable_params / max(entry.total_params, 1) * 100
-        rich_table.add_row(
-            entry.candidate.label,
-            *(f"{entry.scores[r]:.4f}" if r in entry.scores else "" for r in rungs),
+        rows.append([
+            entry.candidate.label, *(f"{entry.scores[r]:.4f}" if r in entry.scores else "" for r in rungs),
             f"{entry.trainable_params:,} ({share:.1f}%)" if entry.total_params else "?",
             f"{seconds:.1f}" if seconds is not None else "", f"{entry.peak_memory_mb:.0f}" if entry.peak_memory_mb else "",
             entry.outcome,
-        )  # fmt: skip
+        ])  # fmt: skip
+    return headers, rows
+
+
+def table(race: Race) -> Table:
+    rich_table = Table(title=f"strategy race on {race.metric} (validation), best first")
+    headers, rows = _rows(race)
+    for column in headers:
+        rich_table.add_column(column, justify="left" if column in ("candidate", "outcome") else "right")
+    for row in rows:
+        rich_table.add_row(*row)
     return rich_table
 
 
@@ -270,15 +279,9 @@ def markdown(race: Race) -> str:
              f"Winner: **{race.entries[race.winner].candidate.label}**; {race.margin_over_full}."]  # fmt: skip
     if race.cheaper_runner_up:
         lines.append(f"Runner-up that costs less: {race.cheaper_runner_up}.")
-    lines += ["", "| candidate | " + " | ".join(f"epoch {r}" for r in rungs) + " | trainable params | s/epoch | peak MB | outcome |",
-              "|---" * (len(rungs) + 5) + "|"]  # fmt: skip
-    for entry in ranked_entries(race):
-        seconds = sum(entry.epoch_seconds) / len(entry.epoch_seconds) if entry.epoch_seconds else None
-        lines.append("| " + " | ".join([
-            entry.candidate.label, *(f"{entry.scores[r]:.4f}" if r in entry.scores else "" for r in rungs),
-            f"{entry.trainable_params:,}", f"{seconds:.1f}" if seconds is not None else "",
-            f"{entry.peak_memory_mb:.0f}" if entry.peak_memory_mb else "", entry.outcome,
-        ]) + " |")  # fmt: skip
+    headers, rows = _rows(race)
+    lines += ["", "| " + " | ".join(headers) + " |", "|---" * len(headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     if race.plan.left_out:
         lines += ["", f"Left out by the budget: {', '.join(race.plan.left_out)}."]
     if race.plan.rungs[-1] > rungs[-1]:
