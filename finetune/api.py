@@ -186,13 +186,19 @@ def evaluate(run_dir: str | Path, split: str = "test") -> dict[str, float]:
 
 
 class FineTuned:
-    """A run's best model, loaded once, with no Ray: `predict` as often as needed."""
+    """A run's best model (or its yardstick), loaded once, with no Ray: `predict` as often as needed."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def __init__(self, run_dir: str | Path, model: str = "fine_tuned") -> None:
         from finetune.inference import load_run
 
         self.run_dir = Path(run_dir)
         self.config, self._saved = load_run(run_dir)
+        if model == "yardstick":
+            from finetune import yardstick
+
+            self._saved = yardstick.load(run_dir)
+        elif model != "fine_tuned":
+            raise ValueError(f"model={model!r}: fine_tuned (the run's best model) or yardstick")
 
     @property
     def labels(self) -> list[str]:
@@ -210,9 +216,10 @@ class FineTuned:
         return predict_with(self._saved, list(inputs))
 
 
-def load(run_dir: str | Path) -> FineTuned:
-    """A run's (or a sweep's) best model, for predictions."""
-    return FineTuned(run_dir)
+def load(run_dir: str | Path, model: str = "fine_tuned") -> FineTuned:
+    """A run's (or a sweep's) best model, for predictions; `model="yardstick"`: the run's yardstick
+    (TF-IDF + a linear model, fit on the same training rows)."""
+    return FineTuned(run_dir, model)
 
 
 def export(run_dir: str | Path, format: str = "onnx", out: str | Path | None = None, quantize: str | None = None):

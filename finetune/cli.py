@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a pipeline file without running it")
     validate.add_argument("pipeline")
     validate.add_argument("overrides", nargs="*")
+    validate.add_argument("--lengths", action="store_true",
+                          help="also read a sample of the training texts: their token lengths against data.max_length")
 
     evaluate = commands.add_parser("evaluate", help="metrics of a run's best model on a split")
     evaluate.add_argument("run_dir")
@@ -84,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="labels for texts or image files")
     predict.add_argument("run_dir")
     predict.add_argument("inputs", nargs="+", help="texts (text models) or image paths (image models)")
+    predict.add_argument("--model", choices=["fine_tuned", "yardstick"], default="fine_tuned",
+                         help="yardstick: the run's TF-IDF + linear model, fit on the same training rows")
     return parser
 
 
@@ -217,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                               f"{', '.join(map(str, plan.rungs))}; {plan.planned_epochs} candidate-epochs of "
                               f"{plan.budget_epochs:g}" + (f"; left out by the budget: {', '.join(plan.left_out)}"
                                                            if plan.left_out else ""), highlight=False, soft_wrap=True)  # fmt: skip
+            if args.lengths:
+                _print_token_lengths(cfg, console)
         elif args.command == "evaluate":
             from finetune.report.progress import working
 
@@ -243,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             return _export(args, console)
         elif args.command == "predict":
-            for row in api.load(args.run_dir).predict(args.inputs):
+            for row in api.load(args.run_dir, args.model).predict(args.inputs):
                 console.print(f"{row['text']}\t{row['input']}", highlight=False, markup=False)
     except config_module.ConfigError as error:
         console.print("[bold red]invalid pipeline:[/]", highlight=False)
@@ -274,6 +280,23 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold red]data error:[/] {escape(str(data_error))}", highlight=False, soft_wrap=True)
         return EXIT_DATA
     return 0
+
+
+def _print_token_lengths(cfg, console: Console) -> None:
+    from finetune.data import token_lengths
+    from finetune.ray_env import ensure_ray, quiet_ray_data
+    from finetune.report.progress import working
+
+    with working(console, "reading the training texts"):
+        ensure_ray()
+        quiet_ray_data()
+        stats = token_lengths.measure(cfg)
+    if stats is None:
+        console.print("token lengths: an image pipeline has none", highlight=False)
+        return
+    console.print(token_lengths.describe(stats), highlight=False, soft_wrap=True)
+    if warning := token_lengths.warning(stats):
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

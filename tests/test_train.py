@@ -131,6 +131,14 @@ def test_two_worker_run_learns_and_its_checkpoint_reloads(ray_session, tmp_path,
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == ["pos", "neg"]
 
+    # the yardstick, fit on the driver before the workers started, on the same rows (tests/test_yardstick.py)
+    assert summary["yardstick"]["train_rows"] == summary["train_rows"] and summary["phases_s"]["yardstick"] > 0
+    assert summary["yardstick"]["scored_rows"]["test"] == summary["test_samples"]
+    assert summary["yardstick_test_accuracy"] > 0.9 and summary["token_lengths"]["cut_share"] == 0.0
+    assert accuracy_row.split("\t")[4] == f"{summary['yardstick_test_accuracy']:.4g}"  # the report's column
+    assert main(["predict", str(run_dir), "--model", "yardstick", "a great movie", "an awful boring film"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.strip().splitlines()] == ["pos", "neg"]
+
 
 def _check_trackers(run_dir: Path, epochs: list[dict], summary: dict) -> None:
     """One tracker run for the two DDP workers, in each tracker, holding what metrics.jsonl and

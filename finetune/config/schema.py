@@ -499,6 +499,20 @@ class CheckpointConfig(Section):
 
 
 
+class YardstickConfig(Section):
+    enabled: bool = Field(
+        True,
+        description="Fit the cheapest model that could work on the same training split and score it on the same "
+        "val and test rows, beside the fine-tuned model: TF-IDF (word and character n-grams) + a linear model for "
+        "text tasks. The summary says when fine-tuning does not beat it by more than the noise; "
+        "`finetune predict RUN --model yardstick` uses it.",
+    )
+    max_rows: int = Field(
+        20_000, ge=100, description="Rows of each split the yardstick fits on or is scored on; larger splits are "
+        "sampled with train.seed (the summary says so).",
+    )
+
+
 # ---- the `tracking` section: which experiment trackers a run logs to (finetune/tracking/)
 
 
@@ -639,6 +653,7 @@ class PipelineConfig(Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    yardstick: YardstickConfig = Field(default_factory=YardstickConfig)
     tune: TuneConfig | None = Field(None, description="A hyperparameter sweep (`finetune tune`); train ignores it.")
 
     @model_validator(mode="after")

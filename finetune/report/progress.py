@@ -105,10 +105,13 @@ def summary_table(summary: dict) -> Table:
     table.add_column("")
     table.add_column("before (new head only)", justify="right")
     table.add_column("after fine-tuning", justify="right")
+    yardstick = any(key.startswith("yardstick_test_") for key in summary)
+    if yardstick:  # the cheapest model that could work, on the same rows (finetune/yardstick)
+        table.add_column("yardstick", justify="right")
     for key, value in summary.items():
         if key.startswith("test_") and key != "test_samples" and value is not None:
-            before = summary.get(f"baseline_{key}")
-            table.add_row(key.replace("_", " ", 1), "" if before is None else f"{before:.4f}", f"{value:.4f}")
+            cells = [summary.get(f"baseline_{key}"), value] + ([summary.get(f"yardstick_{key}")] if yardstick else [])
+            table.add_row(key.replace("_", " ", 1), *("" if cell is None else f"{cell:.4f}" for cell in cells))
     table.add_row("best epoch (val)", "", f"{summary['best_epoch'] + 1} of {summary['epochs']}")
     table.add_row("train samples/s", "", f"{summary['train_samples_per_s']:.1f}")
     table.add_row("wall time", "", f"{summary['wall_s']:.0f} s")

@@ -75,16 +75,22 @@ def _result(summary: dict, task: Task | None, metric: str) -> str:
     """The test metrics of the fine-tuned model beside the pretrained one (new head) and a constant
     predictor, with the run's warnings: is this model better than doing nothing?"""
     names = task.metric_names if task else sorted({k.split("_", 1)[1] for k in summary if k.startswith("test_")})
+    stick = summary.get("yardstick")
     rows = [[name, summary.get(f"test_{name}"), summary.get(f"baseline_test_{name}"), summary.get(f"constant_test_{name}")]
+            + ([summary.get(f"yardstick_test_{name}")] if stick else [])
             for name in names if f"test_{name}" in summary]  # fmt: skip
     warnings = summary.get("warnings") or []
     verdict = (notes(warnings) if warnings else
-               notes(["no warning: the fine-tuned model beats the pretrained one and a constant predictor on test, "
-                      "and val stays near train-eval"], "ok"))  # fmt: skip
+               notes(["no warning: the fine-tuned model beats the pretrained one and a constant predictor on test"
+                      + (", and the yardstick by more than the noise" if stick else "") + "; val stays near train-eval"],
+                     "ok"))  # fmt: skip
     best = summary.get("best_val_metric") or {}
     facts = (f"best epoch {summary['best_epoch'] + 1} by {metric} = {best.get(metric, float('nan')):.4g}; "
              f"{summary.get('test_samples', '?')} test rows" if summary.get("best_epoch") is not None else "")
-    headers = ["test metric", "fine-tuned", "pretrained, new head only", "constant predictor"]
+    if stick:
+        facts += (f"; yardstick: {stick['description']}, {stick['setting']}, fit on {stick['train_rows']:,} training rows "
+                  f"in {stick['seconds']:.0f} s")  # fmt: skip
+    headers = ["test metric", "fine-tuned", "pretrained, new head only", "constant predictor"] + (["yardstick"] if stick else [])
     return section("Result on test", verdict, table(headers, rows, marked={0}), paragraph(facts) if facts else "",
                    anchor="result")  # fmt: skip
 

@@ -11,6 +11,10 @@ Three checks on the finished run's summary, each with its threshold:
     by more than TRAIN_VAL_GAP (absolute) or, for errors, val above TRAIN_VAL_RATIO x train-eval:
     the model overfits, or training and evaluation see different inputs (BatchNorm statistics
     that do not match the weights were one such cause).
+  - no better than the yardstick (the cheapest model that could work, fit on the same rows:
+    finetune/yardstick): the fine-tuned model trails it, or leads by no more than the noise
+    (twice the bootstrap standard error of the yardstick's test score); what to try is named,
+    from what the run knows (texts cut at max_length, val still rising at the last epoch).
 The metric is the checkpoint metric's (its task's first metric when that is the loss).
 """
 
@@ -50,6 +54,8 @@ def check(summary: dict, checkpoint_metric: str) -> list[str]:
             f"test {name} {score:.4f} is no better than the pretrained model with its new head only ({baseline:.4f}): "
             "fine-tuning did not help. Try a higher optim.lr, more train.epochs or another strategy."
         )
+    if score is not None and (against := _against_yardstick(summary, name, score, lower)):
+        warnings.append(against)
     scores = summary.get("best_epoch_scores") or {}
     val, train_eval = scores.get(f"val/{name}"), scores.get(f"train_eval/{name}")
     if val is not None and train_eval is not None:
@@ -62,3 +68,33 @@ def check(summary: dict, checkpoint_metric: str) -> list[str]:
                 "(partial, l2sp); check that val comes from the same source as train."
             )
     return warnings
+
+
+def _against_yardstick(summary: dict, name: str, score: float, lower: bool) -> str | None:
+    stick = summary.get(f"yardstick_test_{name}")
+    if stick is None:
+        return None
+    about = summary["yardstick"]
+    noise = about["noise"].get(name, 0.0)
+    lead = stick - score if lower else score - stick  # how far fine-tuning is ahead
+    if lead > noise:
+        return None
+    what = f"the yardstick ({about['description']}, fit in {about['seconds']:.0f} s)"
+    run = summary.get("run_dir", "RUN_DIR")
+    keep = f"keep the linear model: finetune predict {run} --model yardstick TEXT..."
+    if lead < -noise:
+        said = f"{what} beats the fine-tuned model on test: {name} {stick:.4f} against {score:.4f}."
+    elif score == (0.0 if lower else 1.0):  # both perfect: nothing to try, only a cheaper model to keep
+        return f"{what} scores a perfect test {name} too, as the fine-tuned model does: it is enough for this data; {keep}"
+    else:
+        said = (f"the fine-tuned model's test {name} {score:.4f} is within the noise (+-{noise:.4f} on these test "
+                f"rows) of {what}: {stick:.4f}.")  # fmt: skip
+    tries = []
+    lengths = summary.get("token_lengths")
+    if lengths and lengths["cut_share"] >= 0.10:
+        tries.append(f"a longer data.max_length ({lengths['cut_share']:.0%} of the training texts are cut at "
+                     f"{lengths['max_length']} tokens; p90 {lengths['p90']})")  # fmt: skip
+    if summary.get("best_epoch") is not None and summary["best_epoch"] == summary["epochs_run"] - 1 and not summary.get("early_stopped"):
+        tries.append("more train.epochs (val was still improving at the last epoch)")
+    tries.append("another strategy (strategy.name=auto races them)")
+    return f"{said} Try {', '.join(tries)}; or {keep}"

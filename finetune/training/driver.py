@@ -16,8 +16,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from finetune import config as config_module
-from finetune import files
+from finetune import files, yardstick
 from finetune.config import ConfigError, PipelineConfig
+from finetune.data import token_lengths
 from finetune.ray_env import check_shared_storage, cluster_nodes, ensure_ray, on_driver_node, quiet_ray_data, warn_if_data_starved
 from finetune.report import report_or_warn, verdict
 from finetune.report.model_card import write_model_card
@@ -120,6 +121,7 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
     quiet_ray_data()
     with clock("read_data"), working(console, "reading the data (labels, splits, row counts)"):
         datasets = pipeline_datasets(cfg)
+        lengths = token_lengths.measure(cfg, datasets.label_names)
     train_rows = datasets.train_rows
     batches_per_epoch, steps_per_epoch = plan_epoch(cfg, train_rows)
     # saved once the data is read: a data error leaves no run behind, so the same command reruns
@@ -130,6 +132,16 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
         f"{train_rows} training rows, {len(datasets.label_names)} labels, {cfg.scaling.num_workers} worker(s), "
         f"{steps_per_epoch} steps/epoch"
     )
+    if lengths:
+        console.print(token_lengths.describe(lengths), highlight=False, soft_wrap=True)
+        if warning := token_lengths.warning(lengths):
+            console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    stick = None
+    if cfg.yardstick.enabled:
+        with clock("yardstick"), working(console, "fitting the yardstick"):
+            stick = yardstick.fit_and_save(cfg, datasets.label_names, run_dir)
+        if stick:
+            console.print(stick.line(yardstick.metric_name(cfg)), highlight=False, soft_wrap=True)
     monitor = RunMonitor.options(scheduling_strategy=on_driver_node()).remote()
     trainer = build_trainer(cfg, datasets, batches_per_epoch, name=ray_name, storage_path=storage_path, monitor=monitor)
 
@@ -166,6 +178,9 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
     phases_s = run_phases(clock, fit_started, fit_ended, record.phases, wall_s)
     summary = record.summary(cfg, train_rows=train_rows, wall_s=wall_s, phases_s=phases_s, run_dir=run_dir,
                              has_best=best is not None, skipped=skipped)  # fmt: skip
+    summary["token_lengths"] = lengths
+    if stick:
+        summary.update(stick.summary())
     summary["warnings"] = verdict.check(summary, cfg.checkpoint.metric)
     summary.update(notes or {})
     files.write_text(run_dir / "summary.json", json.dumps(summary, indent=2))

@@ -12,6 +12,7 @@ from finetune.training.events import WorkerPhases
 PHASES = {
     "ray_start": "starting or joining Ray",
     "read_data": "reading the data's labels and row counts on the driver",
+    "yardstick": "fitting and scoring the yardstick (yardstick.enabled) on the driver",
     "tracking": "opening the experiment trackers' runs (closing them comes after the summary is written)",
     "worker_group_start": "from fit() to the worker loop's first line (after a restart: its last start)",
     "model_setup": "building or loading the model, strategy, optimizer, DDP; loading a checkpoint",

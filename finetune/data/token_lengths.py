@@ -1,0 +1,57 @@
+"""How long the training texts are in the model's tokens, against `data.max_length`: a text longer
+than that is cut, and the model never reads its end. Measured on a seeded sample of the training
+split with the model's own tokenizer, on the driver (no Ray task: a few thousand texts take a
+second or two)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from finetune.config import PipelineConfig
+
+SAMPLE_ROWS = 2000  # training texts tokenized: the share cut is known to about +-1 point
+WARN_CUT_SHARE = 0.10  # from this share of texts cut, the run warns
+PERCENTILES = (50, 90, 99)
+
+
+def measure(cfg: PipelineConfig, label_names: list[str] | None = None) -> dict | None:
+    """{"p50", "p90", "p99", "longest", "max_length", "cut_share", "texts", "of", "model_limit"}
+    for a text pipeline (None for images). `label_names`: the run's (None: discovered)."""
+    from finetune import models
+    from finetune.data.local import local_splits
+    from finetune.data.preprocess import load_tokenizer
+
+    preprocessor = models.build_preprocessor(cfg.model, cfg.data)
+    if preprocessor.kind != "text":
+        return None
+    kind, rows = local_splits(cfg.data, cfg.train.seed, label_names, cfg.task.type, {"train": SAMPLE_ROWS})
+    texts = rows["train"].inputs
+    if kind != "text" or not texts:
+        return None
+    tokenizer = load_tokenizer(preprocessor.tokenizer, preprocessor.trust_remote_code)
+    lengths = np.array([len(ids) for ids in tokenizer([str(t) for t in texts], truncation=False, verbose=False)["input_ids"]])
+    limit = tokenizer.model_max_length
+    return {
+        **{f"p{q}": int(np.percentile(lengths, q)) for q in PERCENTILES},
+        "longest": int(lengths.max()), "max_length": cfg.data.max_length,
+        "cut_share": float((lengths > cfg.data.max_length).mean()), "texts": len(texts), "of": rows["train"].total,
+        "model_limit": int(limit) if limit < 1_000_000 else None,  # tokenizers without a limit say 1e30
+    }  # fmt: skip
+
+
+def describe(stats: dict) -> str:
+    """One line: the percentiles against max_length and the share cut."""
+    sample = f"a sample of {stats['texts']:,} of {stats['of']:,}" if stats["texts"] < stats["of"] else f"all {stats['texts']:,}"
+    return (f"token lengths ({sample} training texts): p50 {stats['p50']}, p90 {stats['p90']}, p99 {stats['p99']}, "
+            f"longest {stats['longest']}; data.max_length={stats['max_length']} cuts {stats['cut_share']:.1%} of them")  # fmt: skip
+
+
+def warning(stats: dict) -> str | None:
+    """What to do when a large share of the texts is cut (None when few are)."""
+    if stats["cut_share"] < WARN_CUT_SHARE:
+        return None
+    room = stats["model_limit"] and stats["model_limit"] > stats["max_length"]
+    longer = f"raise data.max_length (the model reads up to {stats['model_limit']} tokens; p90 is {stats['p90']})" if room else ""
+    return (f"{stats['cut_share']:.0%} of the training texts are longer than data.max_length={stats['max_length']} "
+            f"tokens and are cut: the model never reads their end. "
+            + (f"To read more, {longer}." if longer else "The model reads no more tokens than that."))
