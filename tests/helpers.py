@@ -93,6 +93,8 @@ def tiny_sentiment_pipeline(tmp_path: Path, tiny_bert_dir: Path, *, rows: int = 
         "train": {"epochs": 3, "batch_size": 16, "precision": "fp32", "seed": 0, "train_eval_rows": 0},
         "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
         "checkpoint": {"num_to_keep": 1},
+        # the yardstick off for the same reason: tests/test_yardstick.py and the two-worker run turn it on
+        "yardstick": {"enabled": False},
     }
     for section, values in sections.items():
         raw[section] = {**raw[section], **values} if section in raw else values

@@ -93,7 +93,7 @@ def test_two_worker_run_learns_and_its_checkpoint_reloads(ray_session, tmp_path,
     pipeline = two_worker_pipeline(tmp_path, tiny_bert_dir)
     run_dir = tmp_path / "run"
     trackers = ["tracking.mlflow={}", "tracking.wandb={mode: offline}"]  # TensorBoard is on by default
-    assert main(["train", str(pipeline), *trackers, "--run-dir", str(run_dir)]) == 0
+    assert main(["train", str(pipeline), *trackers, "yardstick.enabled=true", "--run-dir", str(run_dir)]) == 0
 
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [0, 1, 2]

@@ -3,7 +3,6 @@ run with it, and the token-length check against data.max_length."""
 
 from __future__ import annotations
 
-import json
 import random
 
 import numpy as np
@@ -17,7 +16,7 @@ from finetune.data import token_lengths
 from finetune.data.local import local_splits
 from finetune.report import verdict
 from finetune.tasks import build_task
-from finetune.yardstick import text
+from finetune.yardstick import linear, text
 
 TOPICS = {"sport": ["goal", "match", "team"], "money": ["bank", "price", "market"], "food": ["bread", "soup", "cook"]}
 
@@ -67,7 +66,7 @@ def test_yardstick_learns_each_task_and_reloads_from_plain_arrays(tmp_path, task
     assert setting.split("=")[0] == ("alpha" if task_type == "regression" else "C")
     outputs = model(val_texts)
     assert outputs.shape == (100, task.num_outputs) and outputs.dtype == torch.float32
-    scores, _ = text.score(task, outputs, val_targets, "val")
+    scores, _ = linear.score(task, outputs, val_targets, "val")
     assert scores[f"val/{metric}"] >= good_enough
 
     model.save(tmp_path)
@@ -148,3 +147,37 @@ def test_validate_lengths_reads_the_texts_and_warns(ray_session, tmp_path, tiny_
     out = " ".join(capsys.readouterr().out.split())
     assert "p99 28, longest 28; data.max_length=8 cuts 3" in out
     assert "warning: 3" in out and "of the training texts are longer than data.max_length=8 tokens and are cut" in out
+
+
+def test_image_yardstick_probes_frozen_features_once_and_saves_a_model(ray_session, tmp_path, monkeypatch):
+    """EfficientNet-Lite0's ImageNet features of a small greyscale folder, a probe on them, the
+    features cached for the next run on the same images, the probe an ordinary saved model."""
+    import runpy
+
+    from finetune import yardstick
+    from finetune.inference import predict_with
+    from helpers import pipeline_config
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    photos = tmp_path / "photos"
+    runpy.run_path("pipelines/make_fashion_folder.py")["main"](
+        [str(photos), "--train-images", "200", "--test-images", "60", "--classes", "3"])  # fmt: skip
+    cfg = pipeline_config(data={"source": str(photos / "train"), "test_source": str(photos / "test"),
+                                "val_fraction": 0.25, "image_size": 32}, model={"name": "efficientnet-lite0"})  # fmt: skip
+    labels = sorted(p.name for p in (photos / "train").iterdir())
+    result = yardstick.fit_and_save(cfg, labels, tmp_path / "run")
+    assert result.kind == "image" and result.description.startswith("a linear probe on the pretrained model's frozen")
+    pictures = len(list((photos / "train").rglob("*.png")))
+    assert result.scored_rows["test"] == len(list((photos / "test").rglob("*.png")))
+    assert result.train_rows == result.train_rows_total and result.train_rows + result.scored_rows["val"] == pictures
+    assert result.metrics["yardstick_test/accuracy"] > 0.6  # 3 classes: a third by chance
+    cached = sorted((tmp_path / "cache" / "features").iterdir())
+    assert len(cached) == 3  # train, val, test
+    again = yardstick.fit_and_save(cfg, labels, tmp_path / "run2")
+    assert sorted((tmp_path / "cache" / "features").iterdir()) == cached  # read, not computed again
+    assert again.metrics == result.metrics
+
+    saved = yardstick.load(tmp_path / "run")
+    image = next((photos / "test" / labels[0]).iterdir())
+    [prediction] = predict_with(saved, [str(image)])
+    assert prediction["label"] in labels and abs(sum(prediction["probabilities"].values()) - 1) < 1e-4

@@ -29,24 +29,36 @@ class LocalRows:
         return self.total > len(self.inputs)
 
 
-def local_splits(cfg: DataConfig, seed: int, label_names: list[str] | None, task: str, max_rows: dict[str, int | None],
-                 ) -> tuple[str, dict[str, LocalRows]]:  # fmt: skip
-    """The source's kind ("text" or "image") and the input and label columns of each split named in
-    `max_rows`, at most `max_rows[split]` rows of it (drawn with the seed; None = every row).
-    `label_names`: None = discovered in the training split. Bad labels are dropped silently here:
-    the run's own read says so."""
+def local_datasets(cfg: DataConfig, seed: int, label_names: list[str] | None, task: str,
+                   max_rows: dict[str, int | None]) -> tuple[str, dict[str, tuple[ray.data.Dataset, int]]]:  # fmt: skip
+    """The source's kind ("text" or "image") and, for each split named in `max_rows`, its input and
+    label columns as a Ray Dataset of at most `max_rows[split]` rows (drawn with the seed; None =
+    every row) with the split's row count. `label_names`: None = discovered in the training split.
+    Bad labels are dropped silently here: the run's own read says so."""
     policies = {split: RowPolicy(split, skip=True, log=None) for split in SPLITS}
     source = load_source(cfg, seed, policies, label_names, task)
     column = "text" if source.kind == "text" else "image"
-    return source.kind, {split: _read(source.splits[split].select_columns([column, "label"]), column, limit, seed)
-                         for split, limit in max_rows.items()}  # fmt: skip
+    out = {}
+    for split, limit in max_rows.items():
+        ds = source.splits[split].select_columns([column, "label"])
+        total = ds.count()
+        if limit is not None and total > limit:
+            # a little over the share, then cut: random_sample draws each row independently
+            ds = ds.random_sample(min(1.0, 1.1 * limit / total), seed=seed).limit(limit)
+        out[split] = (ds, total)
+    return source.kind, out
 
 
-def _read(ds: ray.data.Dataset, column: str, max_rows: int | None, seed: int) -> LocalRows:
-    total = ds.count()
-    if max_rows is not None and total > max_rows:
-        # a little over the share, then cut: random_sample draws each row independently
-        ds = ds.random_sample(min(1.0, 1.1 * max_rows / total), seed=seed).limit(max_rows)
+def local_splits(cfg: DataConfig, seed: int, label_names: list[str] | None, task: str,
+                 max_rows: dict[str, int | None]) -> tuple[str, dict[str, LocalRows]]:  # fmt: skip
+    """`local_datasets`' rows read into the driver's memory (rows without input left out)."""
+    kind, datasets = local_datasets(cfg, seed, label_names, task, max_rows)
+    return kind, {split: read_rows(ds, kind, total) for split, (ds, total) in datasets.items()}
+
+
+def read_rows(ds: ray.data.Dataset, kind: str, total: int) -> LocalRows:
+    """A `local_datasets` split in the driver's memory (rows without input left out)."""
+    column = "text" if kind == "text" else "image"
     inputs, labels = [], []
     for batch in ds.iter_batches(batch_format="numpy", batch_size=4096):
         keep = [i for i, value in enumerate(batch[column]) if _usable(value)]

@@ -81,7 +81,8 @@ def _against_yardstick(summary: dict, name: str, score: float, lower: bool) -> s
         return None
     what = f"the yardstick ({about['description']}, fit in {about['seconds']:.0f} s)"
     run = summary.get("run_dir", "RUN_DIR")
-    keep = f"keep the linear model: finetune predict {run} --model yardstick TEXT..."
+    inputs = "IMAGE" if about.get("kind") == "image" else "TEXT"
+    keep = f"keep the linear model: finetune predict {run} --model yardstick {inputs}..."
     if lead < -noise:
         said = f"{what} beats the fine-tuned model on test: {name} {stick:.4f} against {score:.4f}."
     elif score == (0.0 if lower else 1.0):  # both perfect: nothing to try, only a cheaper model to keep

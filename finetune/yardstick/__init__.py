@@ -1,9 +1,10 @@
 """The yardstick: the cheapest model that could work, fit on the run's own training split and
 scored on its own val and test rows, so every result stands beside what it had to beat. Text:
-TF-IDF + a linear model (yardstick/text.py). It runs on the driver before training, bounded by
+TF-IDF + a linear model (yardstick/text.py); images: a linear probe on the pretrained model's
+frozen features, cached between runs (yardstick/image.py). It runs on the driver before training, bounded by
 `yardstick.max_rows` (larger splits are sampled with the seed, and the summary says so), and is
-saved in RUN_DIR/yardstick/ as plain arrays and JSON (nothing is unpickled to load it), where
-`finetune predict --model yardstick` uses it.
+saved in RUN_DIR/yardstick/ as plain arrays and JSON, or as a saved model (nothing is
+unpickled to load it), where `finetune predict --model yardstick` uses it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ BOOTSTRAP_SAMPLES = 200  # resamples of the test rows behind the noise figure
 
 @dataclass
 class YardstickResult:
+    kind: str  # what it reads: "text" or "image"
     description: str  # what the yardstick is, in words
     metrics: dict[str, float]  # yardstick_val/<metric>, yardstick_test/<metric> (and their samples)
     noise: dict[str, float]  # test metric name -> twice the bootstrap standard error of the yardstick's test score
@@ -60,36 +62,52 @@ def metric_name(cfg: PipelineConfig) -> str:
 
 def fit_and_save(cfg: PipelineConfig, label_names: list[str], run_dir: Path) -> YardstickResult | None:
     """The yardstick of this pipeline, fit, scored on val and test and saved in RUN_DIR/yardstick;
-    a run that already has one (resumed) keeps it. None for inputs it has no yardstick for yet (images)."""
-    from finetune.data.local import local_splits
-    from finetune.yardstick import text
+    a run that already has one (resumed) keeps it. None when the training split has no rows."""
+    from finetune.data.local import local_datasets, read_rows
+    from finetune.yardstick import image, linear, text
 
     saved = Path(run_dir) / FOLDER / "yardstick.json"
     if saved.is_file():
         return YardstickResult(**json.loads(saved.read_text())["result"])
     started = time.perf_counter()
     limit = cfg.yardstick.max_rows
-    kind, rows = local_splits(cfg.data, cfg.train.seed, label_names, cfg.task.type,
-                              dict.fromkeys(("train", "val", "test"), limit))  # fmt: skip
-    if kind != "text" or not rows["train"].inputs:
+    kind, datasets = local_datasets(cfg.data, cfg.train.seed, label_names, cfg.task.type,
+                                    dict.fromkeys(("train", "val", "test"), limit))  # fmt: skip
+    if datasets["train"][1] == 0:
         return None
     task = build_task(cfg.task, label_names).with_outputs_in_units()
     metric = metric_name(cfg)
-    model, setting = text.fit(task, rows["train"].inputs, rows["train"].labels, rows["val"].inputs, rows["val"].labels, metric)
+    if kind == "text":
+        rows = {split: read_rows(ds, kind, total) for split, (ds, total) in datasets.items()}
+        model, setting = text.fit(task, rows["train"].inputs, rows["train"].labels, rows["val"].inputs,
+                                  rows["val"].labels, metric)  # fmt: skip
+        description, preprocessor = model.description, None
+        outputs = {split: model(rows[split].inputs) for split in ("val", "test") if rows[split].inputs}
+        labels = {split: r.labels for split, r in rows.items()}
+    else:
+        model, preprocessor, description, setting, outputs, labels = image.fit(cfg, task, datasets, metric, limit)
     metrics, noise = {}, {}
-    for split in ("val", "test"):
-        if not rows[split].inputs:
+    for split, split_outputs in outputs.items():
+        if split == "train":
             continue
-        scores, per_row = text.score(task, model(rows[split].inputs), rows[split].labels, f"yardstick_{split}")
+        scores, per_row = linear.score(task, split_outputs, labels[split], f"yardstick_{split}")
         metrics.update(scores)
         if split == "test":
             noise = _noise(task, per_row)
     result = YardstickResult(
-        model.description, metrics, noise, len(rows["train"].inputs), rows["train"].total,
-        {split: len(rows[split].inputs) for split in ("val", "test")}, [s for s, r in rows.items() if r.total > limit],
-        setting, time.perf_counter() - started,
+        kind, description, metrics, noise, len(labels["train"]), datasets["train"][1],
+        {split: len(labels.get(split, ())) for split in ("val", "test")},
+        [split for split, (_, total) in datasets.items() if total > limit], setting, time.perf_counter() - started,
     )  # fmt: skip
-    _save(model, task, result, saved.parent)
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "text":
+        model.save(saved.parent)
+    else:
+        from finetune import models
+
+        models.save_model(model, saved.parent / "model", cfg.model, preprocessor, task, models.image_size_for(cfg.data))
+    files.write_text(saved, json.dumps({"kind": kind, "labels": task.label_names, "task": task.to_json(),
+                                        "result": asdict(result)}, indent=2))  # fmt: skip
     return result
 
 
@@ -106,14 +124,6 @@ def _noise(task, rows: dict) -> dict[str, float]:
     return {name: 2 * statistics.stdev(draw[name] for draw in draws) for name in draws[0]}
 
 
-def _save(model, task, result: YardstickResult, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save(folder)
-    files.write_text(folder / "yardstick.json", json.dumps({
-        "kind": "text", "labels": task.label_names, "task": task.to_json(), "result": asdict(result),
-    }, indent=2))  # fmt: skip
-
-
 @dataclass(frozen=True)
 class RawTexts:
     """The text yardstick's input: the texts themselves (its features are its own)."""
@@ -126,7 +136,7 @@ class RawTexts:
 
 def load(run_dir: str | Path):
     """A run's yardstick as a `SavedModel` (model, preprocessor, task), for `finetune predict --model yardstick`."""
-    from finetune.models import SavedModel
+    from finetune.models import SavedModel, load_model
     from finetune.yardstick.text import TextYardstick
 
     folder = Path(run_dir) / FOLDER
@@ -134,5 +144,7 @@ def load(run_dir: str | Path):
         raise FileNotFoundError(f"{run_dir} has no yardstick ({FOLDER}/yardstick.json missing): it is fit by "
                                 "`finetune train` with yardstick.enabled=true, for text tasks")  # fmt: skip
     saved = json.loads((folder / "yardstick.json").read_text())
+    if saved["kind"] == "image":  # the pretrained model with the probe's head: an ordinary saved model
+        return load_model(folder / "model")
     task = task_from_json(saved["task"], saved["labels"])
     return SavedModel(TextYardstick.load(folder, task), RawTexts(), task)
