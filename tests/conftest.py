@@ -17,6 +17,14 @@ from finetune.ray_env import LOCAL_TRAIN_POLL_S
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_TRAIN_POLL_S)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def feature_cache(tmp_path_factory) -> Path:
+    """The image yardstick's feature cache in the session's temp folder, not the user's ~/.cache
+    (drivers started as subprocesses inherit it)."""
+    os.environ["FINETUNE_CACHE"] = str(tmp_path_factory.mktemp("finetune-cache"))
+    return Path(os.environ["FINETUNE_CACHE"])
+
+
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """The embedded local Ray, started once; 2 CPUs as on the CI machine."""

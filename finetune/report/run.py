@@ -11,6 +11,7 @@ import numpy as np
 
 from finetune import config as config_module
 from finetune import files
+from finetune.data import token_lengths
 from finetune.report import figures
 from finetune.report.html import figure, notes, page, paragraph, preformatted, section, table
 from finetune.tasks import Task, task_from_json
@@ -90,6 +91,8 @@ def _result(summary: dict, task: Task | None, metric: str) -> str:
     if stick:
         facts += (f"; yardstick: {stick['description']}, {stick['setting']}, fit on {stick['train_rows']:,} training rows "
                   f"in {stick['seconds']:.0f} s")  # fmt: skip
+    if summary.get("token_lengths"):
+        facts += f"; {token_lengths.describe(summary['token_lengths'])}"
     headers = ["test metric", "fine-tuned", "pretrained, new head only", "constant predictor"] + (["yardstick"] if stick else [])
     return section("Result on test", verdict, table(headers, rows, marked={0}), paragraph(facts) if facts else "",
                    anchor="result")  # fmt: skip

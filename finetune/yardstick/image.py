@@ -25,11 +25,9 @@ from finetune.data.preprocess import preprocess
 from finetune.data.rows import RowPolicy
 from finetune.tasks import Task
 from finetune.training import steps
-from finetune.yardstick.linear import fit_linear
+from finetune.yardstick.linear import MODELS, fit_linear
 
 DESCRIPTION = "a linear probe on the pretrained model's frozen features ({model})"
-MODELS = {"classification": "logistic regression", "multi_label": "a logistic regression per label",
-          "regression": "ridge regression"}  # fmt: skip
 BATCH = 128  # images per forward pass while computing features
 
 

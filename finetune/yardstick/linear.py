@@ -12,6 +12,8 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from finetune.config import lower_is_better
 from finetune.tasks import Task
 
+MODELS = {"classification": "logistic regression", "multi_label": "a logistic regression per label",
+          "regression": "ridge regression"}  # fmt: skip
 STRENGTHS = (0.5, 2.0, 8.0)  # logistic regression's C, ridge's 1/alpha: tried on val, the best kept
 LOGIT_FLOOR = -16.0  # a class (or label) the training split never has: its logit, about 1e-7 probability
 

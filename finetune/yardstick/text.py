@@ -20,11 +20,9 @@ from sklearn.pipeline import FeatureUnion
 
 from finetune import files
 from finetune.tasks import Task
-from finetune.yardstick.linear import fit_linear, linear_outputs
+from finetune.yardstick.linear import MODELS, fit_linear, linear_outputs
 
 DESCRIPTION = "TF-IDF (word 1-2-grams, character 2-5-grams) + {model}"
-MODELS = {"classification": "logistic regression", "multi_label": "a logistic regression per label",
-          "regression": "ridge regression"}  # fmt: skip
 MAX_FEATURES = 200_000  # per n-gram kind: the most frequent, so memory stays bounded on large corpora
 # what transform needs to rebuild each vectorizer around its saved terms and idf
 VECTORIZERS = {
