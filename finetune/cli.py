@@ -295,7 +295,7 @@ def _print_token_lengths(cfg, console: Console) -> None:
         console.print("token lengths: an image pipeline has none", highlight=False)
         return
     console.print(token_lengths.describe(stats), highlight=False, soft_wrap=True)
-    if warning := token_lengths.warning(stats):
+    if warning := token_lengths.warning(stats, cfg.data.long_text):
         console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
 
 

@@ -101,7 +101,7 @@ def test_verdict_says_when_the_yardstick_wins_ties_or_is_beaten():
     cut = {"cut_share": 0.6, "max_length": 128, "p90": 480}
     close = verdict.check(_summary(0.86, 0.851, 0.02, best_epoch=2, token_lengths=cut), "val/accuracy")
     assert "within the noise (+-0.0200" in close[0]
-    assert "a longer data.max_length (60% of the training texts are cut at 128 tokens; p90 480)" in close[0]
+    assert "a longer data.max_length or data.long_text=head_tail (60% of the training texts are cut at 128 tokens; p90 480)" in close[0]
     assert "more train.epochs (val was still improving" in close[0]
 
     assert verdict.check(_summary(0.90, 0.851, 0.02), "val/accuracy") == []
@@ -120,9 +120,10 @@ def test_token_length_words_and_warning():
         "data.max_length=128 cuts 73.0% of them")  # fmt: skip
     warning = token_lengths.warning(stats)
     assert warning.startswith("73% of the training texts are longer than data.max_length=128 tokens")
-    assert "raise data.max_length (the model reads up to 512 tokens; p90 is 640)" in warning
+    assert "never reads their end. To read more, raise data.max_length (the model reads up to 512 tokens; p90 is " \
+           "640), or set data.long_text=head_tail" in warning
     assert token_lengths.warning({**stats, "cut_share": 0.05}) is None
-    assert "reads no more tokens" in token_lengths.warning({**stats, "max_length": 512})
+    assert token_lengths.warning({**stats, "max_length": 512}, "head_tail").endswith("never reads their middle.")
 
 
 def test_local_splits_are_the_runs_rows_sampled_with_the_seed(ray_session, tmp_path):

@@ -126,7 +126,17 @@ class DataConfig(Section):
     max_eval_samples: int | None = Field(
         None, gt=0, description="Use at most this many validation and test rows each; unset = all."
     )
-    max_length: int = Field(128, ge=8, le=8192, description="Tokens per text; longer texts are truncated.")
+    max_length: int = Field(128, ge=8, le=8192, description="Tokens per text; what happens to longer ones: long_text.")
+    long_text: Literal["truncate", "head_tail"] = Field(
+        "truncate",
+        description="A text longer than max_length tokens: truncate keeps its start; head_tail keeps its start and "
+        "its end (head_share of the tokens from the start, the rest from the end; Sun et al. 2019 found it best on "
+        "long reviews). Training, evaluation, predict and serving cut alike.",
+    )
+    head_share: float = Field(
+        0.25, gt=0.0, lt=1.0, description="head_tail: the share of max_length taken from the text's start "
+        "(Sun et al. kept the first 128 and the last 382 of 510 tokens).",
+    )
     image_size: int | None = Field(
         None, ge=16, le=1024, description="Square side images are resized to; unset = the model's own."
     )

@@ -38,6 +38,8 @@ class TextPreprocessor:
     tokenizer: str  # hub id or local folder
     max_length: int = 128
     trust_remote_code: bool = False  # model.trust_remote_code: a tokenizer that ships code
+    long_text: str = "truncate"  # data.long_text: truncate | head_tail
+    head_share: float = 0.25  # head_tail: the share of max_length kept from the start
     kind: str = field(default="text", init=False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -54,20 +56,35 @@ class TextPreprocessor:
             return {"input_ids": empty, "attention_mask": empty, "label": batch.get("label", np.zeros(0, np.int64))}
         # Padded to max_length here so blocks hold fixed-shape tensors; `trim_padding` then cuts
         # each training batch to its longest row, so compute follows the batch, not max_length.
-        encoded = load_tokenizer(self.tokenizer, self.trust_remote_code)(
-            [str(t) for t in batch["text"]],
-            truncation=True,
-            max_length=self.max_length,
-            padding="max_length",
-            return_tensors="np",
-        )
-        out = {
-            "input_ids": encoded["input_ids"].astype(np.int64),
-            "attention_mask": encoded["attention_mask"].astype(np.int64),
-        }
+        tokenizer = load_tokenizer(self.tokenizer, self.trust_remote_code)
+        texts = [str(t) for t in batch["text"]]
+        if self.long_text == "head_tail":
+            out = self._head_tail(tokenizer, texts)
+        else:
+            encoded = tokenizer(texts, truncation=True, max_length=self.max_length, padding="max_length",
+                                return_tensors="np")  # fmt: skip
+            out = {"input_ids": encoded["input_ids"].astype(np.int64),
+                   "attention_mask": encoded["attention_mask"].astype(np.int64)}  # fmt: skip
         if "label" in batch:
             out["label"] = batch["label"]
         return out
+
+    def _head_tail(self, tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
+        """Each text's tokens, a long one cut in the middle: its special tokens, the first
+        head_share of the room left and the rest from its end (Sun et al. 2019's head+tail)."""
+        encoded = tokenizer(texts, truncation=False, return_special_tokens_mask=True, verbose=False)
+        input_ids = np.full((len(texts), self.max_length), tokenizer.pad_token_id or 0, dtype=np.int64)
+        attention_mask = np.zeros((len(texts), self.max_length), dtype=np.int64)
+        for row, (ids, special) in enumerate(zip(encoded["input_ids"], encoded["special_tokens_mask"])):
+            if len(ids) > self.max_length:
+                leading = next((i for i, s in enumerate(special) if not s), len(ids))
+                trailing = next((i for i, s in enumerate(reversed(special)) if not s), 0)
+                room = self.max_length - leading - trailing
+                head = round(room * self.head_share)
+                ids = ids[: leading + head] + ids[len(ids) - trailing - (room - head):]
+            place = slice(self.max_length - len(ids), None) if tokenizer.padding_side == "left" else slice(0, len(ids))
+            input_ids[row, place], attention_mask[row, place] = ids, 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """One-off inputs (predict): tokenized and trimmed like a training batch."""

@@ -46,12 +46,15 @@ def describe(stats: dict) -> str:
             f"longest {stats['longest']}; data.max_length={stats['max_length']} cuts {stats['cut_share']:.1%} of them")  # fmt: skip
 
 
-def warning(stats: dict) -> str | None:
+def warning(stats: dict, long_text: str = "truncate") -> str | None:
     """What to do when a large share of the texts is cut (None when few are)."""
     if stats["cut_share"] < WARN_CUT_SHARE:
         return None
     room = stats["model_limit"] and stats["model_limit"] > stats["max_length"]
-    longer = f"raise data.max_length (the model reads up to {stats['model_limit']} tokens; p90 is {stats['p90']})" if room else ""
+    tries = [f"raise data.max_length (the model reads up to {stats['model_limit']} tokens; p90 is {stats['p90']})"] if room else []
+    if long_text == "truncate":
+        tries.append("set data.long_text=head_tail to keep each text's end as well as its start")
+    unread = "their end" if long_text == "truncate" else "their middle"
     return (f"{stats['cut_share']:.0%} of the training texts are longer than data.max_length={stats['max_length']} "
-            f"tokens and are cut: the model never reads their end. "
-            + (f"To read more, {longer}." if longer else "The model reads no more tokens than that."))
+            f"tokens and are cut: the model never reads {unread}."
+            + (f" To read more, {', or '.join(tries)}." if tries else ""))

@@ -136,7 +136,8 @@ def image_size_for(data_cfg: DataConfig) -> int:
 def build_preprocessor(model_cfg: ModelConfig, data_cfg: DataConfig) -> Preprocessor:
     ref = resolve(model_cfg.name)
     if ref.family == "hf":
-        return TextPreprocessor(ref.target, data_cfg.max_length, model_cfg.trust_remote_code)
+        return TextPreprocessor(ref.target, data_cfg.max_length, model_cfg.trust_remote_code, data_cfg.long_text,
+                                data_cfg.head_share)  # fmt: skip
     size = image_size_for(data_cfg)
     if ref.family == "efficientnet_lite":
         return ImagePreprocessor(size, vision.LITE_MEAN, vision.LITE_STD)
@@ -223,7 +224,8 @@ def save_model(
         tokenizer = load_tokenizer(preprocessor.tokenizer, preprocessor.trust_remote_code)
         tokenizer.model_max_length = preprocessor.max_length  # so `truncation=True` elsewhere cuts where training did
         tokenizer.save_pretrained(directory)
-        preprocessing = {"kind": "text", "max_length": preprocessor.max_length}
+        preprocessing = {"kind": "text", "max_length": preprocessor.max_length, "long_text": preprocessor.long_text,
+                         "head_share": preprocessor.head_share}  # fmt: skip
     else:
         preprocessing = {"kind": "image", "size": preprocessor.size,
                          "mean": list(preprocessor.mean), "std": list(preprocessor.std)}  # fmt: skip
@@ -280,7 +282,9 @@ def load_model(directory: str | Path) -> SavedModel:
         load_weights(model, str(directory / "model.safetensors"))
     model.eval()
     if preprocessing["kind"] == "text":
-        preprocessor: Preprocessor = TextPreprocessor(str(directory), preprocessing["max_length"], trusted)
+        preprocessor: Preprocessor = TextPreprocessor(str(directory), preprocessing["max_length"], trusted,
+                                                      preprocessing.get("long_text", "truncate"),
+                                                      preprocessing.get("head_share", 0.25))  # fmt: skip
     else:
         preprocessor = ImagePreprocessor(
             preprocessing["size"], tuple(preprocessing["mean"]), tuple(preprocessing["std"])

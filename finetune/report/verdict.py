@@ -93,8 +93,8 @@ def _against_yardstick(summary: dict, name: str, score: float, lower: bool) -> s
     tries = []
     lengths = summary.get("token_lengths")
     if lengths and lengths["cut_share"] >= 0.10:
-        tries.append(f"a longer data.max_length ({lengths['cut_share']:.0%} of the training texts are cut at "
-                     f"{lengths['max_length']} tokens; p90 {lengths['p90']})")  # fmt: skip
+        tries.append(f"a longer data.max_length or data.long_text=head_tail ({lengths['cut_share']:.0%} of the "
+                     f"training texts are cut at {lengths['max_length']} tokens; p90 {lengths['p90']})")  # fmt: skip
     if summary.get("best_epoch") is not None and summary["best_epoch"] == summary["epochs_run"] - 1 and not summary.get("early_stopped"):
         tries.append("more train.epochs (val was still improving at the last epoch)")
     tries.append("another strategy (strategy.name=auto races them)")

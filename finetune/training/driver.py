@@ -134,7 +134,7 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
     )
     if lengths:
         console.print(token_lengths.describe(lengths), highlight=False, soft_wrap=True)
-        if warning := token_lengths.warning(lengths):
+        if warning := token_lengths.warning(lengths, cfg.data.long_text):
             console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     stick = None
     if cfg.yardstick.enabled:
