@@ -154,11 +154,16 @@ def _evaluation(summary: dict, tested: dict[str, float]) -> str:
     def cell(value) -> str:
         return "" if value is None else f"{value:.4f}"
 
+    stick = summary.get("yardstick")
     lines = ["On the test split, never seen in training or model selection:", "",
-             "| metric | fine-tuned | pretrained, new head only | constant predictor |", "|---|---|---|---|"]  # fmt: skip
+             "| metric | fine-tuned | pretrained, new head only | constant predictor |" + (" yardstick |" if stick else ""),
+             "|---|---|---|---|" + ("---|" if stick else "")]  # fmt: skip
     for name, value in tested.items():
         lines.append(f"| {name} | {cell(value)} | {cell(summary.get(f'baseline_test_{name}'))} | "
-                     f"{cell(summary.get(f'constant_test_{name}'))} |")  # fmt: skip
+                     f"{cell(summary.get(f'constant_test_{name}'))} |"
+                     + (f" {cell(summary.get(f'yardstick_test_{name}'))} |" if stick else ""))  # fmt: skip
+    if stick:
+        lines += ["", f"The yardstick: {stick['description']} ({stick['setting']}), fit on the same training rows."]
     return "\n".join(lines)
 
 
@@ -166,13 +171,19 @@ def _usage(kind: str, task: str, preprocessing: dict) -> str:
     if kind == "text":
         apply = {"multi_label": ', top_k=None  # every label\'s probability; apply the thresholds above',
                  "regression": ', function_to_apply="none"'}.get(task, "")  # fmt: skip
+        if preprocessing.get("long_text", "truncate") == "truncate":
+            cut = f"Texts are cut at {preprocessing['max_length']} tokens, as in training.\n\n"
+        else:
+            cut = (f"Training kept a long text's start and end within {preprocessing['max_length']} tokens "
+                   f"({preprocessing['head_share']:.0%} from the start: data.long_text=head_tail); transformers' "
+                   "truncation keeps only the start, so cut long texts the same way first, or use finetune.\n\n")
         return (
             "With transformers alone (this folder is a Hugging Face model folder):\n\n```python\n"
             "from transformers import pipeline\n\n"
             f'classifier = pipeline("text-classification", model="path/to/best", truncation=True)\n'
             f'classifier(["your text"]{apply})\n```\n\n'
-            f"Texts are cut at {preprocessing['max_length']} tokens, as in training.\n\n"
-            "With finetune (prints what `finetune predict` prints):\n\n```bash\nfinetune predict RUN_DIR \"your text\"\n```"
+            + cut
+            + "With finetune (prints what `finetune predict` prints):\n\n```bash\nfinetune predict RUN_DIR \"your text\"\n```"
         )
     mean = ", ".join(f"{v:g}" for v in preprocessing["mean"])
     std = ", ".join(f"{v:g}" for v in preprocessing["std"])
