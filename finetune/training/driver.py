@@ -139,7 +139,11 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
     stick = None
     if cfg.yardstick.enabled:
         with clock("yardstick"), working(console, "fitting the yardstick"):
-            stick = yardstick.fit_and_save(cfg, datasets.label_names, run_dir)
+            try:
+                stick = yardstick.fit_and_save(cfg, datasets.label_names, run_dir)
+            except Exception as error:  # noqa: BLE001 - a comparison that fails must not cost the run
+                console.print(f"[bold yellow]warning:[/] no yardstick: {escape(str(error))}; the run goes on "
+                              "without it (yardstick.enabled=false skips it)", highlight=False, soft_wrap=True)  # fmt: skip
         if stick:
             console.print(stick.line(yardstick.metric_name(cfg)), highlight=False, soft_wrap=True)
     monitor = RunMonitor.options(scheduling_strategy=on_driver_node()).remote()

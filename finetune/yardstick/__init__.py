@@ -1,10 +1,10 @@
 """The yardstick: the cheapest model that could work, fit on the run's own training split and
 scored on its own val and test rows, so every result stands beside what it had to beat. Text:
 TF-IDF + a linear model (yardstick/text.py); images: a linear probe on the pretrained model's
-frozen features, cached between runs (yardstick/image.py). It runs on the driver before training, bounded by
-`yardstick.max_rows` (larger splits are sampled with the seed, and the summary says so), and is
-saved in RUN_DIR/yardstick/ as plain arrays and JSON, or as a saved model (nothing is
-unpickled to load it), where `finetune predict --model yardstick` uses it.
+frozen features, cached between runs (yardstick/image.py). It runs on the driver before
+training, bounded by `yardstick.max_rows` (larger splits are sampled with the seed, and the
+summary says so), and is saved in RUN_DIR/yardstick/ as plain arrays and JSON, or as a saved
+model (nothing is unpickled to load it), where `finetune predict --model yardstick` uses it.
 """
 
 from __future__ import annotations
@@ -141,8 +141,8 @@ def load(run_dir: str | Path):
 
     folder = Path(run_dir) / FOLDER
     if not (folder / "yardstick.json").is_file():
-        raise FileNotFoundError(f"{run_dir} has no yardstick ({FOLDER}/yardstick.json missing): it is fit by "
-                                "`finetune train` with yardstick.enabled=true, for text tasks")  # fmt: skip
+        raise FileNotFoundError(f"{run_dir} has no yardstick ({FOLDER}/yardstick.json missing): `finetune train` "
+                                "fits one when yardstick.enabled is true (the default)")  # fmt: skip
     saved = json.loads((folder / "yardstick.json").read_text())
     if saved["kind"] == "image":  # the pretrained model with the probe's head: an ordinary saved model
         return load_model(folder / "model")
