@@ -253,3 +253,24 @@ def test_a_model_that_ships_code_runs_it_only_when_the_pipeline_says_so(tmp_path
     (problem,) = check_model(ModelConfig(name=f"hf:{folder}"))
     assert problem.startswith(f"model.name='hf:{folder}' cannot be loaded: ") and "trust_remote_code" in problem
     assert check_model(ModelConfig(name=f"hf:{folder}", trust_remote_code=True)) == []
+
+
+def test_trial_configs_get_absolute_paths_and_names_stay(tmp_path, monkeypatch):
+    """A sweep's or race's trials run in Tune's processes, not where the command ran: relative
+    paths that exist there become absolute; builtin names, hub ids and URIs stay as written."""
+    from finetune.config import with_absolute_paths
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.csv").write_text("text,label\n")
+    (tmp_path / "model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    raw = {"data": {"source": "data/train.csv", "test_source": "s3://bucket/test.csv", "val_source": "none/val.csv"},
+           "model": {"name": "hf:model"}, "checkpoint": {"storage_path": "ray/results"}}  # fmt: skip
+    out = with_absolute_paths(raw)
+    assert out["data"]["source"] == str(tmp_path / "data" / "train.csv")
+    assert out["model"]["name"] == f"hf:{tmp_path / 'model'}"
+    assert out["data"]["test_source"] == "s3://bucket/test.csv" and out["data"]["val_source"] == "none/val.csv"
+    assert out["checkpoint"]["storage_path"] == str(tmp_path / "ray" / "results")  # an output: made absolute
+    assert raw["data"]["source"] == "data/train.csv"  # the pipeline as written is left alone
+    assert with_absolute_paths({"data": {"source": "rotten_tomatoes"}, "model": {"name": "minilm-l6"}}) == {
+        "data": {"source": "rotten_tomatoes"}, "model": {"name": "minilm-l6"}}  # fmt: skip

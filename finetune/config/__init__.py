@@ -39,6 +39,31 @@ def parse(raw: dict[str, Any]) -> PipelineConfig:
         raise ConfigError(problems) from None
 
 
+# keys that may hold a path relative to where the command runs
+PATH_KEYS = (("data", "source"), ("data", "val_source"), ("data", "test_source"), ("model", "name"),
+             ("model", "weights"), ("checkpoint", "storage_path"))  # fmt: skip
+
+
+def with_absolute_paths(raw: dict[str, Any], root: str | Path | None = None) -> dict[str, Any]:
+    """A copy of `raw` whose relative paths are absolute, taken from `root` (default: the working
+    directory): inputs that exist there, and checkpoint.storage_path (an output). For the
+    processes that run a sweep's or a race's trials, which do not run where the command did.
+    Names (minilm-l6, rotten_tomatoes), hub ids and URIs stay."""
+    import copy
+
+    root = Path(root or Path.cwd())
+    out = copy.deepcopy(raw)
+    for section, key in PATH_KEYS:
+        value = (out.get(section) or {}).get(key)
+        if not isinstance(value, str) or "://" in value:
+            continue
+        prefix, path = ("hf:", value[3:]) if value.startswith("hf:") else ("", value)
+        path = Path(path).expanduser()
+        if not path.is_absolute() and ((root / path).exists() or key == "storage_path"):
+            out[section][key] = prefix + str((root / path).resolve())
+    return out
+
+
 def load_saved(path: str | Path) -> PipelineConfig:
     """A config this tool wrote (a run's config.yaml, a sweep's): checked when its run started,
     read back against the schema alone, without touching data or models (`finetune predict`

@@ -310,7 +310,8 @@ def run_race(cfg: PipelineConfig, base_raw: dict, run_dir: Path, console: Consol
     storage_path = cfg.checkpoint.storage_path or str(race_dir / "train")
     check_shared_storage(storage_path, cfg.checkpoint.storage_is_shared, cluster_nodes())
     prefix = f"{run_dir.name}-{uuid.uuid4().hex[:6]}"
-    raws = {c.id: candidate_raw(base_raw, c) for c in plan.candidates}
+    trial_raw = config_module.with_absolute_paths(base_raw)  # the trials do not run where the command did
+    raws = {c.id: candidate_raw(trial_raw, c) for c in plan.candidates}
     if (fitted := fitted_reservation(cfg, ray.cluster_resources().get("CPU", 0.0))) is not None:
         for raw in raws.values():
             raw.setdefault("scaling", {})["cpus_per_worker"] = fitted

@@ -108,8 +108,9 @@ def train_trial(cfg: PipelineConfig, name: str, storage_path: str, trial_dir: Pa
 
 
 def _trainable(base_raw: dict, sweep_dir: Path, tracking: SweepTracking):
-    trainable = tune.with_parameters(run_trial, base_raw=base_raw, sweep_dir=str(sweep_dir),
-                                     tracking=tracking.for_trials())  # fmt: skip
+    # the trials do not run where the command did: relative paths made absolute here
+    trainable = tune.with_parameters(run_trial, base_raw=config_module.with_absolute_paths(base_raw),
+                                     sweep_dir=str(sweep_dir), tracking=tracking.for_trials())  # fmt: skip
     return tune.with_resources(trainable, {"CPU": TRIAL_ACTOR_CPUS})
 
 
