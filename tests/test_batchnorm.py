@@ -202,7 +202,7 @@ def test_the_verdict_names_a_model_no_better_than_a_constant_and_a_wide_train_va
 def test_a_cnn_on_a_small_greyscale_folder_is_as_good_as_its_weights(ray_session, tmp_path):
     """EfficientNet-Lite0 (ImageNet weights, BatchNorm momentum 0.01) on 480 dark greyscale PNGs:
     without recalibration its eval-mode statistics are still ImageNet's after 44 steps; with it,
-    test accuracy well above the most common class, val close to train-eval, and no warning."""
+    test accuracy well above the most common class, val close to train-eval, and no BatchNorm warning."""
     import json
     import runpy
 
@@ -234,7 +234,11 @@ def test_a_cnn_on_a_small_greyscale_folder_is_as_good_as_its_weights(ray_session
     assert summary["test_accuracy"] > 0.5 and summary["test_accuracy"] > summary["constant_test_accuracy"] + 0.2
     scores = summary["best_epoch_scores"]
     assert abs(scores["val/accuracy"] - scores["train_eval/accuracy"]) < 0.1
-    assert summary["warnings"] == []
+    # No BatchNorm warning. The yardstick, a linear probe on the same frozen ImageNet features,
+    # beats 2 epochs of full fine-tuning on 360 32-px images (as on pipelines/fashion-folder-small.yaml,
+    # docs/BENCHMARKS.md), and the run says so: the one warning left.
+    [warning] = summary["warnings"]
+    assert summary["yardstick"]["kind"] == "image" and "the yardstick (a linear probe" in warning
     assert summary["batchnorm"]["layers"] == 49 and summary["batchnorm"]["recalibrate_seconds"] > 0
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(e["batchnorm/recalibrated_rows"] > 0 for e in epochs)
