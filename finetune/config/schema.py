@@ -514,7 +514,8 @@ class YardstickConfig(Section):
         True,
         description="Fit the cheapest model that could work on the same training split and score it on the same "
         "val and test rows, beside the fine-tuned model: TF-IDF (word and character n-grams) + a linear model for "
-        "text tasks. The summary says when fine-tuning does not beat it by more than the noise; "
+        "text, a linear probe on the pretrained model's frozen features (cached between runs) for images. The "
+        "summary says when fine-tuning does not beat it by more than the noise; "
         "`finetune predict RUN --model yardstick` uses it.",
     )
     max_rows: int = Field(
