@@ -19,7 +19,9 @@ from pydantic import ValidationError
 
 from finetune import files
 
-from finetune.config.base import ConfigError, MetricName, Section, lower_is_better, metric_mode, task_class  # noqa: F401
+from finetune.config.base import (  # noqa: F401
+    ConfigError, MetricName, Section, judged_metric, lower_is_better, metric_mode, task_class,
+)  # fmt: skip
 from finetune.config.errors import describe_errors, unknown_key_hints
 from finetune.config.overrides import apply_overrides, read_raw, set_dotted  # noqa: F401
 from finetune.config.schema import *  # noqa: F403 - the sections, as `from finetune.config import DataConfig`

@@ -65,6 +65,13 @@ def lower_is_better(metric: str) -> bool:
     return metric.rsplit("/", 1)[-1] in ("loss", "mae", "rmse")
 
 
+def judged_metric(task: str, checkpoint_metric: str) -> str:
+    """The metric a run is judged by (verdict, yardstick): the checkpoint metric's name, the task's
+    first metric when that is the loss."""
+    name = checkpoint_metric.split("/", 1)[1]
+    return task_class(task).metric_names[0] if name == "loss" else name
+
+
 def metric_mode(metric: str) -> Literal["min", "max"]:
     return "min" if lower_is_better(metric) else "max"
 

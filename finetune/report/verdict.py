@@ -20,7 +20,8 @@ The metric is the checkpoint metric's (its task's first metric when that is the 
 
 from __future__ import annotations
 
-from finetune.config import lower_is_better, task_class
+from finetune.config import judged_metric, lower_is_better, task_class
+from finetune.data import token_lengths
 
 NO_BETTER_MARGIN = 0.02
 NO_BETTER_RATIO = 0.95
@@ -35,9 +36,7 @@ def _no_better(score: float, reference: float, lower: bool) -> bool:
 def check(summary: dict, checkpoint_metric: str) -> list[str]:
     """Warnings, each a sentence that names the numbers and what to try; [] for a sound result."""
     task = summary["task"]
-    name = checkpoint_metric.split("/", 1)[1]
-    if name == "loss":
-        name = task_class(task).metric_names[0]
+    name = judged_metric(task, checkpoint_metric)
     lower = lower_is_better(name)
     warnings = []
     score = summary.get(f"test_{name}")
@@ -92,7 +91,7 @@ def _against_yardstick(summary: dict, name: str, score: float, lower: bool) -> s
                 f"rows) of {what}: {stick:.4f}.")  # fmt: skip
     tries = []
     lengths = summary.get("token_lengths")
-    if lengths and lengths["cut_share"] >= 0.10:
+    if lengths and lengths["cut_share"] >= token_lengths.WARN_CUT_SHARE:
         tries.append(f"a longer data.max_length or data.long_text=head_tail ({lengths['cut_share']:.0%} of the "
                      f"training texts are cut at {lengths['max_length']} tokens; p90 {lengths['p90']})")  # fmt: skip
     if summary.get("best_epoch") is not None and summary["best_epoch"] == summary["epochs_run"] - 1 and not summary.get("early_stopped"):

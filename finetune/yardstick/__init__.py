@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune import files
-from finetune.config import PipelineConfig
+from finetune.config import PipelineConfig, judged_metric
 from finetune.tasks import build_task, task_from_json
 
 FOLDER = "yardstick"  # RUN_DIR/yardstick/: yardstick.json (what it is, its scores), the model's files
@@ -53,11 +53,8 @@ class YardstickResult:
 
 
 def metric_name(cfg: PipelineConfig) -> str:
-    """The metric the run is judged by: the checkpoint metric's name (the task's first when that is the loss)."""
-    from finetune.config import task_class
-
-    name = cfg.checkpoint.metric.split("/", 1)[1]
-    return task_class(cfg.task.type).metric_names[0] if name == "loss" else name
+    """The metric the run is judged by (config.judged_metric)."""
+    return judged_metric(cfg.task.type, cfg.checkpoint.metric)
 
 
 def fit_and_save(cfg: PipelineConfig, label_names: list[str], run_dir: Path) -> YardstickResult | None:

@@ -25,7 +25,7 @@ from finetune.data.preprocess import preprocess
 from finetune.data.rows import RowPolicy
 from finetune.tasks import Task
 from finetune.training import steps
-from finetune.yardstick.linear import MODELS, fit_linear
+from finetune.yardstick.linear import MODELS, fit_linear, linear_outputs
 
 DESCRIPTION = "a linear probe on the pretrained model's frozen features ({model})"
 BATCH = 128  # images per forward pass while computing features
@@ -112,9 +112,9 @@ def fit(cfg: PipelineConfig, task: Task, datasets: dict, metric: str, max_rows: 
     val = scaled.get("val", (None, np.zeros(0)))
     weight, bias, setting = fit_linear(task, *scaled["train"], *val, metric)
     folded = weight / std  # (x - mean) / std @ W.T + b == x @ (W / std).T + (b - (W / std) @ mean)
+    shifted = bias - folded @ mean
     head.weight.data = torch.as_tensor(folded, dtype=head.weight.dtype)
-    head.bias.data = torch.as_tensor(bias - folded @ mean, dtype=head.bias.dtype)
-    outputs = {split: torch.as_tensor(x @ folded.T + (bias - folded @ mean), dtype=torch.float32)
-               for split, (x, _) in features.items() if len(x)}  # fmt: skip
+    head.bias.data = torch.as_tensor(shifted, dtype=head.bias.dtype)
+    outputs = {split: linear_outputs(x, folded, shifted) for split, (x, _) in features.items() if len(x)}
     labels = {split: y for split, (x, y) in features.items() if len(x)}
     return model, preprocessor, DESCRIPTION.format(model=MODELS[task.type]), setting, outputs, labels

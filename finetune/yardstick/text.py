@@ -61,20 +61,21 @@ class TextYardstick:
         with np.load(folder / "text.npz", allow_pickle=False) as arrays:
             parts = []
             for name, params in settings.items():
-                vectorizer = TfidfVectorizer(**{**params, "ngram_range": tuple(params["ngram_range"])},
-                                             vocabulary=arrays[f"{name}_terms"].tolist(), dtype=np.float32)  # fmt: skip
+                vectorizer = _vectorizer(params, vocabulary=arrays[f"{name}_terms"].tolist())
                 vectorizer.idf_ = arrays[f"{name}_idf"]  # sets up the fitted transformer around the given terms
                 parts.append((name, vectorizer))
             return cls(FeatureUnion(parts), arrays["weight"], arrays["bias"], task)
 
 
+def _vectorizer(params: dict, **fitting) -> TfidfVectorizer:
+    """One n-gram kind's vectorizer from its saved settings (JSON has lists, scikit-learn wants a tuple)."""
+    return TfidfVectorizer(**{**params, "ngram_range": tuple(params["ngram_range"])}, dtype=np.float32, **fitting)
+
+
 def _features(rows: int) -> FeatureUnion:
     min_df = 2 if rows >= 1000 else 1  # an n-gram seen once in a large corpus is noise; in a small one, signal
-    return FeatureUnion([
-        (name, TfidfVectorizer(**{**params, "ngram_range": tuple(params["ngram_range"])}, min_df=min_df,
-                               max_features=MAX_FEATURES, dtype=np.float32))
-        for name, params in VECTORIZERS.items()
-    ])  # fmt: skip
+    return FeatureUnion([(name, _vectorizer(params, min_df=min_df, max_features=MAX_FEATURES))
+                         for name, params in VECTORIZERS.items()])  # fmt: skip
 
 
 def fit(task: Task, texts: list[str], labels: np.ndarray, val_texts: list[str], val_labels: np.ndarray,
