@@ -132,6 +132,9 @@ def test_auto_races_then_continues_the_winner_from_its_checkpoint(ray_session, t
     assert winner["outcome"] == "winner" and loser["outcome"] in ("out at epoch 1", "below the probe at epoch 1")
     assert all(set(c["scores"]) == {"1"} and c["trainable_params"] > 0 and c["peak_memory_mb"] > 0
                for c in race["candidates"])  # fmt: skip
+    for candidate in race["candidates"]:  # each paused itself at the rung: one epoch, untested
+        trial = (run_dir / "race" / "trials" / candidate["id"] / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line).get("epoch") for line in trial] == [0]
     # the run folder is the winner's run, continued from its race checkpoint to train.epochs
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from_epoch"] == 1 and summary["epochs_run"] == 2

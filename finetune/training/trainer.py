@@ -113,10 +113,11 @@ def pipeline_datasets(cfg: PipelineConfig) -> Datasets:
 
 def build_trainer(
     cfg: PipelineConfig, datasets: Datasets, batches_per_epoch: int, *, name: str, storage_path: str,
-    monitor=None, callbacks: tuple = (),
+    monitor=None, callbacks: tuple = (), pause_after_epochs: int | None = None,
 ) -> TorchTrainer:  # fmt: skip
     """The Ray Train run of one pipeline: `finetune train`, and each trial of `finetune tune`.
-    A run with the name and storage of an earlier one resumes from its latest checkpoint."""
+    A run with the name and storage of an earlier one resumes from its latest checkpoint
+    (`pause_after_epochs`: WorkerSpec's)."""
     label_stats = datasets.label_stats() if tasks.needs_label_stats(cfg.task, cfg.loss) else None
     task = tasks.build_task(cfg.task, datasets.label_names, label_stats)
     task.training_loss(cfg.loss, label_stats)  # per-label settings of the wrong length stop here, before Ray Train
@@ -127,7 +128,7 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config={"spec": WorkerSpec(
             cfg, task, label_stats, batches_per_epoch, models.image_size_for(cfg.data),
-            has_train_eval=datasets.train_eval is not None, monitor=monitor,
+            has_train_eval=datasets.train_eval is not None, monitor=monitor, pause_after_epochs=pause_after_epochs,
         )},  # fmt: skip
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources,

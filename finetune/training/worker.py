@@ -50,6 +50,9 @@ class WorkerSpec:
     image_size: int
     has_train_eval: bool  # the fixed training sample is a dataset (train_eval metrics, BatchNorm recalibration)
     monitor: object | None = None  # the RunMonitor actor of the run's driver (a sweep trial's: its Tune actor)
+    # a strategy race's rung: the run stops itself, untested, once this many epochs are checkpointed,
+    # and a later fit of the same run continues on the same schedule (train.epochs still sets it)
+    pause_after_epochs: int | None = None
 
     @property
     def steps_per_epoch(self) -> int:
@@ -86,6 +89,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             checkpoint_and_report(worker, state, metrics)
         if stop:
             break
+        if epoch + 1 == spec.pause_after_epochs:
+            worker.events.emit(clock.worker_phases())
+            return
     with clock("test"):
         final_test(worker, state)
     worker.events.emit(clock.worker_phases())

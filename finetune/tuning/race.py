@@ -2,9 +2,10 @@
 trains to the end from its own checkpoint (finetune/strategies/auto.py plans the race).
 
 Each rung is one Ray Tune run over the candidates still in: every trial fits the candidate's
-own Ray Train run (named after it) and Tune stops it once it reports the rung's epoch. The next
-rung's trial of a candidate fits the same Train run, which continues from its latest checkpoint
-on the same learning-rate schedule, as if never stopped. Rungs are synchronous on purpose: on
+own Ray Train run (named after it), which pauses itself once the rung's epoch is checkpointed
+(Tune's own stop would land a report late, after the next epoch's checkpoint). The next rung's
+trial of a candidate fits the same Train run, which continues from its latest checkpoint on the
+same learning-rate schedule, as if never stopped. Rungs are synchronous on purpose: on
 a machine that runs one trial at a time, Tune's asynchronous ASHA compares each trial only with
 those before it, so the first one always trains to the end.
 
@@ -111,12 +112,14 @@ def candidate_raw(base_raw: dict, candidate: Candidate) -> dict:
     return raw
 
 
-def run_candidate(params: dict, raws: dict[str, dict], names: dict[str, str], storage_path: str, race_dir: str) -> None:
-    """One candidate up to the rung (Tune stops it there), in a Tune actor; no trackers: the
-    race's record is race.json, the winner's run is tracked as any run."""
+def run_candidate(params: dict, raws: dict[str, dict], names: dict[str, str], storage_path: str, race_dir: str,
+                  rung: int) -> None:  # fmt: skip
+    """One candidate up to the rung's epoch, in a Tune actor; no trackers: the race's record is
+    race.json, the winner's run is tracked as any run."""
     cid = params["candidate"]
     wait_for_slot(tune.get_context().get_trial_id())
-    train_trial(config_module.parse(raws[cid]), names[cid], storage_path, Path(race_dir) / "trials" / cid, tracking=None)
+    train_trial(config_module.parse(raws[cid]), names[cid], storage_path, Path(race_dir) / "trials" / cid,
+                tracking=None, pause_after_epochs=rung)  # fmt: skip
 
 
 def fitted_reservation(cfg: PipelineConfig, total_cpus: float) -> float | None:
@@ -163,7 +166,7 @@ class CandidateEpochs(tune.Callback):
 def _run_rung(race: Race, raws: dict[str, dict], race_dir: Path, rung_index: int, alive: list[str], concurrency: int):
     rung = race.plan.rungs[rung_index]
     trainable = tune.with_parameters(run_candidate, raws=raws, names=race.names, storage_path=race.storage_path,
-                                     race_dir=str(race_dir))  # fmt: skip
+                                     race_dir=str(race_dir), rung=rung)  # fmt: skip
     labels = {cid: race.entries[cid].candidate.label for cid in alive}
     slots = create_slots(concurrency)
     try:
@@ -172,7 +175,6 @@ def _run_rung(race: Race, raws: dict[str, dict], race_dir: Path, rung_index: int
             param_space={"candidate": tune.grid_search(alive)},
             tune_config=tune.TuneConfig(search_alg=tune.search.BasicVariantGenerator(max_concurrent=concurrency)),
             run_config=tune.RunConfig(name=f"rung-{rung_index}", storage_path=str(race_dir), verbose=0,
-                                      stop={"epochs_done": rung},
                                       callbacks=[ReleaseTrialSlot(), CandidateEpochs(labels, race.metric)]),  # fmt: skip
         ).fit()
     except KeyboardInterrupt:

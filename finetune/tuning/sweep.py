@@ -74,10 +74,11 @@ def run_trial(params: dict, base_raw: dict, sweep_dir: str, tracking: dict) -> N
 
 
 def train_trial(cfg: PipelineConfig, name: str, storage_path: str, trial_dir: Path, tracking: dict | None,
-                params: dict | None = None) -> None:  # fmt: skip
+                params: dict | None = None, pause_after_epochs: int | None = None) -> None:  # fmt: skip
     """Fit the Ray Train run `name` under `storage_path` (continuing it from its latest checkpoint
     if it exists) from inside a Tune trial: every epoch's report reaches Tune; the events go to
-    trial_dir/metrics.jsonl and to the trackers (`tracking`: the sweep's, None for none)."""
+    trial_dir/metrics.jsonl and to the trackers (`tracking`: the sweep's, None for none);
+    `pause_after_epochs`: the run stops itself there (a race's rung)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     quiet_ray_data()
@@ -87,7 +88,7 @@ def train_trial(cfg: PipelineConfig, name: str, storage_path: str, trial_dir: Pa
     trainer = build_trainer(
         cfg, datasets, batches_per_epoch, name=name, monitor=monitor, storage_path=storage_path,
         # Tune may stop this actor once it sees a report: the events before each report are handled first
-        callbacks=(EventsHandled(monitor), TuneReportCallback()),
+        callbacks=(EventsHandled(monitor), TuneReportCallback()), pause_after_epochs=pause_after_epochs,
     )  # fmt: skip
     trial_dir.mkdir(parents=True, exist_ok=True)  # a resumed trial continues its tracker runs
     trackers = start_tracking(cfg, trial_dir, resume=True, sweep=tracking) if tracking is not None else None
