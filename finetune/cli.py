@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args, console)
         elif args.command == "predict":
             for row in api.load(args.run_dir, args.model).predict(args.inputs):
-                console.print(f"{row['text']}\t{row['input']}", highlight=False, markup=False)
+                # one line per input, however long (a long text would wrap at the terminal's width)
+                console.print(f"{row['text']}\t{row['input']}", highlight=False, markup=False, soft_wrap=True)
     except config_module.ConfigError as error:
         console.print("[bold red]invalid pipeline:[/]", highlight=False)
         for problem in error.problems:

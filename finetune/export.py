@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from finetune import files
+from finetune.data import windows
 from finetune.inference import load_run, split_batches
 from finetune.models import SavedModel
 from finetune.training import steps
@@ -217,10 +218,16 @@ def _measure(saved: SavedModel, exported: dict[str, nn.Module], batches) -> dict
         outputs = {name: model(**inputs).float() for name, model in models.items()}
         max_diff = max(max_diff, float((outputs["export"] - outputs["torch"]).abs().max()))
         for name, output in outputs.items():
-            for key, values in saved.task.eval_rows(output, labels).items():
+            if windows.TEXT_ID in batch:  # data.long_text=windows: pooled per text below
+                results = {"logits": output, "label": labels, windows.TEXT_ID: batch[windows.TEXT_ID]}
+            else:
+                results = saved.task.eval_rows(output, labels)
+            for key, values in results.items():
                 parts[name].setdefault(key, []).append(values)
         rows += len(labels)
     evaluated = {name: {key: torch.cat(values) for key, values in part.items()} for name, part in parts.items()}
+    evaluated = {name: steps.pooled_rows(rows_of, saved.task) if windows.TEXT_ID in rows_of else rows_of
+                 for name, rows_of in evaluated.items()}  # fmt: skip
     return {"rows": rows, "max_abs_diff": max_diff, "rows_of": evaluated}
 
 
@@ -272,6 +279,10 @@ def _manifest(result: Exported, saved: SavedModel, example: dict[str, torch.Tens
         "labels": saved.label_names,
         "task": saved.task.to_json(),
         "preprocessing": "preprocessing.json (text: the tokenizer files beside it)",
+        **({"long_text": "windows: split each text's tokens into windows of max_length (its special tokens in each, "
+                         "window_stride apart, at most max_windows spread from start to end: preprocessing.json), "
+                         "run the model on every window and average the logits per text"}
+           if getattr(saved.preprocessor, "long_text", None) == "windows" else {}),  # fmt: skip
         "check": {"split": result.split, "rows": result.rows, "max_abs_diff": result.max_abs_diff,
                   "tolerance": TOLERANCE},  # fmt: skip
         **({"int8": {"file": QUANTIZED, **result.int8}} if result.int8 else {}),

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from finetune import config as config_module
-from finetune.data import DataError
+from finetune.data import DataError, windows
 from finetune.data.datasets import build_datasets
 from finetune.data.rows import BadRows
 from finetune.models import SavedModel, load_model
@@ -71,7 +71,11 @@ def predict_with(saved: SavedModel, inputs: list) -> list[dict]:
             raise DataError("; ".join(f"{_named(inputs[i])}: {reason}" for i, reason in bad.rows.items())) from None
     else:
         encoded = saved.preprocessor.encode(inputs)
-    predictions = saved.task.predict(saved.model(**encoded))
+    owners = encoded.pop(windows.TEXT_ID, None)  # data.long_text=windows: each window's input
+    logits = saved.model(**encoded)
+    if owners is not None:
+        logits = windows.pool(logits, owners)[0]  # the owners are the inputs' positions: in their order
+    predictions = saved.task.predict(logits)
     # text: the prediction as `finetune predict` prints it, the task's own words
     return [{"input": _named(item), **prediction, "text": saved.task.prediction_text(prediction)}
             for item, prediction in zip(inputs, predictions)]  # fmt: skip

@@ -101,7 +101,7 @@ def test_verdict_says_when_the_yardstick_wins_ties_or_is_beaten():
     cut = {"cut_share": 0.6, "max_length": 128, "p90": 480}
     close = verdict.check(_summary(0.86, 0.851, 0.02, best_epoch=2, token_lengths=cut), "val/accuracy")
     assert "within the noise (+-0.0200" in close[0]
-    assert "a longer data.max_length or data.long_text=head_tail (60% of the training texts are cut at 128 tokens; p90 480)" in close[0]
+    assert "a longer data.max_length or data.long_text=head_tail or windows (60% of the training texts are cut at 128 tokens; p90 480)" in close[0]
     assert "more train.epochs (val was still improving" in close[0]
 
     assert verdict.check(_summary(0.90, 0.851, 0.02), "val/accuracy") == []

@@ -127,15 +127,25 @@ class DataConfig(Section):
         None, gt=0, description="Use at most this many validation and test rows each; unset = all."
     )
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per text; what happens to longer ones: long_text.")
-    long_text: Literal["truncate", "head_tail"] = Field(
+    long_text: Literal["truncate", "head_tail", "windows"] = Field(
         "truncate",
         description="A text longer than max_length tokens: truncate keeps its start; head_tail keeps its start and "
         "its end (head_share of the tokens from the start, the rest from the end; Sun et al. 2019 found it best on "
-        "long reviews). Training, evaluation, predict and serving cut alike.",
+        "long reviews); windows reads all of it as overlapping windows of max_length tokens (window_stride apart, "
+        "at most max_windows), each trained on with the text's label, their logits averaged per text when "
+        "evaluating and predicting (metrics count texts). Training, evaluation, predict and serving alike.",
     )
     head_share: float = Field(
         0.25, gt=0.0, lt=1.0, description="head_tail: the share of max_length taken from the text's start "
         "(Sun et al. kept the first 128 and the last 382 of 510 tokens).",
+    )
+    window_stride: int | None = Field(
+        None, ge=1, description="windows: tokens from one window's start to the next; unset = half a window "
+        "(each token read twice). Smaller overlaps more and costs more windows.",
+    )
+    max_windows: int = Field(
+        8, ge=1, le=256, description="windows: at most this many windows per text; a longer text gets this many "
+        "spread from its start to its end. Training and evaluation cost grows with the windows read.",
     )
     image_size: int | None = Field(
         None, ge=16, le=1024, description="Square side images are resized to; unset = the model's own."

@@ -36,6 +36,12 @@ class Datasets:
     # a fixed sample of training rows, preprocessed as for evaluation (no augmentation): the
     # train_eval metrics and BatchNorm recalibration read it
     train_eval: ray.data.Dataset | None = None
+    train_windows: int | None = None  # data.long_text=windows: the windows the training rows make
+
+    @property
+    def training_rows(self) -> int:
+        """The rows an epoch steps through: the training windows (data.long_text=windows) or rows."""
+        return self.train_windows if self.train_windows is not None else self.train_rows
 
     def as_dict(self) -> dict[str, ray.data.Dataset]:
         splits = {"train": self.train, "val": self.val, "test": self.test}
@@ -107,6 +113,9 @@ def build_datasets(
     splits = dict(source.splits)
     train_rows = splits["train"].count()  # before preprocessing and shuffling, which a count would run
     _check_carved_splits(cfg, splits, train_rows)
+    train_windows = None
+    if getattr(preprocessor, "long_text", None) == "windows":  # one tokenizing pass: the epoch's length
+        train_windows = preprocess(splits["train"], preprocessor, policies["train"]).count()
     if cfg.shuffle == "full":  # a new seeded order each epoch (each execution of the dataset)
         splits["train"] = splits["train"].random_shuffle(seed=ray.data.RandomSeedConfig(seed, reseed_after_execution=True))
     ready = {split: preprocess(ds, for_split[split], policies[split]) for split, ds in splits.items()}
@@ -125,5 +134,6 @@ def build_datasets(
             sample = ray.data.from_arrow(table.take(np.random.default_rng(seed).permutation(table.num_rows)))
         train_eval = preprocess(sample, preprocessor, RowPolicy("train", skip=log is not None, log=None))
     return Datasets(
-        ready["train"], ready["val"], ready["test"], source.label_names, train_rows, log, train_labels, task, train_eval
+        ready["train"], ready["val"], ready["test"], source.label_names, train_rows, log, train_labels, task, train_eval,
+        train_windows,
     )

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from finetune.data import windows
 from finetune.data.rows import FILE, BadRows, RowPolicy
 
 if TYPE_CHECKING:
@@ -38,8 +39,10 @@ class TextPreprocessor:
     tokenizer: str  # hub id or local folder
     max_length: int = 128
     trust_remote_code: bool = False  # model.trust_remote_code: a tokenizer that ships code
-    long_text: str = "truncate"  # data.long_text: truncate | head_tail
+    long_text: str = "truncate"  # data.long_text: truncate | head_tail | windows
     head_share: float = 0.25  # head_tail: the share of max_length kept from the start
+    window_stride: int | None = None  # windows: tokens between window starts (None: half a window)
+    max_windows: int = 8  # windows: at most this many per text
     kind: str = field(default="text", init=False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -51,47 +54,85 @@ class TextPreprocessor:
                 missing[i] = "empty text"
         if missing:
             raise BadRows(missing)
+        windowed = self.long_text == "windows"
         if len(batch["text"]) == 0:
             empty = np.zeros((0, self.max_length), dtype=np.int64)
-            return {"input_ids": empty, "attention_mask": empty, "label": batch.get("label", np.zeros(0, np.int64))}
+            out = {"input_ids": empty, "attention_mask": empty, "label": batch.get("label", np.zeros(0, np.int64))}
+            return {**out, **{column: np.zeros(0, np.int64) for column in windows.COLUMNS}} if windowed else out
         # Padded to max_length here so blocks hold fixed-shape tensors; `trim_padding` then cuts
         # each training batch to its longest row, so compute follows the batch, not max_length.
         tokenizer = load_tokenizer(self.tokenizer, self.trust_remote_code)
         texts = [str(t) for t in batch["text"]]
+        owners = None  # windows: the row of `batch` each output row reads
         if self.long_text == "head_tail":
-            out = self._head_tail(tokenizer, texts)
+            out = self._pack(tokenizer, self._head_tail(tokenizer, texts))
+        elif windowed:
+            rows, owners, places = self._windows(tokenizer, texts)
+            out = {**self._pack(tokenizer, rows), windows.TEXT_ID: windows.text_ids(batch)[owners], windows.WINDOW: places}
         else:
             encoded = tokenizer(texts, truncation=True, max_length=self.max_length, padding="max_length",
                                 return_tensors="np")  # fmt: skip
             out = {"input_ids": encoded["input_ids"].astype(np.int64),
                    "attention_mask": encoded["attention_mask"].astype(np.int64)}  # fmt: skip
         if "label" in batch:
-            out["label"] = batch["label"]
+            out["label"] = batch["label"] if owners is None else np.asarray(batch["label"])[owners]
         return out
 
-    def _head_tail(self, tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
-        """Each text's tokens, a long one cut in the middle: its special tokens, the first
-        head_share of the room left and the rest from its end (Sun et al. 2019's head+tail)."""
-        encoded = tokenizer(texts, truncation=False, return_special_tokens_mask=True, verbose=False)
-        input_ids = np.full((len(texts), self.max_length), tokenizer.pad_token_id or 0, dtype=np.int64)
-        attention_mask = np.zeros((len(texts), self.max_length), dtype=np.int64)
-        for row, (ids, special) in enumerate(zip(encoded["input_ids"], encoded["special_tokens_mask"])):
-            if len(ids) > self.max_length:
-                leading = next((i for i, s in enumerate(special) if not s), len(ids))
-                trailing = next((i for i, s in enumerate(reversed(special)) if not s), 0)
-                room = self.max_length - leading - trailing
-                head = round(room * self.head_share)
-                ids = ids[: leading + head] + ids[len(ids) - trailing - (room - head):]
+    def _pack(self, tokenizer, rows: list[list[int]]) -> dict[str, np.ndarray]:
+        """Token id lists of at most max_length as padded input_ids and attention_mask."""
+        input_ids = np.full((len(rows), self.max_length), tokenizer.pad_token_id or 0, dtype=np.int64)
+        attention_mask = np.zeros((len(rows), self.max_length), dtype=np.int64)
+        for row, ids in enumerate(rows):
             place = slice(self.max_length - len(ids), None) if tokenizer.padding_side == "left" else slice(0, len(ids))
             input_ids[row, place], attention_mask[row, place] = ids, 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
+    @staticmethod
+    def _split(tokenizer, texts: list[str]) -> list[tuple[list[int], list[int], list[int]]]:
+        """Each text's tokens, uncut, as (leading special tokens, content, trailing special tokens)."""
+        encoded = tokenizer(texts, truncation=False, return_special_tokens_mask=True, verbose=False)
+        parts = []
+        for ids, special in zip(encoded["input_ids"], encoded["special_tokens_mask"]):
+            leading = next((i for i, s in enumerate(special) if not s), len(ids))
+            trailing = next((i for i, s in enumerate(reversed(special)) if not s), 0)
+            parts.append((ids[:leading], ids[leading : len(ids) - trailing], ids[len(ids) - trailing :]))
+        return parts
+
+    def _head_tail(self, tokenizer, texts: list[str]) -> list[list[int]]:
+        """Each text's tokens, a long one cut in the middle: its special tokens, the first
+        head_share of the room left and the rest from its end (Sun et al. 2019's head+tail)."""
+        rows = []
+        for lead, content, trail in self._split(tokenizer, texts):
+            room = self.max_length - len(lead) - len(trail)
+            if len(content) > room:
+                head = round(room * self.head_share)
+                content = content[:head] + content[len(content) - (room - head) :]
+            rows.append(lead + content + trail)
+        return rows
+
+    def stride(self, room: int) -> int:
+        """windows: tokens from one window's start to the next, for windows of `room` content tokens."""
+        return min(self.window_stride or max(room // 2, 1), room)
+
+    def _windows(self, tokenizer, texts: list[str]) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+        """Each text as overlapping windows, each with the text's special tokens: the windows' tokens,
+        the text each window reads (its index in `texts`) and the window's place in that text."""
+        rows, owners, places = [], [], []
+        for index, (lead, content, trail) in enumerate(self._split(tokenizer, texts)):
+            room = self.max_length - len(lead) - len(trail)
+            starts = windows.window_starts(len(content), room, self.stride(room), self.max_windows)
+            rows += [lead + content[start : start + room] + trail for start in starts]
+            owners += [index] * len(starts)
+            places += range(len(starts))
+        return rows, np.array(owners, dtype=np.int64), np.array(places, dtype=np.int64)
+
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """One-off inputs (predict): tokenized and trimmed like a training batch."""
+        """One-off inputs (predict): tokenized and trimmed like a training batch; windows: with the
+        input's position as each window's text_id."""
         import torch
 
-        batch = {k: torch.from_numpy(v) for k, v in self({"text": np.array(texts, dtype=object)}).items()}
-        return trim_padding(batch)
+        batch = {"text": np.array(texts, dtype=object), windows.TEXT_ID: np.arange(len(texts))}
+        return trim_padding({k: torch.from_numpy(v) for k, v in self(batch).items() if k != windows.WINDOW})
 
     def preview(self, inputs: dict[str, torch.Tensor]) -> dict[str, str]:
         """One row's model inputs as the report shows them: the text the model read (its tokens

@@ -137,7 +137,7 @@ def build_preprocessor(model_cfg: ModelConfig, data_cfg: DataConfig) -> Preproce
     ref = resolve(model_cfg.name)
     if ref.family == "hf":
         return TextPreprocessor(ref.target, data_cfg.max_length, model_cfg.trust_remote_code, data_cfg.long_text,
-                                data_cfg.head_share)  # fmt: skip
+                                data_cfg.head_share, data_cfg.window_stride, data_cfg.max_windows)  # fmt: skip
     size = image_size_for(data_cfg)
     if ref.family == "efficientnet_lite":
         return ImagePreprocessor(size, vision.LITE_MEAN, vision.LITE_STD)
@@ -224,8 +224,10 @@ def save_model(
         tokenizer = load_tokenizer(preprocessor.tokenizer, preprocessor.trust_remote_code)
         tokenizer.model_max_length = preprocessor.max_length  # so `truncation=True` elsewhere cuts where training did
         tokenizer.save_pretrained(directory)
+        room = preprocessor.max_length - tokenizer.num_special_tokens_to_add()
         preprocessing = {"kind": "text", "max_length": preprocessor.max_length, "long_text": preprocessor.long_text,
-                         "head_share": preprocessor.head_share}  # fmt: skip
+                         "head_share": preprocessor.head_share, "window_stride": preprocessor.stride(room),
+                         "max_windows": preprocessor.max_windows}  # fmt: skip
     else:
         preprocessing = {"kind": "image", "size": preprocessor.size,
                          "mean": list(preprocessor.mean), "std": list(preprocessor.std)}  # fmt: skip
@@ -284,7 +286,9 @@ def load_model(directory: str | Path) -> SavedModel:
     if preprocessing["kind"] == "text":
         preprocessor: Preprocessor = TextPreprocessor(str(directory), preprocessing["max_length"], trusted,
                                                       preprocessing.get("long_text", "truncate"),
-                                                      preprocessing.get("head_share", 0.25))  # fmt: skip
+                                                      preprocessing.get("head_share", 0.25),
+                                                      preprocessing.get("window_stride"),
+                                                      preprocessing.get("max_windows", 8))  # fmt: skip
     else:
         preprocessor = ImagePreprocessor(
             preprocessing["size"], tuple(preprocessing["mean"]), tuple(preprocessing["std"])

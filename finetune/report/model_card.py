@@ -171,8 +171,15 @@ def _usage(kind: str, task: str, preprocessing: dict) -> str:
     if kind == "text":
         apply = {"multi_label": ', top_k=None  # every label\'s probability; apply the thresholds above',
                  "regression": ', function_to_apply="none"'}.get(task, "")  # fmt: skip
-        if preprocessing.get("long_text", "truncate") == "truncate":
+        long_text = preprocessing.get("long_text", "truncate")
+        if long_text == "truncate":
             cut = f"Texts are cut at {preprocessing['max_length']} tokens, as in training.\n\n"
+        elif long_text == "windows":
+            cut = (f"Training read a long text as overlapping windows of {preprocessing['max_length']} tokens "
+                   f"(each with the special tokens, {preprocessing['window_stride']} tokens apart, at most "
+                   f"{preprocessing['max_windows']}: data.long_text=windows) and averaged the windows' logits per "
+                   "text; transformers' pipeline reads only the first window, so split long texts the same way "
+                   "and average the logits, or use finetune.\n\n")
         else:
             cut = (f"Training kept a long text's start and end within {preprocessing['max_length']} tokens "
                    f"({preprocessing['head_share']:.0%} from the start: data.long_text=head_tail); transformers' "

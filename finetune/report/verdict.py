@@ -91,9 +91,13 @@ def _against_yardstick(summary: dict, name: str, score: float, lower: bool) -> s
                 f"rows) of {what}: {stick:.4f}.")  # fmt: skip
     tries = []
     lengths = summary.get("token_lengths")
-    if lengths and lengths["cut_share"] >= token_lengths.WARN_CUT_SHARE:
-        tries.append(f"a longer data.max_length or data.long_text=head_tail ({lengths['cut_share']:.0%} of the "
-                     f"training texts are cut at {lengths['max_length']} tokens; p90 {lengths['p90']})")  # fmt: skip
+    if lengths and "capped_share" in lengths:  # data.long_text=windows reads long texts whole, up to max_windows
+        if lengths["capped_share"] >= token_lengths.WARN_CUT_SHARE:
+            tries.append(f"a larger data.max_windows ({lengths['capped_share']:.0%} of the training texts need more "
+                         f"than {lengths['max_windows']} windows)")  # fmt: skip
+    elif lengths and lengths["cut_share"] >= token_lengths.WARN_CUT_SHARE:
+        tries.append(f"a longer data.max_length or data.long_text=head_tail or windows ({lengths['cut_share']:.0%} of "
+                     f"the training texts are cut at {lengths['max_length']} tokens; p90 {lengths['p90']})")  # fmt: skip
     if summary.get("best_epoch") is not None and summary["best_epoch"] == summary["epochs_run"] - 1 and not summary.get("early_stopped"):
         tries.append("more train.epochs (val was still improving at the last epoch)")
     tries.append("another strategy (strategy.name=auto races them)")

@@ -123,14 +123,15 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
         datasets = pipeline_datasets(cfg)
         lengths = token_lengths.measure(cfg, datasets.label_names)
     train_rows = datasets.train_rows
-    batches_per_epoch, steps_per_epoch = plan_epoch(cfg, train_rows)
+    batches_per_epoch, steps_per_epoch = plan_epoch(cfg, datasets.training_rows)
     # saved once the data is read: a data error leaves no run behind, so the same command reruns
     run_dir.mkdir(parents=True, exist_ok=True)
     files.write_text(run_dir / RUN_FILE, json.dumps({"ray_run_name": ray_name, "storage_path": storage_path}))
     config_module.save(cfg, run_dir / "config.yaml")
     console.print(
-        f"{train_rows} training rows, {len(datasets.label_names)} labels, {cfg.scaling.num_workers} worker(s), "
-        f"{steps_per_epoch} steps/epoch"
+        f"{train_rows} training rows"
+        + (f" ({datasets.train_windows} windows)" if datasets.train_windows is not None else "")
+        + f", {len(datasets.label_names)} labels, {cfg.scaling.num_workers} worker(s), {steps_per_epoch} steps/epoch"
     )
     if lengths:
         console.print(token_lengths.describe(lengths), highlight=False, soft_wrap=True)
@@ -183,6 +184,8 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
     summary = record.summary(cfg, train_rows=train_rows, wall_s=wall_s, phases_s=phases_s, run_dir=run_dir,
                              has_best=best is not None, skipped=skipped)  # fmt: skip
     summary["token_lengths"] = lengths
+    if datasets.train_windows is not None:
+        summary["train_windows"] = datasets.train_windows  # data.long_text=windows: the rows an epoch trains on
     if stick:
         summary.update(stick.summary())
     summary["warnings"] = verdict.check(summary, cfg.checkpoint.metric)

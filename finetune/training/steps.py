@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from finetune.data import windows
 from finetune.data.lengths import sorted_groups
 from finetune.data.preprocess import trim_padding
 from finetune.training import TrainingDiverged
@@ -53,10 +54,11 @@ def forward(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.devi
 
 
 def split_batch(batch: dict[str, torch.Tensor], device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Model inputs (padding trimmed) and labels, on the training device."""
+    """Model inputs (padding trimmed) and labels, on the training device; a window's text and
+    place (data.long_text=windows) are no input."""
     batch = trim_padding(batch)
     labels = batch["label"].to(device, non_blocking=True)
-    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "label"}
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "label" and k not in windows.COLUMNS}
     return inputs, labels
 
 
@@ -215,14 +217,18 @@ def evaluate_rows(
     max_rows: int | None = None,
     worst: WorstRows | None = None,
     on_rows: Callable[[int], None] | None = None,
+    gather: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The task's per-row results (plain loss, targets, predictions or scores) over `batches`, in
-    the order the rows came, on the CPU; DDP ranks gather them before `task.metrics`. Texts run in
-    groups sorted by length (half the padding; finetune.data.lengths). After `max_rows` rows the
-    remaining batches are drained unused (the data iterator still ends its epoch cleanly). `worst`: keeps
-    the worst mistakes' inputs. `on_rows(rows)`: after each group, the rows evaluated so far."""
+    """The task's per-row results (plain loss, targets, predictions or scores) over `batches`, on
+    the CPU. Texts run in groups sorted by length (half the padding; finetune.data.lengths). After
+    `max_rows` rows the remaining batches are drained unused (the data iterator still ends its
+    epoch cleanly). `worst`: keeps the worst mistakes' inputs. `on_rows(rows)`: after each group,
+    the rows evaluated so far. `gather`: every DDP rank's rows (all_gather_rows), the same on every
+    rank. Windows of long texts (data.long_text=windows) are pooled per text (after the gather),
+    so each row is a text, its mistake shown by its first window."""
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {}
+    firsts: list[tuple[int, dict[str, torch.Tensor]]] = []  # windows: the first window's inputs per text, for `worst`
     rows = 0
     for group, restore in sorted_groups(_first_rows(batches, max_rows)):
         results: dict[str, list[torch.Tensor]] = {}
@@ -230,9 +236,15 @@ def evaluate_rows(
             inputs, labels = split_batch(batch, device)
             with autocast(precision, device):
                 outputs = model(**inputs)
-            batch_results = task.eval_rows(outputs.float(), labels)
-            if worst is not None:
-                worst.offer(inputs, batch_results)
+            if windows.TEXT_ID in batch:  # the task's results come once a text's windows are together
+                batch_results = {"logits": outputs.float().cpu(), "label": labels.cpu(), windows.TEXT_ID: batch[windows.TEXT_ID]}
+                if worst is not None:
+                    firsts += [(int(batch[windows.TEXT_ID][i]), {name: values[i].cpu() for name, values in inputs.items()})
+                               for i in torch.nonzero(batch[windows.WINDOW] == 0).flatten().tolist()]  # fmt: skip
+            else:
+                batch_results = task.eval_rows(outputs.float(), labels)
+                if worst is not None:
+                    worst.offer(inputs, batch_results)
             for name, values in batch_results.items():
                 results.setdefault(name, []).append(values)
         for name, values in results.items():
@@ -241,9 +253,26 @@ def evaluate_rows(
         rows += sum(len(batch["label"]) for batch in group)
         if on_rows is not None:
             on_rows(rows)
-    if not parts:  # an empty split
-        return {"loss": torch.zeros(0)}
-    return {name: torch.cat(values) for name, values in parts.items()}
+    evaluated = {name: torch.cat(values) for name, values in parts.items()} if parts else {"loss": torch.zeros(0)}
+    if gather:
+        evaluated = all_gather_rows(evaluated)
+    if windows.TEXT_ID in evaluated:
+        evaluated = pooled_rows(evaluated, task, worst, firsts)
+    return evaluated
+
+
+def pooled_rows(rows: dict[str, torch.Tensor], task: Task, worst: WorstRows | None = None,
+                firsts: list[tuple[int, dict[str, torch.Tensor]]] = ()) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Windows' logits, labels and text ids as their texts' task results (windows.pool); `worst`
+    offered the texts whose first window this process read (`firsts`), that window the input shown."""
+    logits, texts, first = windows.pool(rows["logits"], rows[windows.TEXT_ID])
+    results = task.eval_rows(logits, rows["label"][first])
+    if worst is not None and firsts:
+        at = torch.searchsorted(texts, torch.tensor([text for text, _ in firsts]))
+        inputs = {name: nn.utils.rnn.pad_sequence([row[name] for _, row in firsts], batch_first=True)
+                  for name in firsts[0][1]}  # fmt: skip
+        worst.offer(inputs, {name: values[at] for name, values in results.items()})
+    return results
 
 
 def _first_rows(batches: Iterable[dict[str, torch.Tensor]], max_rows: int | None) -> Iterator[dict[str, torch.Tensor]]:

@@ -338,10 +338,9 @@ def _evaluated_rows(worker: Worker, module, split: str, max_rows: int | None = N
     cfg = worker.cfg
     shard = ray.train.get_dataset_shard(split)
     batches = shard.iter_torch_batches(batch_size=cfg.train.eval_batch_size, prefetch_batches=cfg.data.prefetch_batches)
-    rows = steps.evaluate_rows(module, batches, worker.spec.task, device=worker.device, precision=worker.precision,
-                               max_rows=max_rows, worst=worst,
-                               on_rows=_work_progress(worker, what or SPLIT_WORK[split]))  # fmt: skip
-    return steps.all_gather_rows(rows)
+    return steps.evaluate_rows(module, batches, worker.spec.task, device=worker.device, precision=worker.precision,
+                               max_rows=max_rows, worst=worst, on_rows=_work_progress(worker, what or SPLIT_WORK[split]),
+                               gather=True)  # fmt: skip
 
 
 def _work_progress(worker: Worker, what: str):

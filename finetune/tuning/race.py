@@ -303,7 +303,7 @@ def run_race(cfg: PipelineConfig, base_raw: dict, run_dir: Path, console: Consol
     mode = metric_mode(metric)
     with working(console, "reading the data to plan the strategy race"):
         datasets = pipeline_datasets(cfg)
-        _, steps_per_epoch = plan_epoch(cfg, datasets.train_rows)
+        _, steps_per_epoch = plan_epoch(cfg, datasets.training_rows)
         if datasets.bad_row_log is not None:
             ray.kill(datasets.bad_row_log)
     plan = race_plan(cfg, pipeline_lr(base_raw), steps_per_epoch)

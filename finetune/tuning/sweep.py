@@ -83,7 +83,7 @@ def train_trial(cfg: PipelineConfig, name: str, storage_path: str, trial_dir: Pa
 
     quiet_ray_data()
     datasets = pipeline_datasets(cfg)
-    batches_per_epoch, _ = plan_epoch(cfg, datasets.train_rows)
+    batches_per_epoch, _ = plan_epoch(cfg, datasets.training_rows)
     monitor = RunMonitor.options(scheduling_strategy=on_driver_node()).remote()  # owned by this actor: ends with it
     trainer = build_trainer(
         cfg, datasets, batches_per_epoch, name=name, monitor=monitor, storage_path=storage_path,
