@@ -1,7 +1,8 @@
 """Long texts: `data.long_text` modes beside the yardstick, through `finetune train`.
 
-    .venv/bin/python bench/long_text.py                              # truncate and head_tail, 128 tokens
+    .venv/bin/python bench/long_text.py                              # truncate, head_tail, windows; 128 tokens
     .venv/bin/python bench/long_text.py --modes head_tail --max-length 256
+    .venv/bin/python bench/long_text.py --demo                       # the three on the demo's short snippets
     .venv/bin/python bench/long_text.py --report
 
 The task, built from data this machine has: long pseudo-reviews, each the concatenation of
@@ -11,7 +12,9 @@ training file and a test file, so no film's words are in both. A text runs to ~3
 several times `--max-length` tokens: what the model reads of it is the variable. Each mode is
 one `finetune train` of MiniLM-L6 (default settings otherwise: 3 epochs, one worker), its test
 accuracy, the yardstick's (TF-IDF + logistic regression on the same rows), the share of texts
-cut and the wall time are one JSON line in --results (a mode already there is skipped).
+cut, the windows read and the wall time are one JSON line in --results (a mode already there
+is skipped). `--demo`: the same modes on pipelines/sentiment-minilm.yaml as it is (snippets of
+~25 tokens, max_length 64), where a mode should change nothing.
 """
 
 from __future__ import annotations
@@ -62,7 +65,10 @@ def make_long_reviews(folder: Path, snippets: int, seed: int = 0) -> dict[str, i
     return {split: len(split_rows) for split, split_rows in rows.items()}
 
 
-def run_mode(folder: Path, mode: str, args) -> dict:
+DEMO = Path(__file__).resolve().parent.parent / "pipelines" / "sentiment-minilm.yaml"
+
+
+def long_pipeline(folder: Path, mode: str, args) -> Path:
     pipeline = folder / f"long-{mode}.yaml"
     pipeline.write_text(yaml.safe_dump({
         "name": f"long-reviews-{mode}",
@@ -72,13 +78,21 @@ def run_mode(folder: Path, mode: str, args) -> dict:
         "optim": {"lr": 1e-4},
         "train": {"epochs": args.epochs, "batch_size": 16},
     }))  # fmt: skip
+    return pipeline
+
+
+def run_mode(folder: Path, mode: str, args) -> dict:
+    pipeline = DEMO if args.demo else long_pipeline(folder, mode, args)
     run_dir = folder / f"run-{mode}"
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "finetune.cli", "train", str(pipeline), "--run-dir", str(run_dir)],
-                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run([sys.executable, "-m", "finetune.cli", "train", str(pipeline), f"data.long_text={mode}",
+                    "--run-dir", str(run_dir)], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     summary = json.loads((run_dir / "summary.json").read_text())
+    lengths = summary["token_lengths"]
     return {
-        "mode": mode, "max_length": args.max_length, "snippets": args.snippets, "epochs": args.epochs,
+        "task": "demo" if args.demo else "long_reviews", "mode": mode, "max_length": lengths["max_length"],
+        "snippets": None if args.demo else args.snippets, "epochs": summary["epochs"],
+        "windows_per_text": lengths.get("windows_mean"), "train_windows": summary.get("train_windows"),
         "test_accuracy": summary["test_accuracy"], "yardstick_test_accuracy": summary.get("yardstick_test_accuracy"),
         "yardstick_noise": summary.get("yardstick", {}).get("noise", {}).get("accuracy"),
         "cut_share": summary["token_lengths"]["cut_share"], "p50_tokens": summary["token_lengths"]["p50"],
@@ -89,7 +103,8 @@ def run_mode(folder: Path, mode: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", nargs="+", default=["truncate", "head_tail"])
+    parser.add_argument("--modes", nargs="+", default=["truncate", "head_tail", "windows"])
+    parser.add_argument("--demo", action="store_true", help="the demo pipeline as it is, in each mode")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--snippets", type=int, default=12, help="Rotten Tomatoes snippets per long text")
     parser.add_argument("--epochs", type=int, default=3)
@@ -102,11 +117,17 @@ def main() -> None:
         for row in done:
             print(json.dumps({k: v for k, v in row.items() if k != "warnings"}))
         return
-    settings = (args.max_length, args.snippets, args.epochs)
-    finished = {r["mode"] for r in done if (r["max_length"], r["snippets"], r["epochs"]) == settings}
+    def setting(row: dict) -> tuple:
+        if row.get("task", "long_reviews") == "demo":
+            return ("demo",)
+        return "long_reviews", row["max_length"], row["snippets"], row["epochs"]
+
+    wanted = ("demo",) if args.demo else ("long_reviews", args.max_length, args.snippets, args.epochs)
+    finished = {r["mode"] for r in done if setting(r) == wanted}
     with tempfile.TemporaryDirectory() as directory:
-        counts = make_long_reviews(Path(directory), args.snippets)
-        print(json.dumps({"long_reviews": counts}), flush=True)
+        if not args.demo:
+            counts = make_long_reviews(Path(directory), args.snippets)
+            print(json.dumps({"long_reviews": counts}), flush=True)
         for mode in args.modes:
             if mode in finished:
                 continue

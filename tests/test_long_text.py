@@ -14,6 +14,7 @@ import torch
 from helpers import FILLER, NEGATIVE, POSITIVE, pipeline_config, tiny_sentiment_pipeline, write_csv
 from finetune import models
 from finetune.data.preprocess import TextPreprocessor, load_tokenizer
+from finetune.data.rows import FILE, ROW
 from finetune.models import load_model, save_model
 from finetune.tasks import build_task
 
@@ -63,7 +64,8 @@ def test_windows_read_a_long_text_whole_each_with_its_label(tiny_bert_dir):
     long_text = " ".join(WORDS[i % len(WORDS)] for i in range(30))
     words = long_text.split()
     windowed = TextPreprocessor(str(tiny_bert_dir), max_length=10, long_text="windows")
-    out = windowed({"text": np.array([long_text, "a great film"], dtype=object), "label": np.array([1, 0])})
+    out = windowed({"text": np.array([long_text, "a great film"], dtype=object), "label": np.array([1, 0]),
+                    FILE: np.array(["r.csv", "r.csv"]), ROW: np.array([0, 1])})  # fmt: skip
     # 8 tokens of room between [CLS] and [SEP], half a window (4) apart, the last ending with the text
     starts = [0, 4, 8, 12, 16, 20, 22]
     assert [_decoded(tokenizer, ids) for ids in out["input_ids"][:7]] == [words[s : s + 8] for s in starts]
@@ -74,23 +76,19 @@ def test_windows_read_a_long_text_whole_each_with_its_label(tiny_bert_dir):
     plain = TextPreprocessor(str(tiny_bert_dir), max_length=10)({"text": np.array(["a great film"], dtype=object)})
     np.testing.assert_array_equal(out["input_ids"][7], plain["input_ids"][0])  # a short text is one window, as it was
     capped = TextPreprocessor(str(tiny_bert_dir), max_length=10, long_text="windows", window_stride=6, max_windows=3)
-    out = capped({"text": np.array([long_text], dtype=object)})
+    out = capped.encode([long_text])
     # starts 0, 6, 12, 18, 22 capped to three spread over them: the start, the middle, the end
     assert [_decoded(tokenizer, ids) for ids in out["input_ids"]] == [words[s : s + 8] for s in (0, 12, 22)]
 
 
 def test_a_windows_id_is_its_file_and_row_wherever_it_is_read():
     from finetune.data import windows
-    from finetune.data.rows import FILE, ROW
 
     batch = {"text": np.array(["x", "y", "x"], dtype=object), FILE: np.array(["a.csv", "a.csv", "b.csv"]),
              ROW: np.array([0, 1, 0])}  # fmt: skip
     ids = windows.text_ids(batch)
     assert len(set(ids.tolist())) == 3
     assert windows.text_ids({k: v[1:] for k, v in batch.items()}).tolist() == ids[1:].tolist()
-    # without a file (builtin datasets): the text and its label
-    texts = {"text": np.array(["x", "x", "x"], dtype=object), "label": np.array([0, 0, 1])}
-    assert windows.text_ids(texts).tolist()[0] == windows.text_ids(texts).tolist()[1] != windows.text_ids(texts).tolist()[2]
     assert windows.window_starts(5, 8, 4, 8) == [0] and windows.windows_of(5, 8, 4) == 1
     assert windows.windows_of(30, 8, 4) == len(windows.window_starts(30, 8, 4, 100)) == 7
 
@@ -159,11 +157,10 @@ def test_predict_averages_each_inputs_windows_in_the_inputs_order(tiny_bert_dir,
     inputs = [long_text, "a great film", long_text]
     predictions = predict_with(saved, inputs)
     assert [p["input"] for p in predictions] == inputs  # one answer per input, duplicates too
-    windows = saved.preprocessor({"text": np.array([long_text], dtype=object)})
-    assert len(windows["input_ids"]) == 4
+    windows = saved.preprocessor.encode([long_text])
+    assert windows["text_id"].tolist() == [0, 0, 0, 0]
     with torch.no_grad():
-        expected = torch.softmax(saved.model(input_ids=torch.from_numpy(windows["input_ids"]),
-                                             attention_mask=torch.from_numpy(windows["attention_mask"])).mean(0), -1)  # fmt: skip
+        expected = torch.softmax(saved.model(input_ids=windows["input_ids"], attention_mask=windows["attention_mask"]).mean(0), -1)
     assert predictions[0]["probabilities"]["pos"] == pytest.approx(float(expected[1]), abs=1e-5)
     assert predictions[2]["probabilities"] == predictions[0]["probabilities"]
 
@@ -216,3 +213,15 @@ def test_a_two_worker_windows_run_reads_the_end_of_long_texts(ray_session, tmp_p
     assert [line.split()[0] for line in capsys.readouterr().out.strip().splitlines()] == ["pos", "neg"]
     exported = export_run(run_dir, "pt2")  # checked against the run's model window by window
     assert exported.max_abs_diff <= 1e-4 and "average the logits per text" in exported.manifest["long_text"]
+
+
+def test_duplicate_snippets_of_the_builtin_dataset_stay_apart_as_windows(ray_session, tiny_bert_dir):
+    """Rotten Tomatoes repeats a few snippets word for word: each is its own text to evaluate."""
+    from finetune.config import DataConfig
+    from finetune.data.datasets import build_datasets
+
+    data = DataConfig(source="rotten_tomatoes", max_length=16, long_text="windows")
+    windowed = build_datasets(data, TextPreprocessor(str(tiny_bert_dir), 16, long_text="windows"), seed=0)
+    test = windowed.test.to_pandas()
+    plain = build_datasets(data, TextPreprocessor(str(tiny_bert_dir), 16), seed=0).test.count()
+    assert test["text_id"].nunique() == plain and len(test) > plain  # every snippet once, some in several windows

@@ -124,6 +124,13 @@ def test_token_length_words_and_warning():
            "640), or set data.long_text=head_tail" in warning
     assert token_lengths.warning({**stats, "cut_share": 0.05}) is None
     assert token_lengths.warning({**stats, "max_length": 512}, "head_tail").endswith("never reads their middle.")
+    windowed = {**stats, "windows_mean": 3.4, "max_windows": 8, "capped_share": 0.02}  # data.long_text=windows
+    assert token_lengths.describe(windowed).endswith(
+        "73.0% are longer than data.max_length=128 and read as windows: 3.40 windows per text, 2.0% of texts beyond "
+        "data.max_windows=8")  # fmt: skip
+    assert token_lengths.warning(windowed, "windows") is None  # read whole: nothing is cut
+    capped = token_lengths.warning({**windowed, "capped_share": 0.3}, "windows")
+    assert capped.startswith("30% of the training texts need more than data.max_windows=8 windows")
 
 
 def test_local_splits_are_the_runs_rows_sampled_with_the_seed(ray_session, tmp_path):

@@ -1,7 +1,8 @@
 """Bad rows: where a row came from, and what happens to one that cannot be used.
 
-File sources carry two provenance columns through reading and splitting: `__file` and
-`__row` (0-based row number in that file; -1 for a file that is one image). A row with an
+File sources (and the builtin rotten_tomatoes, as if one file) carry two provenance columns
+through reading and splitting: `__file` and `__row` (0-based row number in that file; -1 for a
+file that is one image). A row with an
 empty label, no text, or an image that does not decode either stops the run with a
 `DataError` naming file and row (`data.on_bad_rows: error`) or is dropped and logged to a
 `BadRowLog` actor (`skip`), which the driver asks for the counts at the end of the run.

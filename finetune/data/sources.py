@@ -90,7 +90,8 @@ def load_source(
     task: str = "classification",
 ) -> Source:  # fmt: skip
     """The configured rows, split into train/val/test, labels encoded for `task`, sizes capped.
-    File sources keep the provenance columns (`__file`, `__row`) for preprocessing's messages.
+    File sources (and rotten_tomatoes) keep the provenance columns (`__file`, `__row`) for
+    preprocessing's messages and to tell windows' texts apart.
     `label_names`: a trained model's labels, reused instead of discovered (evaluate)."""
     loader = CATALOG.get(cfg.source)
     if loader and not task_class(task).labels_from_class_folders:

@@ -43,14 +43,12 @@ def windows_of(length: int, room: int, stride: int) -> int:
 def text_ids(batch: dict[str, np.ndarray]) -> np.ndarray:
     """An id per row of a batch, the same wherever and whenever the row is read: a batch's own
     `text_id` column (predict: the inputs' positions), else a hash of the row's file and row
-    number, else (builtin and hub datasets, which have neither) of its text and label."""
+    number (every source carries them: finetune.data.rows), so duplicate texts stay apart."""
     if TEXT_ID in batch:
         return np.asarray(batch[TEXT_ID], dtype=np.int64)
-    if FILE in batch:
-        keys = [f"{file}\0{row}" for file, row in zip(batch[FILE], batch[ROW])]
-    else:
-        labels = batch.get("label", [None] * len(batch["text"]))
-        keys = [f"{text}\0{np.asarray(label).tolist()}" for text, label in zip(batch["text"], labels)]
+    if FILE not in batch:
+        raise ValueError("data.long_text=windows needs each row's provenance (__file, __row) to tell texts apart")
+    keys = [f"{file}\0{row}" for file, row in zip(batch[FILE], batch[ROW])]
     return np.array([int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little", signed=True)
                      for key in keys], dtype=np.int64)  # fmt: skip
 
