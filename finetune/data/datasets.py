@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,14 @@ class Datasets:
     # a fixed sample of training rows, preprocessed as for evaluation (no augmentation): the
     # train_eval metrics and BatchNorm recalibration read it
     train_eval: ray.data.Dataset | None = None
-    train_windows: int | None = None  # data.long_text=windows: the windows the training rows make
+    # data.long_text=windows: the training split's windows, unshuffled: counted once, when asked
+    # (`finetune evaluate` and `export` read val and test only)
+    train_windowed: ray.data.Dataset | None = None
+
+    @cached_property
+    def train_windows(self) -> int | None:
+        """data.long_text=windows: the windows the training rows make (one tokenizing pass)."""
+        return None if self.train_windowed is None else self.train_windowed.count()
 
     @property
     def training_rows(self) -> int:
@@ -113,9 +121,8 @@ def build_datasets(
     splits = dict(source.splits)
     train_rows = splits["train"].count()  # before preprocessing and shuffling, which a count would run
     _check_carved_splits(cfg, splits, train_rows)
-    train_windows = None
-    if getattr(preprocessor, "long_text", None) == "windows":  # one tokenizing pass: the epoch's length
-        train_windows = preprocess(splits["train"], preprocessor, policies["train"]).count()
+    windowed = getattr(preprocessor, "long_text", None) == "windows"
+    train_windowed = preprocess(splits["train"], preprocessor, policies["train"]) if windowed else None
     if cfg.shuffle == "full":  # a new seeded order each epoch (each execution of the dataset)
         splits["train"] = splits["train"].random_shuffle(seed=ray.data.RandomSeedConfig(seed, reseed_after_execution=True))
     ready = {split: preprocess(ds, for_split[split], policies[split]) for split, ds in splits.items()}
@@ -135,5 +142,5 @@ def build_datasets(
         train_eval = preprocess(sample, preprocessor, RowPolicy("train", skip=log is not None, log=None))
     return Datasets(
         ready["train"], ready["val"], ready["test"], source.label_names, train_rows, log, train_labels, task, train_eval,
-        train_windows,
+        train_windowed,
     )

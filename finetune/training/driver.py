@@ -121,9 +121,10 @@ def run(cfg: PipelineConfig, run_dir: Path, console: Console | None = None, resu
     quiet_ray_data()
     with clock("read_data"), working(console, "reading the data (labels, splits, row counts)"):
         datasets = pipeline_datasets(cfg)
+        training_rows = datasets.training_rows  # data.long_text=windows: the windows counted here
         lengths = token_lengths.measure(cfg, datasets.label_names)
     train_rows = datasets.train_rows
-    batches_per_epoch, steps_per_epoch = plan_epoch(cfg, datasets.training_rows)
+    batches_per_epoch, steps_per_epoch = plan_epoch(cfg, training_rows)
     # saved once the data is read: a data error leaves no run behind, so the same command reruns
     run_dir.mkdir(parents=True, exist_ok=True)
     files.write_text(run_dir / RUN_FILE, json.dumps({"ray_run_name": ray_name, "storage_path": storage_path}))
