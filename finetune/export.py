@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from finetune import files
-from finetune.data import windows
 from finetune.inference import load_run, split_batches
 from finetune.models import SavedModel
 from finetune.training import steps
@@ -218,16 +217,12 @@ def _measure(saved: SavedModel, exported: dict[str, nn.Module], batches) -> dict
         outputs = {name: model(**inputs).float() for name, model in models.items()}
         max_diff = max(max_diff, float((outputs["export"] - outputs["torch"]).abs().max()))
         for name, output in outputs.items():
-            if windows.TEXT_ID in batch:  # data.long_text=windows: pooled per text below
-                results = {"logits": output, "label": labels, windows.TEXT_ID: batch[windows.TEXT_ID]}
-            else:
-                results = saved.task.eval_rows(output, labels)
-            for key, values in results.items():
+            for key, values in steps.batch_rows(saved.task, output, labels, batch).items():
                 parts[name].setdefault(key, []).append(values)
         rows += len(labels)
-    evaluated = {name: {key: torch.cat(values) for key, values in part.items()} for name, part in parts.items()}
-    evaluated = {name: steps.pooled_rows(rows_of, saved.task) if windows.TEXT_ID in rows_of else rows_of
-                 for name, rows_of in evaluated.items()}  # fmt: skip
+    # data.long_text=windows: each text's windows pooled, as evaluation does
+    evaluated = {name: steps.pooled_rows({key: torch.cat(values) for key, values in part.items()}, saved.task)
+                 for name, part in parts.items()}  # fmt: skip
     return {"rows": rows, "max_abs_diff": max_diff, "rows_of": evaluated}
 
 

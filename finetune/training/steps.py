@@ -236,15 +236,12 @@ def evaluate_rows(
             inputs, labels = split_batch(batch, device)
             with autocast(precision, device):
                 outputs = model(**inputs)
-            if windows.TEXT_ID in batch:  # the task's results come once a text's windows are together
-                batch_results = {"logits": outputs.float().cpu(), "label": labels.cpu(), windows.TEXT_ID: batch[windows.TEXT_ID]}
-                if worst is not None:
-                    firsts += [(int(batch[windows.TEXT_ID][i]), {name: values[i].cpu() for name, values in inputs.items()})
-                               for i in torch.nonzero(batch[windows.WINDOW] == 0).flatten().tolist()]  # fmt: skip
-            else:
-                batch_results = task.eval_rows(outputs.float(), labels)
-                if worst is not None:
-                    worst.offer(inputs, batch_results)
+            batch_results = batch_rows(task, outputs, labels, batch)
+            if worst is not None and windows.TEXT_ID in batch:
+                firsts += [(int(batch[windows.TEXT_ID][i]), {name: values[i].cpu() for name, values in inputs.items()})
+                           for i in torch.nonzero(batch[windows.WINDOW] == 0).flatten().tolist()]  # fmt: skip
+            elif worst is not None:
+                worst.offer(inputs, batch_results)
             for name, values in batch_results.items():
                 results.setdefault(name, []).append(values)
         for name, values in results.items():
@@ -256,15 +253,25 @@ def evaluate_rows(
     evaluated = {name: torch.cat(values) for name, values in parts.items()} if parts else {"loss": torch.zeros(0)}
     if gather:
         evaluated = all_gather_rows(evaluated)
-    if windows.TEXT_ID in evaluated:
-        evaluated = pooled_rows(evaluated, task, worst, firsts)
-    return evaluated
+    return pooled_rows(evaluated, task, worst, firsts)
+
+
+def batch_rows(task: Task, outputs: torch.Tensor, labels: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch's per-row results: the task's, or for the windows of long texts (data.long_text=windows)
+    their logits, labels and text ids, the task's results coming once a text's windows are together
+    (pooled_rows)."""
+    if windows.TEXT_ID in batch:
+        return {"logits": outputs.float().cpu(), "label": labels.cpu(), windows.TEXT_ID: batch[windows.TEXT_ID]}
+    return task.eval_rows(outputs.float(), labels)
 
 
 def pooled_rows(rows: dict[str, torch.Tensor], task: Task, worst: WorstRows | None = None,
                 firsts: list[tuple[int, dict[str, torch.Tensor]]] = ()) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Windows' logits, labels and text ids as their texts' task results (windows.pool); `worst`
-    offered the texts whose first window this process read (`firsts`), that window the input shown."""
+    """`batch_rows`' results of a whole split: windows' logits, labels and text ids as their texts'
+    task results (windows.pool), other rows as they are; `worst` offered the texts whose first
+    window this process read (`firsts`), that window the input shown."""
+    if windows.TEXT_ID not in rows:
+        return rows
     logits, texts, first = windows.pool(rows["logits"], rows[windows.TEXT_ID])
     results = task.eval_rows(logits, rows["label"][first])
     if worst is not None and firsts:
