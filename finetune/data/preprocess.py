@@ -114,6 +114,10 @@ class TextPreprocessor:
         """windows: tokens from one window's start to the next, for windows of `room` content tokens."""
         return min(self.window_stride or max(room // 2, 1), room)
 
+    def window_room(self, tokenizer) -> int:
+        """windows: a window's content tokens, max_length less a text's special tokens."""
+        return self.max_length - tokenizer.num_special_tokens_to_add()
+
     def _windows(self, tokenizer, texts: list[str]) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
         """Each text as overlapping windows, each with the text's special tokens: the windows' tokens,
         the text each window reads (its index in `texts`) and the window's place in that text."""

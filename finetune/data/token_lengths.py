@@ -39,8 +39,8 @@ def measure(cfg: PipelineConfig, label_names: list[str] | None = None) -> dict |
         "model_limit": int(limit) if limit < 1_000_000 else None,  # tokenizers without a limit say 1e30
     }  # fmt: skip
     if cfg.data.long_text == "windows":
-        specials = tokenizer.num_special_tokens_to_add()
-        room = cfg.data.max_length - specials
+        room = preprocessor.window_room(tokenizer)
+        specials = cfg.data.max_length - room
         needed = np.array([windows.windows_of(int(n) - specials, room, preprocessor.stride(room)) for n in lengths])
         read = np.minimum(needed, cfg.data.max_windows)
         stats.update(windows_mean=float(read.mean()), max_windows=cfg.data.max_windows,

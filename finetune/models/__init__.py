@@ -224,9 +224,9 @@ def save_model(
         tokenizer = load_tokenizer(preprocessor.tokenizer, preprocessor.trust_remote_code)
         tokenizer.model_max_length = preprocessor.max_length  # so `truncation=True` elsewhere cuts where training did
         tokenizer.save_pretrained(directory)
-        room = preprocessor.max_length - tokenizer.num_special_tokens_to_add()
         preprocessing = {"kind": "text", "max_length": preprocessor.max_length, "long_text": preprocessor.long_text,
-                         "head_share": preprocessor.head_share, "window_stride": preprocessor.stride(room),
+                         "head_share": preprocessor.head_share,
+                         "window_stride": preprocessor.stride(preprocessor.window_room(tokenizer)),
                          "max_windows": preprocessor.max_windows}  # fmt: skip
     else:
         preprocessing = {"kind": "image", "size": preprocessor.size,
