@@ -86,6 +86,46 @@ def test_every_tracker_logs_the_same_metrics_at_the_same_steps_and_a_resumed_run
     assert hparams["hparam/test_accuracy"] == pytest.approx({0: 0.85})
 
 
+class _DriverKilled(Exception):
+    pass
+
+
+class _KilledHere:
+    """A subscriber at which the driver dies while handing out epoch 2."""
+
+    def on_event(self, event) -> None:
+        if isinstance(event, EpochEnded) and event.epoch == 1:
+            raise _DriverKilled
+
+
+@pytest.mark.parametrize("killed", ["before_trackers", "after_trackers"])
+def test_an_epoch_a_killed_driver_was_handing_out_is_logged_once_on_resume(tmp_path, killed):
+    """A driver killed while handing out epoch 2 (a sweep's trial actor dies with its sweep's
+    driver), before or after its trackers logged it: its record does not hold epoch 2 yet, so the
+    resumed run's worker group, which resends the epochs before its checkpoint, hands epoch 2 to
+    the trackers again, and they hold it once."""
+    from finetune.training.driver import hand_out
+    from finetune.training.record import RunRecord
+
+    cfg = pipeline_config(name="tracked", tracking={"mlflow": {}})
+    run_dir = tmp_path / "runs" / "first"
+    run_dir.mkdir(parents=True)
+    record, tracking = RunRecord(run_dir / "metrics.jsonl"), start_tracking(cfg, run_dir, resume=False)
+    subscribers = [_KilledHere(), tracking] if killed == "before_trackers" else [tracking, _KilledHere()]
+    hand_out(_epoch(0, 0.7), record, subscribers)
+    with pytest.raises(_DriverKilled):
+        hand_out(_epoch(1, 0.8), record, subscribers)
+
+    record, tracking = RunRecord(run_dir / "metrics.jsonl"), start_tracking(cfg, run_dir, resume=True)
+    for epoch, val_accuracy in enumerate([0.7, 0.8, 0.9]):
+        hand_out(_epoch(epoch, val_accuracy), record, [tracking])
+    record.close()
+    state = json.loads((run_dir / "tracking.json").read_text())
+    history = mlflow_history(state["mlflow_tracking_uri"], state["mlflow_run_id"])  # fails on a step logged twice
+    assert history["val/accuracy"] == pytest.approx({4: 0.7, 8: 0.8, 12: 0.9})
+    assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
 def test_a_tracker_not_installed_is_a_config_error_naming_its_extra(monkeypatch):
     assert check_tracking(TrackingConfig()) == []  # TensorBoard alone needs nothing more
     real = importlib.util.find_spec

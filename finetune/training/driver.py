@@ -25,7 +25,7 @@ from finetune.report.model_card import write_model_card
 from finetune.report.progress import TrainingProgress, phases_line, summary_table, working
 from finetune.tracking import start_tracking
 from finetune.training import Interrupted, TrainingDiverged
-from finetune.training.events import StepProgress, Subscriber, WorkProgress
+from finetune.training.events import RunEvent, StepProgress, Subscriber, WorkProgress
 from finetune.training.monitor import RunMonitor
 from finetune.training.record import RunRecord
 from finetune.training.phases import PhaseClock, run_phases
@@ -62,6 +62,24 @@ def _ray_run(run_dir: Path, storage_path: str, resume: bool) -> tuple[str, str]:
     return f"{run_dir.name}-{uuid.uuid4().hex[:8]}", storage_path
 
 
+def hand_out(item: RunEvent | StepProgress | WorkProgress, record: RunRecord, subscribers: list[Subscriber]) -> None:
+    """One item from the workers to the subscribers, and an event into `record`. A resumed run
+    resends the epochs before its checkpoint: those the record holds unchanged go to nobody. The
+    record keeps an event only after the subscribers had it, so a driver killed between the two
+    hands a resent epoch to the trackers again (they skip what they logged: tracking.Tracking)
+    rather than leaving it out of their runs."""
+    if isinstance(item, StepProgress):
+        for subscriber in subscribers:
+            subscriber.on_step(item)
+    elif isinstance(item, WorkProgress):
+        for subscriber in subscribers:
+            subscriber.on_work(item)
+    elif record.is_new(item):
+        for subscriber in subscribers:
+            subscriber.on_event(item)
+        record.fold(item)
+
+
 def fit_and_record(trainer, monitor, record: RunRecord, subscribers: list[Subscriber]) -> ray.train.Result:
     """Run fit() in a thread while this one folds the workers' events into `record` and hands
     each new one to the subscribers (the latest step progress too)."""
@@ -80,15 +98,7 @@ def fit_and_record(trainer, monitor, record: RunRecord, subscribers: list[Subscr
         finished = not thread.is_alive()
         items = ray.get(monitor.poll.remote(seen))
         for item in items:
-            if isinstance(item, StepProgress):
-                for subscriber in subscribers:
-                    subscriber.on_step(item)
-            elif isinstance(item, WorkProgress):
-                for subscriber in subscribers:
-                    subscriber.on_work(item)
-            elif record.fold(item):  # a resumed run resends the epochs before its checkpoint
-                for subscriber in subscribers:
-                    subscriber.on_event(item)
+            hand_out(item, record, subscribers)
         if items:
             seen += len(items)
             monitor.mark_handled.remote(seen)  # a report waiting on these may go on (monitor.EventsHandled)

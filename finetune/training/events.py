@@ -141,8 +141,8 @@ RunEvent = LayerGroups | BatchNormPlan | WorkerStarted | Baseline | EpochEnded |
 
 
 class Subscriber(Protocol):
-    """What the driver hands each event and step progress to, in the order rank 0 sent them (a
-    resent epoch only once)."""
+    """What the driver hands each event and step progress to, in the order rank 0 sent them (an
+    epoch a restarted worker group resent: only if the run's record lacks it, driver.hand_out)."""
 
     def on_event(self, event: RunEvent) -> None: ...
 

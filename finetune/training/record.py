@@ -36,11 +36,15 @@ class RunRecord:
         self.final: FinalTest | None = None
         self.phases: WorkerPhases | None = None
 
+    def is_new(self, event: RunEvent) -> bool:
+        """False for an epoch a restarted worker group resent unchanged."""
+        return not isinstance(event, EpochEnded) or self.epochs.get(event.epoch) != event.metrics
+
     def fold(self, event: RunEvent) -> bool:
         """Keep `event`; False for an epoch a restarted worker group resent unchanged."""
+        if not self.is_new(event):
+            return False
         if isinstance(event, EpochEnded):
-            if self.epochs.get(event.epoch) == event.metrics:
-                return False
             self.epochs[event.epoch] = event.metrics
             files.append_line(self.metrics_path, json.dumps(event.metrics))
         elif isinstance(event, WorkerStarted):
