@@ -51,9 +51,10 @@ def _accuracy(model, data: dict, num_labels: int, precision: str) -> float:
     return evaluation.metrics(rows, "eval")["eval/accuracy"]
 
 
-def candidate_run(task: str, size: int, candidate: Candidate, seed: int, data, args):
+def candidate_run(task: str, size: int, candidate: Candidate, seed: int, data, args, heldout: dict | None = None):
     """Trains one candidate epoch by epoch: yields (epochs done, val accuracy, seconds of training
-    and validation) after each, then ("test", test accuracy of the final weights)."""
+    and validation) after each, then ("test", test accuracy of the final weights) and, given
+    `heldout` rows, ("heldout", their accuracy)."""
     train, val, test, num_labels, model_cfg = data
     steps_per_epoch = size // args.batch_size
     torch.manual_seed(seed)
@@ -83,15 +84,17 @@ def candidate_run(task: str, size: int, candidate: Candidate, seed: int, data, a
         score = _accuracy(model, val, num_labels, precision)
         yield epoch + 1, score, time.perf_counter() - started
     yield "test", _accuracy(model, test, num_labels, precision), 0.0
+    if heldout is not None:
+        yield "heldout", fixed.heldout_accuracy(model, heldout, num_labels, precision), 0.0
 
 
-def race_one(task: str, size: int, seed: int, data, args) -> dict:
+def race_one(task: str, size: int, seed: int, data, args, heldout: dict | None = None) -> dict:
     """auto's race as `finetune train` runs it, in this process; then one full fine-tune, timed."""
     _, _, _, num_labels, model_cfg = data
     groups = len(layer_groups(models.build_model(model_cfg, num_labels, fixed.TASKS[task].get("image_size", 224))))
     plan = plan_race(AutoConfig(name="auto", budget=args.budget), task, epochs=args.epochs,
                      steps_per_epoch=size // args.batch_size, groups=groups)  # fmt: skip
-    runs = {c.id: candidate_run(task, size, c, seed, data, args) for c in plan.candidates}
+    runs = {c.id: candidate_run(task, size, c, seed, data, args, heldout) for c in plan.candidates}
     scores: dict[str, dict[int, float]] = {c.id: {} for c in plan.candidates}
     seconds = 0.0
     alive = list(runs)
@@ -107,10 +110,11 @@ def race_one(task: str, size: int, seed: int, data, args) -> dict:
         keep = plan.survivors[index + 1] if index + 1 < len(plan.survivors) else 1
         alive = promote(at_rung, keep, "max", screen)
     winner = alive[0]
+    tested = {}
     for epoch, score, spent in runs[winner]:
-        if epoch == "test":
-            test_accuracy = score
-            break
+        if epoch in ("test", "heldout"):
+            tested[epoch] = score
+            continue
         scores[winner][epoch] = score
         seconds += spent
     for cid in runs:
@@ -121,49 +125,60 @@ def race_one(task: str, size: int, seed: int, data, args) -> dict:
     label = next(c.label for c in plan.candidates if c.id == winner)
     return {
         "task": task, "size": size, "seed": seed, "epochs": args.epochs, "budget": args.budget, "winner": winner,
-        "winner_label": label, "test_accuracy": test_accuracy, "scores": {c: {str(e): s for e, s in v.items()} for c, v in scores.items()},
+        "winner_label": label, "test_accuracy": tested["test"],
+        **({"heldout_accuracy": tested["heldout"], "heldout_rows": args.heldout_rows} if heldout is not None else {}),
+        "scores": {c: {str(e): s for e, s in v.items()} for c, v in scores.items()},
         "candidates": [c.label for c in plan.candidates], "rungs": plan.rungs, "race_seconds": seconds, "full_seconds": full_seconds,
         "compute_vs_full": seconds / full_seconds,
     }  # fmt: skip
 
 
-def fixed_means(path: Path, epochs: int) -> dict[tuple[str, int], dict[str, float]]:
-    """bench/strategies.py's test accuracy means per (task, size): its table's settings, BatchNorm recalibrated."""
-    args = argparse.Namespace(epochs=epochs, lr=None, options=None, eval_split="test", batchnorm="recalibrate")
+def fixed_means(path: Path, epochs: int, heldout_rows: int = 0) -> dict[tuple[str, str, int], dict[str, float]]:
+    """bench/strategies.py's accuracy means per (split, task, size), split "test" or "heldout" (given
+    `heldout_rows`: the runs that scored them): its table's settings, BatchNorm recalibrated."""
+    args = argparse.Namespace(epochs=epochs, lr=None, options=None, eval_split="test", batchnorm="recalibrate",
+                              heldout_rows=heldout_rows)  # fmt: skip
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    means: dict[tuple[str, int], dict[str, float]] = {}
-    for row in fixed.summarise([r for r in rows if fixed.same_settings(r, args)]):
-        means.setdefault((row["task"], row["size"]), {})[row["strategy"]] = row["test_accuracy_mean"]
+    means: dict[tuple[str, str, int], dict[str, float]] = {}
+    for row in fixed.summarise(fixed.comparable(rows, args)):
+        means.setdefault(("test", row["task"], row["size"]), {})[row["strategy"]] = row["test_accuracy_mean"]
+        if row["heldout_accuracy_mean"] is not None:
+            means.setdefault(("heldout", row["task"], row["size"]), {})[row["strategy"]] = row["heldout_accuracy_mean"]
     return means
 
 
 def report(rows: list[dict], means: dict) -> list[dict]:
+    """Per (task, size) and split scored (test; held-out rows when every run scored them): auto's
+    mean against each fixed strategy's."""
     table = []
-    for (task, size), runs in sorted({(r["task"], r["size"]): [] for r in rows}.items()):
+    for task, size in sorted({(r["task"], r["size"]) for r in rows}):
         runs = [r for r in rows if (r["task"], r["size"]) == (task, size)]
-        setting = means.get((task, size), {})
-        best_name = max(setting, key=setting.get) if setting else None
-        auto_mean = statistics.mean(r["test_accuracy"] for r in runs)
-        table.append({
-            "task": task, "size": size, "seeds": len(runs), "auto_test_accuracy": round(auto_mean, 4),
-            "picks": [r["winner_label"] for r in runs],
-            "best_fixed": best_name, "best_fixed_accuracy": setting.get(best_name),
-            "full_accuracy": setting.get("full"),
-            "auto_minus_best_fixed_points": round((auto_mean - setting[best_name]) * 100, 2) if best_name else None,
-            "auto_minus_full_points": round((auto_mean - setting["full"]) * 100, 2) if "full" in setting else None,
-            "compute_vs_full": round(statistics.mean(r["compute_vs_full"] for r in runs), 2),
-        })  # fmt: skip
+        for split in ("test", "heldout"):
+            accuracies = [r.get(f"{split}_accuracy") for r in runs]
+            setting = means.get((split, task, size), {})
+            if None in accuracies or not setting:
+                continue
+            best_name = max(setting, key=setting.get)
+            auto_mean = statistics.mean(accuracies)
+            table.append({
+                "task": task, "size": size, "split": split, "seeds": len(runs), "auto_accuracy": round(auto_mean, 4),
+                "picks": [r["winner_label"] for r in runs],
+                "best_fixed": best_name, "best_fixed_accuracy": setting[best_name], "full_accuracy": setting.get("full"),
+                "auto_minus_best_fixed_points": round((auto_mean - setting[best_name]) * 100, 2),
+                "auto_minus_full_points": round((auto_mean - setting["full"]) * 100, 2) if "full" in setting else None,
+                "compute_vs_full": round(statistics.mean(r["compute_vs_full"] for r in runs), 2),
+            })  # fmt: skip
     return table
 
 
 def markdown(table: list[dict]) -> str:
-    lines = ["| task | labelled | seeds | auto's picks | auto test acc | best fixed (mean) | auto - best | auto - full | compute x full |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| task | labelled | scored on | seeds | auto's picks | auto acc | best fixed (mean) | auto - best | auto - full | compute x full |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in table:
-        lines.append(f"| {row['task']} | {row['size']} | {row['seeds']} | {'; '.join(row['picks'])} | "
-                     f"{row['auto_test_accuracy']:.3f} | {row['best_fixed']} {row['best_fixed_accuracy']} | "
-                     f"{row['auto_minus_best_fixed_points']:+.1f} | {row['auto_minus_full_points']:+.1f} | "
-                     f"{row['compute_vs_full']:.2f} |")  # fmt: skip
+        vs_full = f"{row['auto_minus_full_points']:+.1f}" if row["auto_minus_full_points"] is not None else ""
+        lines.append(f"| {row['task']} | {row['size']} | {row['split']} | {row['seeds']} | {'; '.join(row['picks'])} | "
+                     f"{row['auto_accuracy']:.3f} | {row['best_fixed']} {row['best_fixed_accuracy']} | "
+                     f"{row['auto_minus_best_fixed_points']:+.1f} | {vs_full} | {row['compute_vs_full']:.2f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -195,16 +210,21 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=3.0)
     parser.add_argument("--results", default="bench/results/auto.jsonl")
     parser.add_argument("--fixed-results", default="bench/results/strategies.jsonl")
+    parser.add_argument("--heldout-rows", type=int, default=0,
+                        help="also score each pick on this many training-split rows no run trains on (bench/strategies.py's)")
     parser.add_argument("--report", action="store_true", help="print the table of --results and stop")
     parser.add_argument("--pipeline", help="pipeline mode: auto against the pipeline's own strategy, through Ray")
     args = parser.parse_args()
     if args.pipeline:
         return pipeline_mode(args.pipeline)
-    results, means = Path(args.results), fixed_means(Path(args.fixed_results), args.epochs)
+    results, means = Path(args.results), fixed_means(Path(args.fixed_results), args.epochs, args.heldout_rows)
     done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     # rows of another plan are history (before rungs at every epoch of a short run: [1, 3])
     rungs = rungs_for(args.epochs, AutoConfig(name="auto").reduction_factor)
     done = [r for r in done if (r["epochs"], r["budget"], r.get("rungs", [1, 3])) == (args.epochs, args.budget, rungs)]
+    if args.heldout_rows:  # picks not scored on the held-out rows: race again
+        done = [r for r in done if r.get("heldout_rows") == args.heldout_rows]
+    done = list({(r["task"], r["size"], r["seed"]): r for r in done}.values())  # the latest of each
     if args.report:
         print(markdown(report(done, means)))
         return
@@ -216,7 +236,7 @@ def main() -> None:
     finished = {(r["task"], r["size"], r["seed"]) for r in done}
     for task in args.tasks:
         for size in args.sizes:
-            data = None
+            data, heldout = None, fixed._heldout_data(task, args.heldout_rows)
             for seed in args.seeds:
                 if (task, size, seed) in finished:
                     continue
@@ -224,7 +244,7 @@ def main() -> None:
                     train, val, num_labels, model_cfg = fixed._task_data(task, size, "val")
                     _, test, _, _ = fixed._task_data(task, size, "test")
                     data = (train, val, test, num_labels, model_cfg)
-                row = race_one(task, size, seed, data, args)
+                row = race_one(task, size, seed, data, args, heldout)
                 print(json.dumps(row), flush=True)
                 with results.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")

@@ -70,6 +70,9 @@ STRATEGIES = {
     "surgical": {"name": "surgical", "last": 2},  # the last block and the neck: new labels, same inputs
 }
 TEST_SAMPLES = 1000
+# --heldout-rows: rows of the training split from here on, which no setting trains on (the
+# largest size is 2,000): the same rows for every size, strategy, seed and bench/auto.py's picks
+HELDOUT_OFFSET = 2000
 
 
 def _task_data(task: str, size: int, eval_split: str) -> tuple[dict, dict, int, object]:
@@ -84,6 +87,33 @@ def _task_data(task: str, size: int, eval_split: str) -> tuple[dict, dict, int, 
         rows = source.splits[split].limit(count).take_batch(count, batch_format="numpy")
         tensors[split] = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in preprocessor(rows).items()}
     return tensors["train"], tensors[eval_split], len(source.label_names), model_cfg
+
+
+def _heldout_data(task: str, count: int) -> dict | None:
+    """`count` training-split rows no run trains on (from HELDOUT_OFFSET on), preprocessed; None for 0.
+    A 1,000-row test split tells strategies a point apart only by chance (a binomial standard
+    error of ~1.3 points, the same rows for every seed); thousands more rows of the same source
+    say whether the difference holds."""
+    if not count:
+        return None
+    spec = TASKS[task]
+    data_cfg = DataConfig(source=spec["source"], max_length=spec.get("max_length", 128), image_size=spec.get("image_size"))
+    model_cfg = ModelConfig(name=spec["model"])
+    rows = load_source(data_cfg, seed=0).splits["train"].limit(HELDOUT_OFFSET + count).take_batch(
+        HELDOUT_OFFSET + count, batch_format="numpy")  # fmt: skip
+    if len(next(iter(rows.values()))) < HELDOUT_OFFSET + count:
+        raise SystemExit(f"--heldout-rows {count}: the {task} training split holds fewer than {HELDOUT_OFFSET + count} rows")
+    preprocessor = models.build_preprocessor(model_cfg, data_cfg)
+    held = preprocessor({key: value[HELDOUT_OFFSET:] for key, value in rows.items()})
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in held.items()}
+
+
+def heldout_accuracy(model, heldout: dict, num_labels: int, precision: str) -> float:
+    evaluation = Classification([str(i) for i in range(num_labels)])
+    count = len(next(iter(heldout.values())))
+    rows = steps.evaluate_rows(model, _batches(heldout, 100, torch.arange(count)), evaluation,
+                               device=torch.device("cpu"), precision=precision)  # fmt: skip
+    return evaluation.metrics(rows, "eval")["eval/accuracy"]
 
 
 def _batches(data: dict, batch_size: int, order: torch.Tensor):
@@ -106,8 +136,19 @@ def same_settings(row: dict, args) -> bool:
         args.epochs, lr, section, args.eval_split)  # fmt: skip
 
 
-def run_one(task: str, size: int, strategy_name: str, seed: int, args, data) -> dict:
+def comparable(rows: list[dict], args) -> list[dict]:
+    """The rows of --results that `args` would produce: same settings (held-out rows scored, when
+    asked), the latest of each (task, size, strategy, seed)."""
+    kept = [r for r in rows if same_settings(r, args)]
+    if getattr(args, "heldout_rows", 0):
+        kept = [r for r in kept if r.get("heldout_rows") == args.heldout_rows]
+    return list({(r["task"], r["size"], r["strategy"], r["seed"]): r for r in kept}.values())
+
+
+def run_one(task: str, size: int, strategy_name: str, seed: int, args, data, heldout: dict | None = None) -> dict:
     train, test, num_labels, model_cfg = data
+    if size > HELDOUT_OFFSET and heldout is not None:
+        raise SystemExit(f"--heldout-rows: {size} training rows would reach the held-out rows (from row {HELDOUT_OFFSET})")
     started = time.perf_counter()
     lr, section = settings(task, strategy_name, args)
     steps_per_epoch = size // args.batch_size
@@ -156,6 +197,8 @@ def run_one(task: str, size: int, strategy_name: str, seed: int, args, data) -> 
     # Parameters the optimizer held and that were unfrozen at some epoch (gradual unfreezing
     # never reaches its lowest groups in a short run).
     in_optimizer = {id(p) for g in training.param_groups for p in g["params"]} & ever_trained
+    if heldout is not None:
+        metrics["heldout_accuracy"] = heldout_accuracy(model, heldout, num_labels, precision)
     return {
         "task": task, "size": size, "strategy": strategy_name, "seed": seed, "lr": lr, "epochs": args.epochs,
         "strategy_section": section, "resolved": cfg.strategy.model_dump(), "eval_split": args.eval_split,
@@ -164,6 +207,7 @@ def run_one(task: str, size: int, strategy_name: str, seed: int, args, data) -> 
         "test_accuracy": metrics["eval/accuracy"], "test_macro_f1": metrics["eval/macro_f1"],
         "trainable_params": sum(p.numel() for p in model.parameters() if id(p) in in_optimizer),
         "total_params": sum(p.numel() for p in model.parameters()), "wall_s": time.perf_counter() - started,
+        **({"heldout_accuracy": metrics["heldout_accuracy"], "heldout_rows": args.heldout_rows} if heldout else {}),
     }  # fmt: skip
 
 
@@ -174,10 +218,13 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for (task, size, strategy), runs in sorted(table.items()):
         accuracies = [r["test_accuracy"] for r in runs]
+        heldout = [r["heldout_accuracy"] for r in runs if "heldout_accuracy" in r]
         out.append({
             "task": task, "size": size, "strategy": strategy, "seeds": len(runs),
             "test_accuracy_mean": round(statistics.mean(accuracies), 4),
             "test_accuracy_std": round(statistics.stdev(accuracies), 4) if len(runs) > 1 else None,
+            # every seed's held-out accuracy, or none: a mean over fewer seeds than the test's would mislead
+            "heldout_accuracy_mean": round(statistics.mean(heldout), 4) if heldout and len(heldout) == len(runs) else None,
             "trainable_params": runs[0]["trainable_params"],
             "wall_s_mean": round(statistics.mean(r["wall_s"] for r in runs), 1),
         })  # fmt: skip
@@ -185,13 +232,14 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def markdown(summary: list[dict]) -> str:
-    lines = ["| task | labelled | strategy | test accuracy (mean ± sd) | seeds | trainable params | wall s |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| task | labelled | strategy | test accuracy (mean ± sd) | held-out accuracy (mean) | seeds | trainable params | wall s |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in summary:
         spread = f" ± {row['test_accuracy_std']:.3f}" if row["test_accuracy_std"] is not None else ""
+        heldout = f"{row['heldout_accuracy_mean']:.3f}" if row["heldout_accuracy_mean"] is not None else ""
         lines.append(
             f"| {row['task']} | {row['size']} | {row['strategy']} | {row['test_accuracy_mean']:.3f}{spread} "
-            f"| {row['seeds']} | {row['trainable_params']:,} | {row['wall_s_mean']} |"
+            f"| {heldout} | {row['seeds']} | {row['trainable_params']:,} | {row['wall_s_mean']} |"
         )
     return "\n".join(lines)
 
@@ -211,12 +259,14 @@ def main() -> None:
     parser.add_argument("--batchnorm", default="recalibrate", choices=["recalibrate", "legacy"],
                         help="recalibrate: frozen BatchNorm layers in eval mode, statistics recalibrated before the "
                         "test (what a run does); legacy: every layer in train mode, statistics as tracked (before)")
+    parser.add_argument("--heldout-rows", type=int, default=0,
+                        help="also score every run on this many training-split rows that no setting trains on")
     parser.add_argument("--report", action="store_true", help="print the markdown table of --results and stop")
     args = parser.parse_args()
     results = Path(args.results)
     if args.report:
         rows = [json.loads(line) for line in results.read_text().splitlines()]
-        print(markdown(summarise([r for r in rows if same_settings(r, args)])))
+        print(markdown(summarise(comparable(rows, args))))
         return
 
     import ray
@@ -225,18 +275,19 @@ def main() -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     results.parent.mkdir(parents=True, exist_ok=True)
     done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    done = [r for r in done if same_settings(r, args)]  # rows from other settings are history
+    done = comparable(done, args)  # rows from other settings are history (and, with --heldout-rows, runs that did not score them)
     finished = {(r["task"], r["size"], r["strategy"], r["seed"]) for r in done}
     for task in args.tasks:
         for size in args.sizes:
             data = None
+            heldout = _heldout_data(task, args.heldout_rows)
             for seed in args.seeds:
                 for strategy in args.strategies:
                     if (task, size, strategy, seed) in finished:
                         continue
                     data = data or _task_data(task, size, args.eval_split)
                     try:
-                        row = run_one(task, size, strategy, seed, args, data)
+                        row = run_one(task, size, strategy, seed, args, data, heldout)
                     except ValueError as error:  # a strategy this model cannot take (e.g. lora on Lite)
                         print(json.dumps({"task": task, "strategy": strategy, "skipped": str(error)}), flush=True)
                         continue
