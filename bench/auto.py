@@ -133,17 +133,19 @@ def race_one(task: str, size: int, seed: int, data, args, heldout: dict | None =
     }  # fmt: skip
 
 
-def fixed_means(path: Path, epochs: int, heldout_rows: int = 0) -> dict[tuple[str, str, int], dict[str, float]]:
-    """bench/strategies.py's accuracy means per (split, task, size), split "test" or "heldout" (given
-    `heldout_rows`: the runs that scored them): its table's settings, BatchNorm recalibrated."""
+def fixed_means(path: Path, epochs: int, heldout_rows: int = 0) -> dict[tuple[str, str, int], dict[str, tuple]]:
+    """bench/strategies.py's accuracy (mean, standard deviation over seeds, seeds) per (split, task,
+    size) and strategy, split "test" or "heldout" (given `heldout_rows`: the runs that scored them):
+    its table's settings, BatchNorm recalibrated."""
     args = argparse.Namespace(epochs=epochs, lr=None, options=None, eval_split="test", batchnorm="recalibrate",
                               heldout_rows=heldout_rows)  # fmt: skip
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     means: dict[tuple[str, str, int], dict[str, float]] = {}
     for row in fixed.summarise(fixed.comparable(rows, args)):
-        means.setdefault(("test", row["task"], row["size"]), {})[row["strategy"]] = row["test_accuracy_mean"]
-        if row["heldout_accuracy_mean"] is not None:
-            means.setdefault(("heldout", row["task"], row["size"]), {})[row["strategy"]] = row["heldout_accuracy_mean"]
+        for split in ("test", "heldout"):
+            if row[f"{split}_accuracy_mean"] is not None:
+                means.setdefault((split, row["task"], row["size"]), {})[row["strategy"]] = (
+                    row[f"{split}_accuracy_mean"], row[f"{split}_accuracy_std"], row["seeds"])
     return means
 
 
@@ -158,27 +160,34 @@ def report(rows: list[dict], means: dict) -> list[dict]:
             setting = means.get((split, task, size), {})
             if None in accuracies or not setting:
                 continue
-            best_name = max(setting, key=setting.get)
+            best_name = max(setting, key=lambda name: setting[name][0])
+            best, best_sd, best_seeds = setting[best_name]
             auto_mean = statistics.mean(accuracies)
+            # the difference of two means over seeds: its standard error from each side's spread
+            # between seeds (training runs differ by more than the rows they are scored on)
+            spread = (statistics.variance(accuracies) / len(runs) + (best_sd or 0.0) ** 2 / best_seeds) ** 0.5 \
+                if len(runs) > 1 else None
             table.append({
                 "task": task, "size": size, "split": split, "seeds": len(runs), "auto_accuracy": round(auto_mean, 4),
                 "picks": [r["winner_label"] for r in runs],
-                "best_fixed": best_name, "best_fixed_accuracy": setting[best_name], "full_accuracy": setting.get("full"),
-                "auto_minus_best_fixed_points": round((auto_mean - setting[best_name]) * 100, 2),
-                "auto_minus_full_points": round((auto_mean - setting["full"]) * 100, 2) if "full" in setting else None,
+                "best_fixed": best_name, "best_fixed_accuracy": best, "full_accuracy": setting.get("full", (None,))[0],
+                "auto_minus_best_fixed_points": round((auto_mean - best) * 100, 2),
+                "auto_minus_best_fixed_se_points": round(spread * 100, 2) if spread is not None else None,
+                "auto_minus_full_points": round((auto_mean - setting["full"][0]) * 100, 2) if "full" in setting else None,
                 "compute_vs_full": round(statistics.mean(r["compute_vs_full"] for r in runs), 2),
             })  # fmt: skip
     return table
 
 
 def markdown(table: list[dict]) -> str:
-    lines = ["| task | labelled | scored on | seeds | auto's picks | auto acc | best fixed (mean) | auto - best | auto - full | compute x full |",
+    lines = ["| task | labelled | scored on | seeds | auto's picks | auto acc | best fixed (mean) | auto - best (± SE) | auto - full | compute x full |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in table:
         vs_full = f"{row['auto_minus_full_points']:+.1f}" if row["auto_minus_full_points"] is not None else ""
+        se = f" ± {row['auto_minus_best_fixed_se_points']:.1f}" if row["auto_minus_best_fixed_se_points"] is not None else ""
         lines.append(f"| {row['task']} | {row['size']} | {row['split']} | {row['seeds']} | {'; '.join(row['picks'])} | "
                      f"{row['auto_accuracy']:.3f} | {row['best_fixed']} {row['best_fixed_accuracy']} | "
-                     f"{row['auto_minus_best_fixed_points']:+.1f} | {vs_full} | {row['compute_vs_full']:.2f} |")  # fmt: skip
+                     f"{row['auto_minus_best_fixed_points']:+.1f}{se} | {vs_full} | {row['compute_vs_full']:.2f} |")  # fmt: skip
     return "\n".join(lines)
 
 

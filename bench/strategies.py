@@ -225,6 +225,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             "test_accuracy_std": round(statistics.stdev(accuracies), 4) if len(runs) > 1 else None,
             # every seed's held-out accuracy, or none: a mean over fewer seeds than the test's would mislead
             "heldout_accuracy_mean": round(statistics.mean(heldout), 4) if heldout and len(heldout) == len(runs) else None,
+            "heldout_accuracy_std": round(statistics.stdev(heldout), 4) if len(heldout) == len(runs) > 1 else None,
             "trainable_params": runs[0]["trainable_params"],
             "wall_s_mean": round(statistics.mean(r["wall_s"] for r in runs), 1),
         })  # fmt: skip
