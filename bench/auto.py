@@ -245,7 +245,7 @@ def main() -> None:
     finished = {(r["task"], r["size"], r["seed"]) for r in done}
     for task in args.tasks:
         for size in args.sizes:
-            data, heldout = None, fixed._heldout_data(task, args.heldout_rows)
+            data, heldout = None, fixed.heldout_data(task, args.heldout_rows)
             for seed in args.seeds:
                 if (task, size, seed) in finished:
                     continue

@@ -89,7 +89,7 @@ def _task_data(task: str, size: int, eval_split: str) -> tuple[dict, dict, int, 
     return tensors["train"], tensors[eval_split], len(source.label_names), model_cfg
 
 
-def _heldout_data(task: str, count: int) -> dict | None:
+def heldout_data(task: str, count: int) -> dict | None:
     """`count` training-split rows no run trains on (from HELDOUT_OFFSET on), preprocessed; None for 0.
     A 1,000-row test split tells strategies a point apart only by chance (a binomial standard
     error of ~1.3 points, the same rows for every seed); thousands more rows of the same source
@@ -281,7 +281,7 @@ def main() -> None:
     for task in args.tasks:
         for size in args.sizes:
             data = None
-            heldout = _heldout_data(task, args.heldout_rows)
+            heldout = heldout_data(task, args.heldout_rows)
             for seed in args.seeds:
                 for strategy in args.strategies:
                     if (task, size, strategy, seed) in finished:
