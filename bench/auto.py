@@ -39,16 +39,8 @@ from finetune.config import parse
 from finetune.models import batchnorm
 from finetune.models.groups import layer_groups
 from finetune.strategies.auto import SCREEN, AutoConfig, Candidate, plan_race, promote, rungs_for
-from finetune.tasks.classification import Classification
 from finetune.training import steps
 from finetune.training.setup import build_training
-
-
-def _accuracy(model, data: dict, num_labels: int, precision: str) -> float:
-    evaluation = Classification([str(i) for i in range(num_labels)])
-    rows = steps.evaluate_rows(model, fixed._batches(data, 100, torch.arange(len(next(iter(data.values()))))), evaluation,
-                               device=torch.device("cpu"), precision=precision)  # fmt: skip
-    return evaluation.metrics(rows, "eval")["eval/accuracy"]
 
 
 def candidate_run(task: str, size: int, candidate: Candidate, seed: int, data, args, heldout: dict | None = None):
@@ -81,11 +73,11 @@ def candidate_run(task: str, size: int, candidate: Candidate, seed: int, data, a
             batchnorm.recalibrate(model, fixed._batches(train, args.batch_size, torch.randperm(size, generator=generator)),
                                   tracked, lambda batch: steps.forward(model, batch, torch.device("cpu"), precision),
                                   max_batches=16)  # fmt: skip
-        score = _accuracy(model, val, num_labels, precision)
+        score = fixed.accuracy(model, val, num_labels, precision)
         yield epoch + 1, score, time.perf_counter() - started
-    yield "test", _accuracy(model, test, num_labels, precision), 0.0
+    yield "test", fixed.accuracy(model, test, num_labels, precision), 0.0
     if heldout is not None:
-        yield "heldout", fixed.heldout_accuracy(model, heldout, num_labels, precision), 0.0
+        yield "heldout", fixed.accuracy(model, heldout, num_labels, precision), 0.0
 
 
 def race_one(task: str, size: int, seed: int, data, args, heldout: dict | None = None) -> dict:

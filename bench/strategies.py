@@ -108,10 +108,11 @@ def heldout_data(task: str, count: int) -> dict | None:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in held.items()}
 
 
-def heldout_accuracy(model, heldout: dict, num_labels: int, precision: str) -> float:
+def accuracy(model, data: dict, num_labels: int, precision: str) -> float:
+    """`model`'s accuracy on preprocessed rows (the held-out rows; bench/auto.py's val and test)."""
     evaluation = Classification([str(i) for i in range(num_labels)])
-    count = len(next(iter(heldout.values())))
-    rows = steps.evaluate_rows(model, _batches(heldout, 100, torch.arange(count)), evaluation,
+    count = len(next(iter(data.values())))
+    rows = steps.evaluate_rows(model, _batches(data, 100, torch.arange(count)), evaluation,
                                device=torch.device("cpu"), precision=precision)  # fmt: skip
     return evaluation.metrics(rows, "eval")["eval/accuracy"]
 
@@ -198,7 +199,7 @@ def run_one(task: str, size: int, strategy_name: str, seed: int, args, data, hel
     # never reaches its lowest groups in a short run).
     in_optimizer = {id(p) for g in training.param_groups for p in g["params"]} & ever_trained
     if heldout is not None:
-        metrics["heldout_accuracy"] = heldout_accuracy(model, heldout, num_labels, precision)
+        metrics["heldout_accuracy"] = accuracy(model, heldout, num_labels, precision)
     return {
         "task": task, "size": size, "strategy": strategy_name, "seed": seed, "lr": lr, "epochs": args.epochs,
         "strategy_section": section, "resolved": cfg.strategy.model_dump(), "eval_split": args.eval_split,
