@@ -10,7 +10,8 @@ Three checks on the finished run's summary, each with its threshold:
   - val trails train-eval (the same weights on a fixed sample of training rows, in eval mode)
     by more than TRAIN_VAL_GAP (absolute) or, for errors, val above TRAIN_VAL_RATIO x train-eval:
     the model overfits, or training and evaluation see different inputs (BatchNorm statistics
-    that do not match the weights were one such cause).
+    that do not match the weights were one such cause). Not said of a model that does no better
+    than a constant on the training rows themselves (it has fit nothing to overfit with).
   - no better than the yardstick (the cheapest model that could work, fit on the same rows:
     finetune/yardstick): the fine-tuned model trails it, or leads by no more than the noise
     (twice the bootstrap standard error of the yardstick's test score); what to try is named,
@@ -57,9 +58,13 @@ def check(summary: dict, checkpoint_metric: str) -> list[str]:
         warnings.append(against)
     scores = summary.get("best_epoch_scores") or {}
     val, train_eval = scores.get(f"val/{name}"), scores.get(f"train_eval/{name}")
+    train_constant = scores.get(f"constant_train_eval/{name}")
+    # a model no better than a constant on its own training rows fits nothing: a gap to val is then
+    # the splits' class balance (or target spread), not overfitting
     if val is not None and train_eval is not None:
+        fits_training_rows = train_constant is None or not _no_better(train_eval, train_constant, lower)
         gap = val > train_eval * TRAIN_VAL_RATIO if lower else train_eval - val > TRAIN_VAL_GAP
-        if gap:
+        if gap and fits_training_rows:
             warnings.append(
                 f"val {name} {val:.4f} trails the same model on training rows (train-eval {name} {train_eval:.4f}): "
                 "it overfits, or training and evaluation see different inputs. Try more data or data.augment, "

@@ -98,7 +98,7 @@ class RunRecord:
             "best_val_metric": {cfg.checkpoint.metric: best[cfg.checkpoint.metric]} if best else None,
             # the best epoch on val and on a fixed sample of training rows (train_eval: same weights, eval mode)
             "best_epoch_scores": {key: value for key, value in best.items()
-                                  if key.startswith(("val/", "train_eval/")) and not key.endswith("/samples")},  # fmt: skip
+                                  if key.startswith(("val/", "train_eval/", "constant_train_eval/")) and not key.endswith("/samples")},  # fmt: skip
             "epochs": cfg.train.epochs,
             "epochs_run": len(epochs),
             "early_stopped": any(e.get("early_stopped") for e in epochs),  # train.early_stopping ended the run

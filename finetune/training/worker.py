@@ -264,11 +264,14 @@ def recalibrate_batchnorm(worker: Worker, metrics: dict) -> None:
 
 
 def validate(worker: Worker) -> dict[str, float]:
-    """val, and the fixed training sample (train.train_eval_rows; the sample may be larger, for recalibration)."""
+    """val, and the fixed training sample (train.train_eval_rows; the sample may be larger, for
+    recalibration) with what a constant predictor scores on it: a model no better than that on
+    training rows has not fit them, whatever val says (the verdict's overfitting check)."""
     metrics = {}
     if worker.cfg.train.train_eval_rows:
         per_rank = -(-worker.cfg.train.train_eval_rows // worker.world_size)
-        metrics.update(_evaluate(worker, worker.evaluated, "train_eval", max_rows=per_rank))
+        rows = _evaluated_rows(worker, worker.evaluated, "train_eval", max_rows=per_rank)
+        metrics.update({**worker.spec.task.metrics(rows, "train_eval"), **worker.spec.task.constant_metrics(rows, "train_eval")})
     metrics.update(_evaluate(worker, worker.evaluated, "val"))
     return metrics
 
@@ -325,9 +328,9 @@ def final_test(worker: Worker, state: TrainState) -> None:
 SPLIT_WORK = {"test": "testing", "val": "validating", "train_eval": "scoring the train-eval sample"}
 
 
-def _evaluate(worker: Worker, module, split: str, max_rows: int | None = None, what: str | None = None) -> dict[str, float]:
-    """`module`'s metrics on `split`; `max_rows`: per rank."""
-    return worker.spec.task.metrics(_evaluated_rows(worker, module, split, max_rows, what=what), split)
+def _evaluate(worker: Worker, module, split: str, what: str | None = None) -> dict[str, float]:
+    """`module`'s metrics on `split`."""
+    return worker.spec.task.metrics(_evaluated_rows(worker, module, split, what=what), split)
 
 
 def _evaluated_rows(worker: Worker, module, split: str, max_rows: int | None = None,
