@@ -3,7 +3,8 @@
     .venv/bin/python bench/auto.py                          # every setting of bench/strategies.py, 3 seeds
     .venv/bin/python bench/auto.py --tasks text --sizes 500 --seeds 0
     .venv/bin/python bench/auto.py --report                 # the table, from the results file
-    .venv/bin/python bench/auto.py --pipeline pipelines/fashion-folder-small.yaml   # through `finetune train`
+    .venv/bin/python bench/auto.py --pipeline pipelines/fashion-folder-small.yaml \\
+        --results bench/results/auto_pipeline.jsonl          # through `finetune train`, each fixed strategy beside
 
 Settings mode (the default): bench/strategies.py's settings (MiniLM-L6 on Rotten Tomatoes,
 EfficientNet-Lite0 on Fashion-MNIST at 64 px; 500 or 2,000 labelled rows; 3 epochs, batch 32,
@@ -16,8 +17,10 @@ candidate's training and validation seconds against one full fine-tune (3 epochs
 each epoch) of the same seed, timed in the same process. Each (task, size, seed) is one JSON
 line in --results; lines already there are skipped, so an interrupted run resumes.
 
-Pipeline mode: `finetune train PIPELINE strategy.name=auto` and `finetune train PIPELINE` (its
-own strategy) back to back through Ray, test metric and wall time of each.
+Pipeline mode: `finetune train PIPELINE` through Ray with strategy.name=auto and with each fixed
+strategy of --strategies (bench/strategies.py's rate and options for --pipeline-task), one seed
+(train.seed) after the other; test accuracy and wall time of each run, one JSON line per run in
+--results (bench/results/auto_pipeline.jsonl for the command below), resumed like the rest.
 """
 
 from __future__ import annotations
@@ -189,16 +192,55 @@ def _run_cli(pipeline: str, overrides: list[str], run_dir: Path) -> dict:
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"wall_s": time.perf_counter() - started, "test_accuracy": summary.get("test_accuracy"),
-            "strategy": summary.get("strategy_race", {}).get("winner"), "best_epoch": summary.get("best_epoch")}  # fmt: skip
+            "picked": summary.get("strategy_race", {}).get("winner"), "best_epoch": summary.get("best_epoch")}  # fmt: skip
 
 
-def pipeline_mode(pipeline: str) -> None:
-    with tempfile.TemporaryDirectory() as directory:
-        auto = _run_cli(pipeline, ["strategy.name=auto"], Path(directory) / "auto")
-        own = _run_cli(pipeline, [], Path(directory) / "own")
-    print(json.dumps({"pipeline": pipeline, "auto": auto, "own_strategy": own,
-                      "auto_minus_own_points": round((auto["test_accuracy"] - own["test_accuracy"]) * 100, 2),
-                      "wall_auto_vs_own": round(auto["wall_s"] / own["wall_s"], 2)}))  # fmt: skip
+def fixed_overrides(task: str, strategy_name: str) -> list[str]:
+    """`finetune train` overrides for one fixed strategy at bench/strategies.py's rate and options for `task`."""
+    lr = fixed.LEARNING_RATES[task][strategy_name]
+    section = dict(fixed.STRATEGIES[strategy_name])
+    if strategy_name == "lp_ft":  # the probe at linear_probe's rate, as bench/strategies.py runs it
+        section["probe_lr_scale"] = fixed.LEARNING_RATES[task]["linear_probe"] / lr
+    return [f"optim.lr={lr}", *(f"strategy.{key}={value}" for key, value in section.items())]
+
+
+def pipeline_mode(args) -> None:
+    """`finetune train PIPELINE` with strategy.name=auto and with each fixed strategy of --strategies,
+    for each seed (train.seed), one JSON line per run in --results (resumed); then the table."""
+    results = Path(args.results)
+    done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    done = [r for r in done if r.get("pipeline") == args.pipeline]
+    finished = {(r["strategy"], r["seed"]) for r in done}
+    for seed in args.seeds:
+        for name in ["auto", *args.strategies]:
+            if (name, seed) in finished:
+                continue
+            overrides = ["strategy.name=auto"] if name == "auto" else fixed_overrides(args.pipeline_task, name)
+            with tempfile.TemporaryDirectory() as directory:
+                run = _run_cli(args.pipeline, [*overrides, f"train.seed={seed}"], Path(directory) / "run")
+            row = {"pipeline": args.pipeline, "strategy": name, "seed": seed, "overrides": overrides, **run}
+            print(json.dumps(row), flush=True)
+            with results.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            done.append(row)
+    print(pipeline_markdown(done))
+
+
+def pipeline_markdown(rows: list[dict]) -> str:
+    """Auto's picks and test accuracy against each fixed strategy's mean over the same seeds, and its wall time
+    against one full run's."""
+    by_strategy: dict[str, dict[int, dict]] = {}
+    for row in rows:
+        by_strategy.setdefault(row["strategy"], {})[row["seed"]] = row  # the latest of each
+    lines = ["| strategy | test accuracy (mean) | each seed | wall s (mean) | auto's picks |", "|---|---|---|---|---|"]
+    means = {name: statistics.mean(r["test_accuracy"] for r in seeds.values()) for name, seeds in by_strategy.items()}
+    for name in sorted(means, key=lambda n: -means[n]):
+        runs = [by_strategy[name][seed] for seed in sorted(by_strategy[name])]
+        each = ", ".join(f"{r['test_accuracy']:.3f}" for r in runs)
+        picks = " / ".join(str(r["picked"]) for r in runs) if name == "auto" else ""
+        wall = statistics.mean(r["wall_s"] for r in runs)
+        lines.append(f"| {name} | {means[name]:.3f} | {each} | {wall:.0f} | {picks} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -214,10 +256,19 @@ def main() -> None:
     parser.add_argument("--heldout-rows", type=int, default=0,
                         help="also score each pick on this many training-split rows no run trains on (bench/strategies.py's)")
     parser.add_argument("--report", action="store_true", help="print the table of --results and stop")
-    parser.add_argument("--pipeline", help="pipeline mode: auto against the pipeline's own strategy, through Ray")
+    parser.add_argument("--pipeline", help="pipeline mode: auto against each fixed strategy through `finetune train`")
+    parser.add_argument("--pipeline-task", default="image", choices=list(fixed.TASKS),
+                        help="pipeline mode: whose rates and options (bench/strategies.py's) the fixed strategies take")
+    parser.add_argument("--strategies", nargs="+", default=["full", "linear_probe", "partial", "discriminative", "l2sp",
+                        "lora", "lp_ft", "surgical", "gradual_unfreeze"], choices=list(fixed.STRATEGIES),
+                        help="pipeline mode: the fixed strategies run beside auto")  # fmt: skip
     args = parser.parse_args()
     if args.pipeline:
-        return pipeline_mode(args.pipeline)
+        if args.report:
+            rows = [json.loads(line) for line in Path(args.results).read_text().splitlines()]
+            print(pipeline_markdown([r for r in rows if r.get("pipeline") == args.pipeline]))
+            return
+        return pipeline_mode(args)
     results, means = Path(args.results), fixed_means(Path(args.fixed_results), args.epochs, args.heldout_rows)
     done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     # rows of another plan are history (before rungs at every epoch of a short run: [1, 3])
