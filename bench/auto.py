@@ -191,8 +191,14 @@ def _run_cli(pipeline: str, overrides: list[str], run_dir: Path) -> dict:
     subprocess.run([sys.executable, "-m", "finetune.cli", "train", pipeline, *overrides, "--run-dir", str(run_dir)],
                    check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     summary = json.loads((run_dir / "summary.json").read_text())
+    race = summary.get("strategy_race") or {}
+    # training_s: the run's own epochs (their first-batch waits apart, as phases_s counts them) and, for
+    # auto, every race candidate's epochs, whose train/seconds include those waits: an upper bound there
+    race_training_s = sum(sum(c["epoch_seconds"]) for c in race.get("candidates", []))
     return {"wall_s": time.perf_counter() - started, "test_accuracy": summary.get("test_accuracy"),
-            "picked": summary.get("strategy_race", {}).get("winner"), "best_epoch": summary.get("best_epoch")}  # fmt: skip
+            "picked": race.get("winner"), "best_epoch": summary.get("best_epoch"),
+            "training_s": summary["phases_s"]["training"] + race_training_s,
+            "candidate_epochs": race.get("candidate_epochs"), "epochs_run": summary.get("epochs_run")}  # fmt: skip
 
 
 def fixed_overrides(task: str, strategy_name: str) -> list[str]:
@@ -232,12 +238,13 @@ def pipeline_markdown(rows: list[dict]) -> str:
     by_strategy: dict[str, dict[int, dict]] = {}
     for row in rows:
         by_strategy.setdefault(row["strategy"], {})[row["seed"]] = row  # the latest of each
-    lines = ["| strategy | test accuracy (mean) | each seed | wall s (mean) | auto's picks |", "|---|---|---|---|---|"]
+    lines = ["| strategy | test accuracy (mean) | each seed | wall s (mean) | auto's picks (candidate epochs) |",
+             "|---|---|---|---|---|"]  # fmt: skip
     means = {name: statistics.mean(r["test_accuracy"] for r in seeds.values()) for name, seeds in by_strategy.items()}
     for name in sorted(means, key=lambda n: -means[n]):
         runs = [by_strategy[name][seed] for seed in sorted(by_strategy[name])]
         each = ", ".join(f"{r['test_accuracy']:.3f}" for r in runs)
-        picks = " / ".join(str(r["picked"]) for r in runs) if name == "auto" else ""
+        picks = " / ".join(f"{r['picked']} ({r['candidate_epochs']})" for r in runs) if name == "auto" else ""
         wall = statistics.mean(r["wall_s"] for r in runs)
         lines.append(f"| {name} | {means[name]:.3f} | {each} | {wall:.0f} | {picks} |")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """A run checks its own result, as a careful user would, and says in words what looks wrong.
 
-Three checks on the finished run's summary, each with its threshold:
+Four checks on the finished run's summary, each with its threshold:
   - no better than a constant predictor: the test metric is within NO_BETTER_MARGIN (absolute,
     for metrics where higher is better: accuracy, F1, mAP, R^2) or NO_BETTER_RATIO (rmse/mae:
     at least 0.95x the constant's error) of what the best input-ignoring predictor scores on
