@@ -213,9 +213,7 @@ def fixed_overrides(task: str, strategy_name: str) -> list[str]:
 def pipeline_mode(args) -> None:
     """`finetune train PIPELINE` with strategy.name=auto and with each fixed strategy of --strategies,
     for each seed (train.seed), one JSON line per run in --results (resumed); then the table."""
-    results = Path(args.results)
-    done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    done = [r for r in done if r.get("pipeline") == args.pipeline]
+    results, done = Path(args.results), pipeline_rows(args)
     finished = {(r["strategy"], r["seed"]) for r in done}
     for seed in args.seeds:
         for name in ["auto", *args.strategies]:
@@ -232,9 +230,15 @@ def pipeline_mode(args) -> None:
     print(pipeline_markdown(done))
 
 
+def pipeline_rows(args) -> list[dict]:
+    """--results' runs of --pipeline."""
+    results = Path(args.results)
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    return [r for r in rows if r.get("pipeline") == args.pipeline]
+
+
 def pipeline_markdown(rows: list[dict]) -> str:
-    """Auto's picks and test accuracy against each fixed strategy's mean over the same seeds, and its wall time
-    against one full run's."""
+    """Each strategy's test accuracy (auto's with its picks) and wall time, best mean first."""
     by_strategy: dict[str, dict[int, dict]] = {}
     for row in rows:
         by_strategy.setdefault(row["strategy"], {})[row["seed"]] = row  # the latest of each
@@ -266,16 +270,11 @@ def main() -> None:
     parser.add_argument("--pipeline", help="pipeline mode: auto against each fixed strategy through `finetune train`")
     parser.add_argument("--pipeline-task", default="image", choices=list(fixed.TASKS),
                         help="pipeline mode: whose rates and options (bench/strategies.py's) the fixed strategies take")
-    parser.add_argument("--strategies", nargs="+", default=["full", "linear_probe", "partial", "discriminative", "l2sp",
-                        "lora", "lp_ft", "surgical", "gradual_unfreeze"], choices=list(fixed.STRATEGIES),
-                        help="pipeline mode: the fixed strategies run beside auto")  # fmt: skip
+    parser.add_argument("--strategies", nargs="+", default=list(fixed.STRATEGIES), choices=list(fixed.STRATEGIES),
+                        help="pipeline mode: the fixed strategies run beside auto (default: all of them)")
     args = parser.parse_args()
     if args.pipeline:
-        if args.report:
-            rows = [json.loads(line) for line in Path(args.results).read_text().splitlines()]
-            print(pipeline_markdown([r for r in rows if r.get("pipeline") == args.pipeline]))
-            return
-        return pipeline_mode(args)
+        return print(pipeline_markdown(pipeline_rows(args))) if args.report else pipeline_mode(args)
     results, means = Path(args.results), fixed_means(Path(args.fixed_results), args.epochs, args.heldout_rows)
     done = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     # rows of another plan are history (before rungs at every epoch of a short run: [1, 3])
