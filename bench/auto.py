@@ -206,7 +206,7 @@ def fixed_overrides(task: str, strategy_name: str) -> list[str]:
     lr = fixed.LEARNING_RATES[task][strategy_name]
     section = dict(fixed.STRATEGIES[strategy_name])
     if strategy_name == "lp_ft":  # the probe at linear_probe's rate, as bench/strategies.py runs it
-        section["probe_lr_scale"] = fixed.LEARNING_RATES[task]["linear_probe"] / lr
+        section["probe_lr_scale"] = fixed.probe_lr_scale(task, lr)
     return [f"optim.lr={lr}", *(f"strategy.{key}={value}" for key, value in section.items())]
 
 

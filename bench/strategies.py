@@ -129,6 +129,11 @@ def settings(task: str, strategy_name: str, args) -> tuple[float, dict]:
     return lr, {**STRATEGIES[strategy_name], **json.loads(args.options or "{}")}
 
 
+def probe_lr_scale(task: str, lr: float) -> float:
+    """lp_ft's probe runs at linear_probe's measured rate: that rate over the run's `lr`."""
+    return LEARNING_RATES[task]["linear_probe"] / lr
+
+
 def same_settings(row: dict, args) -> bool:
     lr, section = settings(row["task"], row["strategy"], args)
     # rows from before --batchnorm existed ran the legacy way; text models have no BatchNorm layer
@@ -159,7 +164,7 @@ def run_one(task: str, size: int, strategy_name: str, seed: int, args, data, hel
     if strategy_name == "gradual_unfreeze" and "every_epochs" not in section and "every_steps" not in section:
         resolved["every_steps"] = max(1, steps_per_epoch * args.epochs // (2 * len(layer_groups(model))))
     if strategy_name == "lp_ft" and "probe_lr_scale" not in section:
-        resolved["probe_lr_scale"] = LEARNING_RATES[task]["linear_probe"] / lr
+        resolved["probe_lr_scale"] = probe_lr_scale(task, lr)
     cfg = parse({"data": {"source": "x"}, "model": {"name": "x"}, "strategy": resolved, "optim": {"lr": lr},
                  "schedule": {"name": "linear", "warmup_ratio": 0.1}, "train": {"epochs": args.epochs}})  # fmt: skip
     training = build_training(cfg, model, steps_per_epoch)  # the run's own chain: weight-decay split included
