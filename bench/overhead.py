@@ -132,6 +132,22 @@ def ray_train(rows: list[dict], args, dataset_config) -> dict:
     return result
 
 
+def _ray_as_before(rows: list[dict], args) -> dict:
+    """The Ray path on a Ray with the dashboard and Train's preemption watcher."""
+    import ray
+
+    from finetune.ray_env import LEAN_LOCAL_ENV
+
+    lean = {name: os.environ.pop(name) for name in LEAN_LOCAL_ENV if name in os.environ}
+    try:
+        ray.init(log_to_driver=False, logging_level="WARNING", include_dashboard=True)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        return ray_train(rows, args, ShardingConfig(execution_options=ShardingConfig.default_ingest_options()))
+    finally:
+        ray.shutdown()
+        os.environ.update(lean)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="minilm-l6")
@@ -142,7 +158,9 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs the Ray Train worker reserves")
     parser.add_argument("--ray-threads", type=int, default=0, help="torch threads in the worker; 0 = all cores")
-    parser.add_argument("--no-dashboard", dest="dashboard", action="store_false", help="ray.init without the dashboard")
+    parser.add_argument("--ray-as-before", action="store_true",
+                        help="also, each repetition: Ray started with its dashboard and Train's preemption watcher "
+                             "(as `finetune train` did before 2026-12-06, and as sweeps still do)")
     parser.add_argument("--prefetch-batches", type=int, default=2, help="iter_torch_batches prefetch (the loop's: 2)")
     parser.add_argument("--materialize", action="store_true", help="tokenize before training (diagnostic)")
     parser.add_argument("--reps", type=int, default=3, help="alternating repetitions of each path")
@@ -160,13 +178,17 @@ def main() -> None:
     # processes); Ray starts afresh each repetition, as each `finetune train` does.
     import ray
 
-    bare_runs, ray_runs, init_s = [], [], []
+    from finetune.ray_env import ensure_ray
+
+    bare_runs, ray_runs, before_runs, init_s = [], [], [], []
     diagnostics: dict = {}
     for rep in range(args.reps):
         if rep % 2 == 0:
             bare_runs.append(bare_torch(rows, args))
+        if args.ray_as_before:
+            before_runs.append(_ray_as_before(rows, args))
         init_started = time.perf_counter()
-        ray.init(log_to_driver=False, logging_level="WARNING", include_dashboard=args.dashboard)
+        ensure_ray()  # as `finetune train` starts it
         init_s.append(time.perf_counter() - init_started)
         ray.data.DataContext.get_current().enable_progress_bars = False
         if rep == 0 and args.diagnostics:
@@ -191,7 +213,7 @@ def main() -> None:
         "model": args.model, "steps": args.steps, "batch_size": args.batch_size, "warmup_steps": args.warmup_steps,
         "precision": steps.resolve_precision(args.precision, torch.device("cpu")), "cpus": os.cpu_count(),
         "reps": args.reps, "ray_worker_cpus": args.ray_cpus, "ray_worker_torch_threads": ray_runs[0]["torch_threads"],
-        "materialized": args.materialize, "prefetch_batches": args.prefetch_batches, "dashboard": args.dashboard,
+        "materialized": args.materialize, "prefetch_batches": args.prefetch_batches,
         "samples_per_s_torch": round(torch_speed, 2), "samples_per_s_ray": round(ray_speed, 2),
         "ratio": round(ray_speed / torch_speed, 3),
         "samples_per_s_torch_each": [round(v, 2) for v in bare_speeds],
@@ -200,6 +222,8 @@ def main() -> None:
         "data_wait_s_torch": round(statistics.median(r["data_wait_s"] for r in bare_runs), 2),
         "data_wait_s_ray": round(statistics.median(r["data_wait_s"] for r in ray_runs), 2),
         **{f"ratio_{name}": round(speed(run) / torch_speed, 3) for name, run in diagnostics.items()},
+        **({"ratio_ray_as_before": round(statistics.median(speed(r) for r in before_runs) / torch_speed, 3),
+            "samples_per_s_ray_as_before_each": [round(speed(r), 2) for r in before_runs]} if before_runs else {}),
         "startup_s_ray_init": round(statistics.median(init_s), 2),
         # fit() time outside the training steps: worker group start, model build, first batch, teardown
         "fit_overhead_s_ray": round(statistics.median(r["fit_s"] - (r["step_ends"][-1] - r["step_ends"][0])

@@ -27,20 +27,41 @@ NETWORK_FILE_SYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs"
 LOCAL_TRAIN_POLL_S = "0.2"
 
 
-def ensure_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (a submitted job), else start an embedded local Ray."""
+# Set only in a Ray this process starts (see ensure_ray): what it leaves out, and why.
+# - The dashboard: its head, module and agent processes wake a few hundred times a second between
+#   them and take cores from the training step; a single run reads nothing from it. Tune's trials
+#   need it (Ray Train's placement-group cleaner asks its state API whether a stopped trial's
+#   controller is gone, or the trial keeps its CPUs), so sweeps and auto's race still start it.
+# - Ray Train's preemption watcher: an actor polling for node drains, which one machine never has.
+LEAN_LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+_started_lean = False  # this process started Ray without the dashboard
+
+
+def ensure_ray(*, trials: bool = False) -> None:
+    """Join the cluster named by RAY_ADDRESS (a submitted job), else start an embedded local Ray.
+    `trials`: the caller runs Tune trials (a sweep, auto's race), which need Ray's dashboard; a
+    Ray this process started without it for an earlier call is restarted with it."""
+    global _started_lean
     if ray.is_initialized():
-        return
-    if not os.environ.get("RAY_ADDRESS"):
+        if not (trials and _started_lean):
+            return
+        ray.shutdown()
+    local = not os.environ.get("RAY_ADDRESS")
+    if local:
         # read by the controller's process, a child of the raylet this process starts
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_TRAIN_POLL_S)
+        for name, value in LEAN_LOCAL_ENV.items():
+            os.environ.setdefault(name, value)
         # A new local Ray turns token auth on and logs a WARNING saying so: nothing for the user
         # to act on (RAY_AUTH_MODE=disabled still opts out). Ray reads RAY_AUTH_MODE when imported,
         # so it cannot be set here instead.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # Workers' own logs (model loading, Ray Train internals) stay in Ray's session folder;
     # the driver shows progress and errors. Worker exceptions still reach the driver.
-    ray.init(log_to_driver=False, logging_level="WARNING", configure_logging=True)
+    # (include_dashboard only matters where Ray starts here; joining a running Ray ignores it.)
+    ray.init(log_to_driver=False, logging_level="WARNING", configure_logging=True,
+             include_dashboard=None if trials else False)  # fmt: skip
+    _started_lean = local and not trials
 
 
 def quiet_ray_data() -> None:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -73,6 +74,21 @@ def _train_controllers_poll(ray_tmp: str) -> list[str | None]:
             title, environ = process.cmdline(), process.environ()
             if title and title[0].startswith("ray::TrainController") and environ.get("RAY_TMPDIR") == ray_tmp:
                 seen.append(environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"))
+    return seen
+
+
+# how the titles of the dashboard's module processes begin (with the dashboard off, Ray keeps a
+# headless dashboard.py for usage stats and each node's agent)
+DASHBOARD_MODULES = "ray-dashboard-"
+
+
+def _descendants(pid: int) -> list[str]:
+    """The command lines of the processes under `pid`: a local Ray's, when `pid` started it. (Not
+    found by RAY_TMPDIR: the titles Ray's dashboard modules set overwrite their environment.)"""
+    seen = []
+    for process in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            seen.append(" ".join(process.cmdline()))
     return seen
 
 
@@ -149,7 +165,8 @@ def test_ctrl_c_stops_a_run_with_where_to_continue_and_leaves_no_ray_process(tmp
     """SIGINT to the driver's process group, as a terminal sends Ctrl-C, once an epoch's checkpoint
     is registered: one line saying where to continue, exit 130, no traceback, and nothing of the
     run's own Ray (a local one, started by the driver) left running. That Ray's Train controller
-    polls its workers every LOCAL_TRAIN_POLL_S, as the driver set it (the test session's own setting removed)."""
+    polls its workers every LOCAL_TRAIN_POLL_S, as the driver set it (the test session's own setting
+    removed), and runs without the dashboard or Train's preemption watcher (ray_env.ensure_ray)."""
     pipeline, run_dir = _pipeline(tmp_path, tiny_bert_dir, epochs=40), tmp_path / "run"
     ray_tmp = tempfile.mkdtemp(prefix="rayint-", dir="/tmp")  # names every process of this Ray
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
@@ -157,6 +174,10 @@ def test_ctrl_c_stops_a_run_with_where_to_continue_and_leaves_no_ray_process(tmp
     driver = _driver_until_checkpoint(pipeline, run_dir, env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     with process_group(driver):
         assert _train_controllers_poll(ray_tmp) == [LOCAL_TRAIN_POLL_S]
+        processes = _descendants(driver.pid)
+        assert any("ray::RayTrainWorker" in p for p in processes)
+        # a single run's Ray: neither the dashboard's modules nor Train's preemption watcher
+        assert not [p for p in processes if p.startswith((DASHBOARD_MODULES, "ray::PreemptionWatcher"))], processes
         out = ctrl_c(driver, timeout=120)
     assert driver.returncode == 130, out[-3000:]
     assert "interrupted: the last checkpoint is " in out and f"continue with: finetune train --resume {run_dir}" in out
@@ -166,3 +187,39 @@ def test_ctrl_c_stops_a_run_with_where_to_continue_and_leaves_no_ray_process(tmp
                  if ray_tmp in line]  # fmt: skip
     assert survivors == []
     shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.e2e
+def test_a_sweep_after_a_run_in_one_process_gets_a_ray_with_the_dashboard(tmp_path):
+    """ensure_ray starts a single run's Ray without the dashboard; Tune's trials need it (Ray
+    Train's placement-group cleaner asks its state API), so a later sweep in the same process
+    (the Python API: train, then tune) restarts that Ray with it."""
+    script = tmp_path / "lean.py"
+    script.write_text(textwrap.dedent(f"""
+        import contextlib, json, psutil, time
+        from finetune.ray_env import ensure_ray
+
+        def dashboard_processes():
+            count = 0
+            for process in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    count += " ".join(process.cmdline()).startswith({DASHBOARD_MODULES!r})
+            return count
+
+        seen = []
+        for trials in (False, False, True, True):
+            ensure_ray(trials=trials)
+            deadline = time.time() + 20  # the dashboard forks its modules after ray.init returns
+            while trials and not dashboard_processes() and time.time() < deadline:
+                time.sleep(0.5)
+            time.sleep(0 if trials else 3)
+            seen.append(dashboard_processes())
+        print(json.dumps(seen))
+    """))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="raylean-", dir="/tmp")  # its own Ray, not one running here
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single, again, sweep, sweep_again = json.loads(done.stdout.splitlines()[-1])
+    assert single == again == 0 and sweep >= 1 and sweep_again == sweep

@@ -297,7 +297,7 @@ def run_race(cfg: PipelineConfig, base_raw: dict, run_dir: Path, console: Consol
     """Race the candidates of `cfg.strategy` (auto). `to_the_end`: leave the last rung (the
     winner's training to train.epochs) to the caller; otherwise stop once one is left."""
     started = time.time()
-    ensure_ray()
+    ensure_ray(trials=True)
     quiet_ray_data()
     metric = cfg.checkpoint.metric
     mode = metric_mode(metric)

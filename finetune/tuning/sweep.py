@@ -186,7 +186,7 @@ def sweep(cfg: PipelineConfig, base_raw: dict, sweep_dir: Path, console: Console
     console = console or Console()
     sweep_dir = Path(sweep_dir).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    ensure_ray()
+    ensure_ray(trials=True)
     # the trials' checkpoints and Tune's state live in the sweep folder: every node writes there
     check_shared_storage(str(sweep_dir), cfg.checkpoint.storage_is_shared, cluster_nodes())
     per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + TRIAL_ACTOR_CPUS
@@ -211,7 +211,7 @@ def resume(sweep_dir: Path, retry_errored: bool = False, console: Console | None
 
     cfg = load_pipeline(pipeline)
     base_raw = yaml.safe_load(pipeline.read_text())
-    ensure_ray()
+    ensure_ray(trials=True)
     started = time.time()
     tracking = SweepTracking(cfg, sweep_dir, resume=True)
     tuner = tune.Tuner.restore(
