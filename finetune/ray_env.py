@@ -27,12 +27,13 @@ NETWORK_FILE_SYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs"
 LOCAL_TRAIN_POLL_S = "0.2"
 
 
-# Set only in a Ray this process starts (see ensure_ray): what it leaves out, and why.
-# - The dashboard: its head, module and agent processes wake a few hundred times a second between
-#   them and take cores from the training step; a single run reads nothing from it. Tune's trials
-#   need it (Ray Train's placement-group cleaner asks its state API whether a stopped trial's
-#   controller is gone, or the trial keeps its CPUs), so sweeps and auto's race still start it.
-# - Ray Train's preemption watcher: an actor polling for node drains, which one machine never has.
+# What a Ray that `finetune` starts for a single run leaves out (ensure_ray), and why: between
+# them their processes wake hundreds of times a second, each wake taking a core from the training
+# step (docs/BENCHMARKS.md, "Who takes the cores"), and a single run reads nothing from them.
+# - The dashboard's modules. Tune's trials need them (Ray Train's placement-group cleaner asks the
+#   state API whether a stopped trial's controller is gone, or the trial keeps its CPUs), so sweeps
+#   and auto's race still start the dashboard.
+# - Ray Train's preemption watcher, an actor polling for node drains (on one machine there are none).
 LEAN_LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 _started_lean = False  # this process started Ray without the dashboard
 
@@ -50,8 +51,6 @@ def ensure_ray(*, trials: bool = False) -> None:
     if local:
         # read by the controller's process, a child of the raylet this process starts
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_TRAIN_POLL_S)
-        for name, value in LEAN_LOCAL_ENV.items():
-            os.environ.setdefault(name, value)
         # A new local Ray turns token auth on and logs a WARNING saying so: nothing for the user
         # to act on (RAY_AUTH_MODE=disabled still opts out). Ray reads RAY_AUTH_MODE when imported,
         # so it cannot be set here instead.
@@ -62,6 +61,9 @@ def ensure_ray(*, trials: bool = False) -> None:
     ray.init(log_to_driver=False, logging_level="WARNING", configure_logging=True,
              include_dashboard=None if trials else False)  # fmt: skip
     _started_lean = local and not trials
+    if local and cluster_nodes() == 1:  # Ray Train passes these from the driver's environment
+        for name, value in LEAN_LOCAL_ENV.items():
+            os.environ.setdefault(name, value)
 
 
 def quiet_ray_data() -> None:

@@ -16,7 +16,7 @@ MODELS = {"classification": "logistic regression", "multi_label": "a logistic re
           "regression": "ridge regression"}  # fmt: skip
 # Logistic regression's C, ridge's 1/alpha: tried on val, the best kept. Strongest regularisation
 # first: each logistic fit starts from the last one's solution (the path sklearn's own
-# LogisticRegressionCV walks), which took an image yardstick's three fits from 28 s to ~13 s.
+# LogisticRegressionCV walks), which took an image yardstick's three fits from ~30 s to ~15 s.
 STRENGTHS = (0.5, 2.0, 8.0)
 LOGIT_FLOOR = -16.0  # a class (or label) the training split never has: its logit, about 1e-7 probability
 
