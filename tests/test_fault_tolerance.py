@@ -166,7 +166,7 @@ def test_ctrl_c_stops_a_run_with_where_to_continue_and_leaves_no_ray_process(tmp
     is registered: one line saying where to continue, exit 130, no traceback, and nothing of the
     run's own Ray (a local one, started by the driver) left running. That Ray's Train controller
     polls its workers every LOCAL_TRAIN_POLL_S, as the driver set it (the test session's own setting
-    removed), and runs without the dashboard or Train's preemption watcher (ray_env.ensure_ray)."""
+    removed), and runs without the dashboard's modules or Train's preemption watcher (ray_env.ensure_ray)."""
     pipeline, run_dir = _pipeline(tmp_path, tiny_bert_dir, epochs=40), tmp_path / "run"
     ray_tmp = tempfile.mkdtemp(prefix="rayint-", dir="/tmp")  # names every process of this Ray
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
