@@ -132,6 +132,11 @@ def ray_train(rows: list[dict], args, dataset_config) -> dict:
     return result
 
 
+def _finetune_ingest() -> ShardingConfig:
+    """finetune's ingest for one worker: it iterates its datasets itself (no split coordinator)."""
+    return ShardingConfig(execution_options=ShardingConfig.default_ingest_options())
+
+
 def _ray_as_before(rows: list[dict], args) -> dict:
     """The Ray path on a Ray with the dashboard and Train's preemption watcher."""
     import ray
@@ -142,7 +147,7 @@ def _ray_as_before(rows: list[dict], args) -> dict:
     try:
         ray.init(log_to_driver=False, logging_level="WARNING", include_dashboard=True)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        return ray_train(rows, args, ShardingConfig(execution_options=ShardingConfig.default_ingest_options()))
+        return ray_train(rows, args, _finetune_ingest())
     finally:
         ray.shutdown()
         os.environ.update(lean)
@@ -198,8 +203,7 @@ def main() -> None:
             diagnostics["bare_loop_in_ray_task"] = ray.get(task.remote(rows, args))
             diagnostics["ray_split_coordinator"] = ray_train(
                 rows, args, ray.train.DataConfig(execution_options=ShardingConfig.default_ingest_options()))  # fmt: skip
-        # finetune's ingest: one worker iterates its datasets itself
-        ray_runs.append(ray_train(rows, args, ShardingConfig(execution_options=ShardingConfig.default_ingest_options())))
+        ray_runs.append(ray_train(rows, args, _finetune_ingest()))
         ray.shutdown()
         if rep % 2 == 1:
             bare_runs.append(bare_torch(rows, args))
