@@ -100,7 +100,8 @@ def _ray_worker(config: dict) -> None:
     }))  # fmt: skip
 
 
-def ray_train(rows: list[dict], args, dataset_config) -> dict:
+def ray_train(rows: list[dict], args, dataset_config, workers: int = 1) -> dict:
+    """`workers=0`: Ray Train's local mode, the loop in this process (no controller or worker actors)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -119,7 +120,7 @@ def ray_train(rows: list[dict], args, dataset_config) -> dict:
         trainer = TorchTrainer(
             _ray_worker,
             train_loop_config={"args": vars(args), "out": str(out), "threads": args.ray_threads},
-            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": args.ray_cpus}),
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": args.ray_cpus}),
             run_config=ray.train.RunConfig(storage_path=directory, name="overhead"),
             datasets={"train": train},
             dataset_config=dataset_config,
@@ -170,7 +171,8 @@ def main() -> None:
     parser.add_argument("--materialize", action="store_true", help="tokenize before training (diagnostic)")
     parser.add_argument("--reps", type=int, default=3, help="alternating repetitions of each path")
     parser.add_argument("--diagnostics", action="store_true",
-                        help="also, once: the bare loop as a Ray task, and Ray's streaming_split ingest")
+                        help="also, each repetition: the bare loop beside an idle Ray and as a Ray task, Ray Train's "
+                             "local mode, and Ray's streaming_split ingest")
     args = parser.parse_args()
 
     texts, categories = rotten_tomatoes_rows()
@@ -196,13 +198,19 @@ def main() -> None:
         ensure_ray()  # as `finetune train` starts it
         init_s.append(time.perf_counter() - init_started)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        if rep == 0 and args.diagnostics:
-            # Ray core alone (the bare loop as a plain task), and Ray's default ingest (a
-            # streaming_split coordinator actor per dataset, which more than one worker needs)
-            task = ray.remote(num_cpus=args.ray_cpus)(bare_torch)
-            diagnostics["bare_loop_in_ray_task"] = ray.get(task.remote(rows, args))
-            diagnostics["ray_split_coordinator"] = ray_train(
-                rows, args, ray.train.DataConfig(execution_options=ShardingConfig.default_ingest_options()))  # fmt: skip
+        if args.diagnostics:
+            # Ray's floor: the bare loop in this process beside a Ray that runs nothing, and in a
+            # plain Ray task; Ray Train without its actors (local mode: the loop in this process,
+            # fed by Ray Data); Ray's default ingest (a streaming_split coordinator actor per
+            # dataset, which more than one worker needs)
+            for name, measure in (
+                ("bare_loop_beside_idle_ray", lambda: bare_torch(rows, args)),
+                ("bare_loop_in_ray_task", lambda: ray.get(ray.remote(num_cpus=args.ray_cpus)(bare_torch).remote(rows, args))),
+                ("ray_train_local_mode", lambda: ray_train(rows, args, _finetune_ingest(), workers=0)),
+                ("ray_split_coordinator", lambda: ray_train(
+                    rows, args, ray.train.DataConfig(execution_options=ShardingConfig.default_ingest_options()))),
+            ):  # fmt: skip
+                diagnostics.setdefault(name, []).append(measure())
         ray_runs.append(ray_train(rows, args, _finetune_ingest()))
         ray.shutdown()
         if rep % 2 == 1:
@@ -225,7 +233,8 @@ def main() -> None:
         # steady state: seconds blocked on the next batch (the bare loop: tokenizing it inline)
         "data_wait_s_torch": round(statistics.median(r["data_wait_s"] for r in bare_runs), 2),
         "data_wait_s_ray": round(statistics.median(r["data_wait_s"] for r in ray_runs), 2),
-        **{f"ratio_{name}": round(speed(run) / torch_speed, 3) for name, run in diagnostics.items()},
+        **{f"ratio_{name}": round(statistics.median(speed(r) for r in runs) / torch_speed, 3)
+           for name, runs in diagnostics.items()},
         **({"ratio_ray_as_before": round(statistics.median(speed(r) for r in before_runs) / torch_speed, 3),
             "samples_per_s_ray_as_before_each": [round(speed(r), 2) for r in before_runs]} if before_runs else {}),
         "startup_s_ray_init": round(statistics.median(init_s), 2),
