@@ -235,6 +235,7 @@ def main() -> None:
         "data_wait_s_ray": round(statistics.median(r["data_wait_s"] for r in ray_runs), 2),
         **{f"ratio_{name}": round(statistics.median(speed(r) for r in runs) / torch_speed, 3)
            for name, runs in diagnostics.items()},
+        **{f"samples_per_s_{name}_each": [round(speed(r), 2) for r in runs] for name, runs in diagnostics.items()},
         **({"ratio_ray_as_before": round(statistics.median(speed(r) for r in before_runs) / torch_speed, 3),
             "samples_per_s_ray_as_before_each": [round(speed(r), 2) for r in before_runs]} if before_runs else {}),
         "startup_s_ray_init": round(statistics.median(init_s), 2),
